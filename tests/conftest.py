@@ -1,0 +1,35 @@
+"""Shared fixtures: one data root per test session (caches live only inside the run), quiet progress bars,
+and a per-notebook timing table printed at the end."""
+import os, pathlib, time
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault('DFC_QUIET', '1')
+os.environ.setdefault('MPLBACKEND', 'Agg')
+NOTEBOOK_TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope='session')
+def session_data_root(tmp_path_factory):
+    "A data root shared by every test of this run (and by xdist workers), so built data is reused."
+    env = os.environ.get('DFC_TEST_DATA')
+    if env:
+        p = pathlib.Path(env)
+    else:
+        base = tmp_path_factory.getbasetemp()
+        base = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+        p = base / 'dfc-data'
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def pytest_terminal_summary(terminalreporter):
+    times = {}
+    for rep in terminalreporter.stats.get('passed', []) + terminalreporter.stats.get('failed', []):
+        if rep.when == 'call' and 'test_notebook[' in rep.nodeid:
+            times[rep.nodeid.split('[', 1)[1].rstrip(']')] = rep.duration
+    if times:
+        terminalreporter.section('notebook times (s)')
+        for name, t in sorted(times.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f'{t:8.1f}  {name}')
+        terminalreporter.write_line(f'{sum(times.values()):8.1f}  total')
