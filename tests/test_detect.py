@@ -1,0 +1,270 @@
+"""Unit tests of deepfake_course.detect: ShallowNet, MesoNet and timm baselines, FDFtNet, the registry,
+checkpoints, evaluate/score_table and detect's errors. Small tensors only: runs in seconds on a CPU."""
+import math
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from deepfake_course.detect.core import (DETECTORS, build_detector, list_detectors, fake_prob, detector_loss, save_detector,
+                                         load_detector, FaceSet, DetectionData, evaluate, detect, blend_swap,
+                                         similarity_from_landmarks, n_params, Augment, resize_faces, read_frames)
+from deepfake_course.detect.shallownet import ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2
+from deepfake_course.detect.baselines import MesoNet, load_weights_file
+from deepfake_course.detect.fdftnet import SelfAttention, FineTuneTransformer, MBBlockV3, MBStack, FDFtNet, Cutout
+
+
+def _x(n=2, s=64): return torch.rand(n, 3, s, s)
+
+
+# ---------------------------------------------------------------- registry
+def test_registry_has_every_detector():
+    names = set(list_detectors()['name'])
+    for n in ['shallownet_v1', 'shallownet_v2', 'shallownet_v3', 'shallownet_ensemble', 'meso4', 'mesoinception4',
+              'xception', 'xception_mini', 'resnet50', 'resnet_small', 'efficientnet_b0', 'squeezenet', 'fdftnet']:
+        assert n in names, n
+    with pytest.raises(KeyError, match='Unknown detector'): build_detector('nope')
+
+
+@pytest.mark.parametrize('name', ['shallownet_v1', 'shallownet_v2', 'shallownet_v3', 'shallownet_ensemble', 'meso4',
+                                  'mesoinception4', 'xception_mini', 'resnet_small', 'squeezenet'])
+def test_every_small_detector_scores_a_batch(name):
+    kw = {'width_mult': 0.25} if name in ('shallownet_v1', 'shallownet_v2') else {}
+    m = build_detector(name, input_size=64, **kw).eval()
+    with torch.no_grad(): p = fake_prob(m(_x(3)))
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    assert m.detector_name == name and m.input_size == 64
+
+
+# ---------------------------------------------------------------- ShallowNet
+def test_shallownet_v1_is_sized_for_128():
+    m = ShallowNetV1(128)
+    assert m.feat_shape == (437, 3, 3) and m.head[1].in_features == 3933
+    assert ShallowNetV1(64, 0.25).feat_shape[1:] == (1, 1)
+    assert ShallowNetV1(32, 0.25)(_x(2, 32)).shape == (2,)      # the pool that would meet a 1x1 map is left out
+
+
+def test_shallownet_v3_matches_paper_shapes():
+    m = ShallowNetV3(64)
+    assert m.feat_shape == (32, 12, 12)
+    assert abs(n_params(m) / 1e6 - 4.83) < 0.02
+    assert m.features(_x()).shape == (2, 32, 12, 12)
+    with pytest.raises(ValueError, match='at least 20 px'): ShallowNetV3(16)
+
+
+def test_shallownet_v2_map_and_no_bn_in_convs():
+    m = ShallowNetV2(64)
+    assert m.feat_shape == (192, 16, 16)
+    assert not any(isinstance(l, nn.BatchNorm2d) for l in m.features.modules())
+
+
+def test_ensemble_is_mean_probability():
+    a, b = ShallowNetV1(64, 0.25).eval(), ShallowNetV3(64).eval()
+    e = ShallowNetEnsemble([a, b]).eval(); x = _x(4)
+    with torch.no_grad():
+        torch.testing.assert_close(fake_prob(e(x)), (fake_prob(a(x)) + fake_prob(b(x))) / 2, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError): ShallowNetEnsemble([])
+
+
+def test_keras_l2_adds_penalty():
+    m = ShallowNetV3(64); y = torch.tensor([0., 1.]); z = torch.zeros(2)
+    extra = keras_l2(m, 1e-4)(z, y) - detector_loss()(z, y)
+    ref = 1e-4 * sum((mm.weight ** 2).sum() for mm in m.modules() if isinstance(mm, (nn.Conv2d, nn.Linear)))
+    torch.testing.assert_close(extra, ref)
+
+
+# ---------------------------------------------------------------- MesoNet and timm
+def test_meso4_has_the_papers_27977_parameters():
+    assert n_params(MesoNet(256), trainable_only=True) == 27977
+    m = MesoNet(256)
+    # official order: Conv, ReLU, BN, MaxPool
+    assert [type(l).__name__ for l in m.features[0]] == ['Conv2d', 'ReLU', 'BatchNorm2d', 'MaxPool2d']
+
+
+def test_mesoinception_widths():
+    m = MesoNet(64, inception=True)
+    assert m.features[0][0].out_channels == 11 and m.features[1][0].out_channels == 12
+    assert m(_x()).shape == (2,)
+
+
+def test_user_weights_load_and_bad_file_is_refused(tmp_path):
+    a = build_detector('resnet_small', n_out=3)
+    torch.save(a.net.state_dict(), tmp_path / 'w.pth')
+    b = build_detector('resnet_small', weights=str(tmp_path / 'w.pth'))
+    assert set(b.weights_report['skipped']) == {'fc.weight', 'fc.bias'}
+    torch.testing.assert_close(b.net.conv1.weight, a.net.conv1.weight)
+    (tmp_path / 'txt.pth').write_text('nope')
+    with pytest.raises(ValueError, match='not a PyTorch state dict'): build_detector('resnet_small', weights=str(tmp_path / 'txt.pth'))
+
+
+# ---------------------------------------------------------------- FDFtNet
+def test_self_attention_starts_as_identity_and_rows_sum_to_one():
+    sa = SelfAttention(16); x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(sa(x), x)
+    assert sa.f.out_channels == 2 and sa.g.out_channels == 2 and sa.h.out_channels == 16
+    torch.testing.assert_close(sa.attention(x).sum(-1), torch.ones(2, 36))
+    with torch.no_grad(): sa.gamma.fill_(0.5)
+    assert not torch.allclose(sa(x), x)
+
+
+def test_ftt_widths_and_output():
+    f = FineTuneTransformer(3, (32, 64, 96), 64)
+    assert f(_x()).shape == (2, 64)
+    assert [r[-1].h.out_channels for r in f.rounds] == [32, 64, 96]
+
+
+def test_mbblock_canonical_and_code_faithful():
+    x = torch.randn(2, 32, 12, 12)
+    for faithful in (False, True):
+        b = MBBlockV3(32, 96, 48, 3, 2, 24, faithful_to_code=faithful)
+        assert b(x).shape == (2, 48, 6, 6) and not b.residual
+    assert MBBlockV3(48, 96, 48, 5, 1, 24).residual
+    assert len(MBStack(32, N=4, expand=96, cout=48, se=24, out=64).blocks) == 4
+
+
+def _tiny_fdft(frozen):
+    return build_detector('fdftnet', backbone='shallownet_v3', M=3, N=2, ftt_widths=(8, 16, 24), expand=32, mb_out=16,
+                          se=8, feat=32, freeze_backbone=frozen)
+
+
+def test_fdftnet_frozen_backbone_does_not_change():
+    torch.manual_seed(0)
+    net = _tiny_fdft(True)
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], 1e-2)
+    net.train(); assert not net.backbone.training
+    for _ in range(2):
+        loss = detector_loss()(net(_x(4)), torch.tensor([0., 1., 0., 1.])); opt.zero_grad(); loss.backward(); opt.step()
+    for k, v in net.backbone.state_dict().items(): torch.testing.assert_close(v, before[k])  # BN statistics too
+    assert n_params(net.backbone, trainable_only=True) == 0
+
+
+def test_fdftnet_unfrozen_backbone_trains():
+    torch.manual_seed(0)
+    net = _tiny_fdft(False); net.train()
+    w0 = net.backbone.features[0][0].weight.clone()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    loss = detector_loss()(net(_x(4)), torch.tensor([0., 1., 0., 1.])); loss.backward(); opt.step()
+    assert not torch.allclose(w0, net.backbone.features[0][0].weight)
+
+
+def test_fdftnet_needs_a_feature_backbone():
+    with pytest.raises(TypeError, match='no features'): FDFtNet(nn.Linear(3, 1))
+
+
+def test_cutout():
+    torch.manual_seed(0)
+    assert torch.equal(Cutout(0, 5)(torch.ones(3, 16, 16)), torch.ones(3, 16, 16))
+    outs = [Cutout(3, 5)(torch.ones(3, 64, 64)) for _ in range(30)]
+    zeros = [(o == 0).all(0).sum().item() for o in outs]
+    assert max(zeros) > 0 and max(zeros) <= 3 * 20 * 20
+    with pytest.raises(ValueError): Cutout(1, 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_roundtrip_and_wrong_detector(tmp_path):
+    m = build_detector('shallownet_v3', input_size=32).eval()
+    p = save_detector(m, tmp_path / 'v3.pt')
+    m2 = load_detector(p, expect='shallownet_v3')
+    x = _x(2, 32)
+    with torch.no_grad(): torch.testing.assert_close(m(x), m2(x))
+    with pytest.raises(ValueError, match="holds a 'shallownet_v3' detector, not 'meso4'"): load_detector(p, expect='meso4')
+    torch.save(m.state_dict(), tmp_path / 'plain.pt')
+    with pytest.raises(ValueError, match='does not hold'): load_detector(tmp_path / 'plain.pt', expect='meso4')
+    load_detector(tmp_path / 'plain.pt', expect='shallownet_v3', input_size=32)
+    with pytest.raises(FileNotFoundError): load_detector(tmp_path / 'missing.pt')
+
+
+def test_fdftnet_checkpoint_rebuilds_without_backbone_file(tmp_path):
+    bb = build_detector('shallownet_v3'); bp = save_detector(bb, tmp_path / 'bb.pt')
+    net = build_detector('fdftnet', backbone='shallownet_v3', backbone_ckpt=str(bp), N=1, expand=16, mb_out=8, se=4,
+                         feat=16, ftt_widths=(4, 8, 8)).eval()
+    torch.testing.assert_close(net.backbone.features[0][0].weight, bb.features[0][0].weight)
+    p = save_detector(net, tmp_path / 'fd.pt'); bp.unlink()
+    net2 = load_detector(p, expect='fdftnet'); x = _x(2)
+    with torch.no_grad(): torch.testing.assert_close(net(x), net2(x))
+
+
+# ---------------------------------------------------------------- data, evaluate, detect
+def _faceset(n=8, s=32):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, 3, s, s, generator=g) * 255).byte()
+    df = pd.DataFrame({'path': [''] * n, 'label': [0, 1] * (n // 2), 'source': ['synthfaces', 'blend-swap'] * (n // 2),
+                       'identity': range(n), 'target_identity': -1, 'split': 'test', 'clip_id': '', 'frame': -1, 'kind': 'image'})
+    return FaceSet(x, df)
+
+
+def test_faceset_and_evaluate():
+    fs = _faceset()
+    x, y = fs[1]; assert x.dtype == torch.float32 and y.item() == 1.0 and x.max() <= 1
+    assert fs.resized(16).x.shape == (8, 3, 16, 16)
+    m = build_detector('shallownet_v3', input_size=32)
+    sc = evaluate(m, fs, device='cpu')
+    assert list(sc.columns[:9]) == ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
+    assert len(sc) == 8 and sc['score'].between(0, 1).all() and (sc['detector'] == 'shallownet_v3').all()
+
+
+def test_augment_keeps_shape():
+    a = Augment(flip=True, shift=2, extra=Cutout(2, 2))
+    assert a(torch.rand(3, 32, 32)).shape == (3, 32, 32)
+
+
+def test_similarity_recovers_transform():
+    pts = torch.rand(4, 5, 2) * 40
+    c, s_ = math.cos(0.4), math.sin(0.4)
+    dst = 0.8 * pts @ torch.tensor([[c, -s_], [s_, c]]).T + torch.tensor([3., 5.])
+    M = similarity_from_landmarks(pts, dst)
+    torch.testing.assert_close(pts @ M[:, :, :2].transpose(1, 2) + M[:, :, 2][:, None], dst, atol=1e-3, rtol=0)
+
+
+def test_blend_swap_changes_only_the_face():
+    n, s = 2, 32
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing='ij')
+    mask = (((yy - 16) ** 2 + (xx - 16) ** 2) < 81).float()[None, None].repeat(n, 1, 1, 1)
+    lm = torch.tensor([[12., 13], [20, 13], [16, 17], [13, 21], [19, 21]]).repeat(n, 1, 1)
+    tgt = dict(images=torch.full((n, 3, s, s), 0.2), landmarks5=lm, mask=mask)
+    don = dict(images=torch.full((n, 3, s, s), 0.9), landmarks5=lm, mask=mask)
+    out = blend_swap(tgt, don, colour=False)
+    assert torch.allclose(out[..., 0, 0], torch.tensor(0.2))           # background untouched
+    assert out[0, 0, 16, 16] > 0.8                                    # face centre comes from the donor
+    with pytest.raises(ValueError, match='differ in shape'): blend_swap(tgt, dict(don, images=torch.zeros(n, 3, 16, 16)))
+
+
+def test_detect_errors_and_crop_mode(tmp_path):
+    from PIL import Image
+    m = build_detector('shallownet_v3', input_size=32)
+    img = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / 'face.png')
+    r = detect(tmp_path / 'face.png', m, faces='none', device='cpu')
+    assert len(r) == 1 and 0 <= r['score'].iloc[0] <= 1 and r['frame'].iloc[0] == -1
+    (tmp_path / 'notes.txt').write_text('not an image')
+    with pytest.raises(ValueError, match='neither an image nor a video'): detect(tmp_path / 'notes.txt', m)
+    with pytest.raises(FileNotFoundError, match='does not exist'): detect(tmp_path / 'nothing.png', m)
+    with pytest.raises(IsADirectoryError): detect(tmp_path, m)
+    p = save_detector(m, tmp_path / 'v3.pt')
+    with pytest.raises(ValueError, match="not 'meso4'"): detect(tmp_path / 'face.png', p, faces='none', expect='meso4')
+    with pytest.raises(ValueError, match="faces must be"): detect(img, m, faces='maybe')
+    r2 = detect([img, img], m, faces='none', device='cpu')
+    assert list(r2['frame']) == [0, 1]
+
+
+def test_detect_reads_video_frames(tmp_path):
+    import av
+    path = tmp_path / 'v.mp4'
+    with av.open(str(path), 'w') as c:
+        st = c.add_stream('libx264', rate=5); st.width = st.height = 32; st.pix_fmt = 'yuv420p'
+        for i in range(6):
+            fr = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * i, np.uint8), format='rgb24')
+            for pk in st.encode(fr): c.mux(pk)
+        for pk in st.encode(): c.mux(pk)
+    frames, idx = read_frames(path, every=2)
+    assert idx == [0, 2, 4] and frames[0].shape == (32, 32, 3)
+    r = detect(path, build_detector('shallownet_v3', input_size=32), faces='none', every=3, device='cpu')
+    assert list(r['frame']) == [0, 3]
+
+
+def test_detect_says_when_no_face():
+    pytest.importorskip('deepfake_course.faces')
+    m = build_detector('shallownet_v3', input_size=32)
+    with pytest.raises(ValueError, match='no face found'): detect(np.full((96, 96, 3), 127, np.uint8), m)

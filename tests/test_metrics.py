@@ -1,0 +1,437 @@
+"""Unit tests of deepfake_course.metrics: equality with scikit-learn and the DASH Lab EER formula, hand-made cases,
+input errors, video aggregation by unique ids, bootstrap intervals, plots and Grad-CAM."""
+import math, re
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from scipy.interpolate import interp1d
+from scipy.optimize import brentq
+from sklearn import metrics as skm
+
+from deepfake_course.metrics import (binary_metrics, bootstrap_ci, check_binary, eer_score, grad_cam, metrics_table,
+                                     pick_threshold, plot_det, plot_roc, plot_scores, show_cam, threshold_metrics,
+                                     tpr_at_fpr, video_metrics, aggregate_videos)
+
+KEYS = {'acc', 'balanced_acc', 'auroc', 'eer', 'eer_threshold', 'ap', 'tpr_at_fpr_1e-2', 'tpr_at_fpr_1e-3', 'logloss'}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close('all')
+
+
+def dashlab_eer(y, s):
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    return brentq(lambda x: 1. - x - interp1d(fpr, tpr)(x), 0., 1.)
+
+
+def sample(seed, n=400, ties=False, share=0.5, d=1.5):
+    r = np.random.default_rng(seed)
+    y = (r.random(n) < share).astype(int)
+    y[0], y[1] = 0, 1
+    s = 1 / (1 + np.exp(-(r.normal(0, 1, n) + d * (y - 0.5))))
+    return y, (np.round(s, 2) if ties else s)
+
+
+# ---------------------------------------------------------------- binary_metrics against scikit-learn
+
+@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize('ties', [False, True])
+def test_equal_to_sklearn(seed, ties):
+    y, s = sample(seed, n=300 + 50 * seed, ties=ties, share=0.2 + 0.1 * seed)
+    t = 0.3 + 0.05 * seed
+    m = binary_metrics(y, s, threshold=t)
+    assert KEYS <= set(m)
+    assert abs(m['auroc'] - skm.roc_auc_score(y, s)) < 1e-9
+    assert abs(m['ap'] - skm.average_precision_score(y, s)) < 1e-9
+    assert abs(m['acc'] - skm.accuracy_score(y, s >= t)) < 1e-9
+    assert abs(m['balanced_acc'] - skm.balanced_accuracy_score(y, s >= t)) < 1e-9
+    assert abs(m['logloss'] - skm.log_loss(y, np.clip(s, 1e-7, 1 - 1e-7))) < 1e-9
+    assert abs(m['logloss'] - skm.log_loss(y, s)) < 1e-9  # no clipping needed for these scores
+    assert abs(m['eer'] - dashlab_eer(y, s)) < 1e-9
+    assert m['n_real'] == (y == 0).sum() and m['n_fake'] == (y == 1).sum() and m['threshold'] == t
+
+
+def test_default_threshold_and_input_types():
+    y, s = sample(1)
+    ref = binary_metrics(y, s)
+    assert ref['threshold'] == 0.5 and abs(ref['acc'] - skm.accuracy_score(y, s >= 0.5)) < 1e-12
+    for yy, ss in [(torch.tensor(y), torch.tensor(s)), (pd.Series(y), pd.Series(s)), (list(y), list(s)),
+                   (y.astype(bool), s), (y.astype(float), s[:, None])]:
+        assert binary_metrics(yy, ss) == ref
+
+
+def test_recalls_use_label_masks_not_order():
+    y = np.array([1, 0, 1, 0, 0, 1]); s = np.array([.9, .1, .2, .7, .3, .8])
+    perm = np.random.default_rng(0).permutation(6)
+    a, b = threshold_metrics(y, s), threshold_metrics(y[perm], s[perm])
+    assert a == b
+    assert a['recall_fake'] == pytest.approx(2 / 3) and a['recall_real'] == pytest.approx(2 / 3)
+    assert a['balanced_acc'] == pytest.approx((a['recall_fake'] + a['recall_real']) / 2)
+
+
+def test_logloss_only_for_probabilities_and_clipped():
+    assert math.isnan(binary_metrics([0, 1, 1], [-3., 0.5, 4.])['logloss'])
+    m = binary_metrics([0, 1, 0, 1], [0., 1., 1., 0.5])  # a confident wrong answer: finite thanks to clipping
+    assert math.isfinite(m['logloss'])
+    assert abs(m['logloss'] - skm.log_loss([0, 1, 0, 1], np.clip([0., 1., 1., .5], 1e-7, 1 - 1e-7))) < 1e-9
+
+
+# ---------------------------------------------------------------- EER
+
+@pytest.mark.parametrize('seed', range(10))
+def test_eer_equals_dashlab_formula(seed):
+    n = [8, 20, 57, 400, 3000][seed % 5]
+    y, s = sample(seed, n=n, ties=seed % 2 == 1)
+    assert abs(eer_score(y, s)[0] - dashlab_eer(y, s)) < 1e-9
+
+
+def test_eer_hand_made():
+    assert eer_score([0, 0, 1, 1], [.1, .2, .8, .9]) == (0.0, 0.8)  # perfect ranking; threshold = lowest fake
+    assert eer_score([0, 0, 1, 1], [.9, .8, .2, .1])[0] == 1.0
+    assert eer_score([0, 1, 0, 1], [.5] * 4) == (0.5, 0.5)  # no information; finite threshold
+    assert eer_score([0, 0, 1, 1], [.1, .4, .35, .8]) == (0.5, 0.4)
+    e, t = eer_score([0, 0, 0, 1, 1, 1], [.1, .2, .6, .5, .7, .8])
+    assert e == pytest.approx(1 / 3) and t == pytest.approx(0.6)
+    # interpolation: (0,0)-(0,.5)-(.5,.5)-(.5,1)... gives 0.5; with 4 per class a horizontal crossing at 0.375
+    y = [0, 0, 0, 0, 1, 1, 1, 1]; s = [.1, .2, .55, .65, .3, .6, .7, .8]
+    assert eer_score(y, s)[0] == pytest.approx(dashlab_eer(y, s), abs=1e-12)
+
+
+def test_eer_threshold_balances_errors():
+    y, s = sample(3, n=20000)
+    e, t = eer_score(y, s)
+    fpr, fnr = (s[y == 0] >= t).mean(), (s[y == 1] < t).mean()
+    assert abs(fpr - e) < 2e-3 and abs(fnr - e) < 2e-3
+
+
+def test_eer_is_consistent_estimator():
+    from scipy.stats import norm
+    r = np.random.default_rng(0); n = 50000
+    y = np.r_[np.zeros(n, int), np.ones(n, int)]; s = np.r_[r.normal(-1, 1, n), r.normal(1, 1, n)]
+    m = binary_metrics(y, s, threshold=0.0)
+    assert m['eer'] == pytest.approx(norm.cdf(-1), abs=0.005)
+    assert m['auroc'] == pytest.approx(norm.cdf(2 / math.sqrt(2)), abs=0.003)
+    assert m['tpr_at_fpr_1e-2'] == pytest.approx(norm.sf(norm.ppf(0.99) - 2), abs=0.02)
+    assert m['eer_threshold'] == pytest.approx(0.0, abs=0.03)
+
+
+# ---------------------------------------------------------------- TPR at a fixed FPR
+
+def test_tpr_at_fpr_hand_made():
+    fpr, tpr = np.array([0, 0, .5, .5, 1]), np.array([0, .5, .5, 1, 1])
+    assert tpr_at_fpr(fpr, tpr, 0.0) == 0.5  # top of the vertical step at FPR 0
+    assert tpr_at_fpr(fpr, tpr, 0.25) == 0.5
+    assert tpr_at_fpr(fpr, tpr, 0.5) == 1.0
+    assert tpr_at_fpr(fpr, tpr, 1.0) == 1.0
+    assert tpr_at_fpr(np.array([0, .2, 1.]), np.array([0, .6, 1.]), 0.1) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): tpr_at_fpr(fpr, tpr, -0.1)
+
+
+def test_tpr_at_fpr_on_vertices_is_best_reachable_tpr():
+    y, s = sample(5, n=1000)
+    fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
+    for target in np.unique(fpr)[:30]:
+        best = max(((s[y == 1] >= t).mean() for t in thr[1:] if (s[y == 0] >= t).mean() <= target), default=0.0)
+        assert tpr_at_fpr(*skm.roc_curve(y, s)[:2], target) == pytest.approx(best, abs=1e-12)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize('y,s,msg', [
+    ([0, 1, 1], [.1, .2], 'lengths differ'),
+    ([], [], 'empty'),
+    ([0, 1], [.1, float('nan')], 'NaN'),
+    ([0, 1], [.1, float('inf')], 'infinite'),
+    ([0, 1], [.1, -float('inf')], 'infinite'),
+    ([0, 2], [.1, .2], 'labels must be 0 \\(real\\) or 1 \\(fake\\); found 2'),
+    ([0, -1, 1], [.1, .2, .3], 'found -1'),
+    ([0, 0.5, 1], [.1, .2, .3], 'found 0.5'),
+    (['real', 'fake'], [.1, .2], 'labels must be 0'),
+    ([1, 1, 1], [.1, .2, .3], 'only one class'),
+    ([0, 0], [.1, .2], 'only one class'),
+    ([0, 1], [[.1, .9], [.8, .2]], 'softmax'),
+    ([0, 1], ['a', 'b'], 'numeric'),
+])
+def test_bad_input_is_named(y, s, msg):
+    for fn in (binary_metrics, eer_score, lambda a, b: bootstrap_ci(a, b, n_boot=5), pick_threshold):
+        with pytest.raises(ValueError, match=msg): fn(y, s)
+
+
+def test_bad_threshold():
+    with pytest.raises(ValueError, match='threshold'): binary_metrics([0, 1], [.1, .9], threshold=float('nan'))
+
+
+# ---------------------------------------------------------------- thresholds
+
+def test_pick_threshold_rules():
+    y, s = [0, 0, 1, 1], [.1, .2, .8, .9]
+    assert pick_threshold(y, s, 'acc') == 0.8 and pick_threshold(y, s, 'youden') == 0.8
+    y, s = sample(2, n=2000)
+    assert pick_threshold(y, s, 'eer') == eer_score(y, s)[1]
+    for target in (0.0, 0.01, 0.1):
+        t = pick_threshold(y, s, 'fpr', fpr=target)
+        assert (s[y == 0] >= t).mean() <= target
+    t = pick_threshold(y, s, 'acc')
+    grid = np.unique(s)
+    assert threshold_metrics(y, s, t)['acc'] == pytest.approx(max(threshold_metrics(y, s, g)['acc'] for g in grid))
+    with pytest.raises(ValueError, match='unknown rule'): pick_threshold(y, s, 'f1')
+    assert threshold_metrics([0, 1], [.2, .3], pick_threshold([0, 1], [.9, .1], 'fpr', fpr=0.0))['recall_fake'] == 0.0
+
+
+# ---------------------------------------------------------------- video level
+
+def frames_df():
+    return pd.DataFrame({'clip_id': ['a'] * 4 + ['b'] * 3 + ['c'] * 2,
+                         'source': ['real'] * 4 + ['df'] * 3 + ['df'] * 2,
+                         'frame': [0, 1, 2, 3, 0, 1, 2, 0, 1],
+                         'label': [0] * 4 + [1] * 3 + [1] * 2,
+                         'score': [.1, .2, .9, .3, .6, .7, .2, .4, .5]})
+
+
+@pytest.mark.parametrize('agg,k,expect', [
+    ('mean', 3, {'a': .375, 'b': 0.5, 'c': .45}), ('max', 3, {'a': .9, 'b': .7, 'c': .5}),
+    ('median', 3, {'a': .25, 'b': .6, 'c': .45}), ('topk', 2, {'a': .6, 'b': .65, 'c': .45}),
+    ('topk', 10, {'a': .375, 'b': 0.5, 'c': .45}), (lambda v: v.min(), 3, {'a': .1, 'b': .2, 'c': .4})])
+def test_video_aggregation(agg, k, expect):
+    m, v = video_metrics(frames_df(), agg=agg, k=k)
+    got = v.set_index('clip_id')['score'].to_dict()
+    assert got == pytest.approx(expect)
+    assert v.set_index('clip_id')['n_frames'].to_dict() == {'a': 4, 'b': 3, 'c': 2}
+    assert list(v.columns) == ['clip_id', 'label', 'score', 'n_frames']
+    ref = binary_metrics(v['label'], v['score'])
+    assert m['auroc'] == ref['auroc'] and m['n_videos'] == 3 and m['n_frames'] == 9
+
+
+def test_video_ids_must_be_unique():
+    df = frames_df()
+    with pytest.raises(ValueError, match="both real and fake"):
+        video_metrics(df.assign(clip_id=['a'] * 9))
+    ff = pd.concat([df, df[df.label == 1].assign(source='f2f')], ignore_index=True)  # FF++-style reused names
+    with pytest.raises(ValueError, match="more than one source.*by=\\['source', 'clip_id'\\]"):
+        video_metrics(ff)
+    m, v = video_metrics(ff, by=['source', 'clip_id'])
+    assert len(v) == 5 and list(v.columns[:2]) == ['source', 'clip_id']
+    with pytest.raises(ValueError, match='same frame more than once'):
+        video_metrics(ff.drop(columns='source'))
+    _, v2 = video_metrics(ff.drop(columns='source'), check_frames=False)
+    assert len(v2) == 3  # what a name-only grouping silently does: 2 fake videos merged into each name
+    with pytest.raises(ValueError, match="empty 'clip_id'"):
+        video_metrics(df.assign(clip_id=[''] + ['b'] * 8))
+    with pytest.raises(ValueError, match="missing column"):
+        video_metrics(df.drop(columns='score'))
+    with pytest.raises(ValueError, match="missing column.*'prob'"):
+        video_metrics(df, score_col='prob')
+    with pytest.raises(ValueError, match='unknown agg'): video_metrics(df, agg='mode')
+    with pytest.raises(ValueError, match='k must be a positive integer'): video_metrics(df, agg='topk', k=0)
+    with pytest.raises(ValueError, match='empty input'): video_metrics(df.iloc[:0])
+    with pytest.raises(ValueError, match='NaN'): video_metrics(df.assign(score=[np.nan] + [.5] * 8))
+    with pytest.raises(ValueError, match='only one class'): video_metrics(df[df.label == 1])
+
+
+def test_video_other_columns():
+    df = frames_df().rename(columns={'score': 'p', 'label': 'y', 'clip_id': 'vid'})
+    m, v = video_metrics(df, by='vid', score_col='p', label_col='y', agg='max')
+    assert v.set_index('vid')['score']['a'] == .9
+    assert len(aggregate_videos(frames_df())) == 3
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def test_bootstrap_basics():
+    y, s = sample(0, n=600)
+    p, lo, hi = bootstrap_ci(y, s, 'auroc', n_boot=300, seed=1)
+    assert p == skm.roc_auc_score(y, s) and lo < p < hi
+    assert (p, lo, hi) == bootstrap_ci(y, s, 'auroc', n_boot=300, seed=1)
+    assert (lo, hi) != bootstrap_ci(y, s, 'auroc', n_boot=300, seed=2)[1:]
+    _, lo50, hi50 = bootstrap_ci(y, s, 'auroc', n_boot=300, seed=1, alpha=0.5)
+    assert lo < lo50 < hi50 < hi
+    for m in ('eer', 'ap', 'acc', 'balanced_acc', 'logloss', 'tpr_at_fpr_1e-2', 'tpr_at_fpr_1e-3'):
+        p, lo, hi = bootstrap_ci(y, s, m, n_boot=100, seed=0)
+        assert lo <= hi and math.isfinite(p)
+        if m in ('eer', 'ap'): assert p == pytest.approx(binary_metrics(y, s)[m], abs=1e-12)
+    assert bootstrap_ci(y, s, 'acc', n_boot=20, threshold=0.9)[0] == threshold_metrics(y, s, 0.9)['acc']
+
+
+def test_bootstrap_interval_shrinks_with_n():
+    w = []
+    for n in (200, 3200):
+        y, s = sample(1, n=n)
+        _, lo, hi = bootstrap_ci(y, s, 'auroc', n_boot=300)
+        w.append(hi - lo)
+    assert w[1] < w[0] / 2.5  # ~ 1/sqrt(n): 4x narrower expected
+
+
+def test_bootstrap_stratified_keeps_class_counts():
+    y, s = sample(0, n=200, share=0.3)
+    nf = int(y.sum())
+    count = lambda yy, ss: float(yy.sum())
+    assert bootstrap_ci(y, s, count, n_boot=200) == (nf, nf, nf)
+    _, lo, hi = bootstrap_ci(y, s, count, n_boot=200, stratified=False)
+    assert lo < nf < hi
+
+
+def test_bootstrap_groups_resample_whole_clips():
+    r = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 5); y = np.repeat(np.arange(40) % 2, 5)
+    s = np.repeat(r.random(40), 5) + np.tile(np.arange(5), 40) * 1e-3  # each clip's frames: one base score + frame index
+    # every resample has exactly 200 frames (20 real + 20 fake clips of 5 frames)
+    assert bootstrap_ci(y, s, lambda yy, ss: float(len(yy)), n_boot=50, groups=groups) == (200.0, 200.0, 200.0)
+    # and every clip comes whole, its frames in order
+    pick = []
+    def record_pick(yy, ss):
+        pick.append(ss.copy()); return 0.0
+    bootstrap_ci(y, s, record_pick, n_boot=20, groups=groups, seed=3)
+    frame_of = {round(v, 12): i % 5 for i, v in enumerate(s)}
+    clip_of = {round(v, 12): i // 5 for i, v in enumerate(s)}
+    for ss in pick[1:]:  # the first call is the point estimate
+        clips = np.array([clip_of[round(v, 12)] for v in ss]); frames = np.array([frame_of[round(v, 12)] for v in ss])
+        assert np.array_equal(frames, np.tile(np.arange(5), len(ss) // 5))  # whole clips, in frame order
+        assert len(np.unique(clips)) < 40  # with replacement
+    with pytest.raises(ValueError, match='both real and fake'):
+        bootstrap_ci(y, s, n_boot=5, groups=np.zeros(200))
+    with pytest.raises(ValueError, match='lengths differ'):
+        bootstrap_ci(y, s, n_boot=5, groups=groups[:10])
+
+
+def test_bootstrap_bad_args():
+    y, s = sample(0, n=100)
+    with pytest.raises(ValueError, match='unknown metric'): bootstrap_ci(y, s, 'f1')
+    with pytest.raises(ValueError, match='n_boot'): bootstrap_ci(y, s, n_boot=0)
+    with pytest.raises(ValueError, match='alpha'): bootstrap_ci(y, s, alpha=1.5)
+
+
+def test_bootstrap_coverage():
+    "A 90 % interval should cover the true AUROC in roughly 90 % of fresh test sets."
+    from scipy.stats import norm
+    true = norm.cdf(1.5 / math.sqrt(2)); hits = []
+    for i in range(60):
+        r = np.random.default_rng(100 + i); n = 150
+        y = np.r_[np.zeros(n, int), np.ones(n, int)]; s = np.r_[r.normal(0, 1, n), r.normal(1.5, 1, n)]
+        _, lo, hi = bootstrap_ci(y, s, n_boot=200, alpha=0.1, seed=i)
+        hits.append(lo <= true <= hi)
+    assert 0.75 <= np.mean(hits) <= 1.0
+
+
+# ---------------------------------------------------------------- tables and plots
+
+def test_metrics_table():
+    sets = {'a': sample(0, n=300), 'b': sample(1, n=300, d=3.0)}
+    t = metrics_table(sets, n_boot=50)
+    assert list(t.index) == ['a', 'b'] and list(t.columns) == ['auroc', 'eer', 'ap', 'acc', 'n_real', 'n_fake']
+    assert all(re.fullmatch(r'\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]', v) for v in t['auroc'])
+    c = metrics_table(sets, metrics=('auroc', 'eer'), n_boot=50, style='columns')
+    assert list(c.columns) == ['auroc', 'auroc_lo', 'auroc_hi', 'eer', 'eer_lo', 'eer_hi', 'n_real', 'n_fake']
+    assert c.loc['b', 'auroc'] == skm.roc_auc_score(*sets['b'])
+    assert (c['auroc_lo'] <= c['auroc']).all() and (c['auroc'] <= c['auroc_hi']).all()
+    df = pd.DataFrame({'label': sets['a'][0], 'score': sets['a'][1]})
+    assert metrics_table({'df': df}, n_boot=20).loc['df', 'n_real'] == (sets['a'][0] == 0).sum()
+    with pytest.raises(ValueError, match='style'): metrics_table(sets, style='latex')
+    with pytest.raises(ValueError, match="score set 'x'"): metrics_table({'x': pd.DataFrame({'label': [0, 1]})})
+
+
+def test_plots():
+    sets = {'weak': sample(0, d=0.5), 'strong': sample(1, d=3)}
+    ax = plot_roc(sets)
+    labels = [l.get_label() for l in ax.get_lines()]
+    assert sum('AUROC' in l for l in labels) == 2 and 'chance' in labels
+    auc = skm.roc_auc_score(*sets['strong'])
+    assert any(f'{auc:.3f}' in l for l in labels)
+    ax = plot_det(sets)
+    assert ax.get_xlim() == (-3, 3) and len(ax.get_lines()) >= 2
+    axs = plot_scores(sets, threshold=0.4)
+    assert len(axs) == 2 and all(any(l.get_xdata()[0] == 0.4 for l in a.get_lines()) for a in axs)
+    fig, ax = plt.subplots()
+    assert plot_scores(sets, ax=ax) is ax and plot_roc(sets['weak'], ax=ax) is ax
+    with pytest.raises(ValueError, match='only 1 axes'): plot_scores(sets, ax=[ax])
+    with pytest.raises(ValueError, match='lengths differ'): plot_roc({'bad': ([0, 1], [.1])})
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+class Spot(nn.Module):
+    "A hand-made CNN: 1-channel 'detector' of brightness, avg-pooled into n_out logits."
+    def __init__(self, n_out=1, inplace=True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_(); self.conv.weight[0] = 1 / 3; self.conv.weight[1] = -1 / 3
+        self.act = nn.ReLU(inplace=inplace); self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, n_out)
+        with torch.no_grad():
+            self.fc.weight.zero_(); self.fc.bias.zero_(); self.fc.weight[0, 0] = 1.0
+            if n_out > 1: self.fc.weight[1, 0] = -1.0
+    def forward(self, x):
+        z = self.pool(self.act(self.conv(x))).flatten(1)
+        return self.fc(z)
+
+
+def spot_images(n=4, size=16):
+    x = torch.zeros(n, 3, size, size); where = []
+    for i in range(n):
+        r, c = 2 + 3 * i % (size - 4), 3 + 5 * i % (size - 4)
+        x[i, :, r, c] = 1.0; where.append((r, c))
+    return x, where
+
+
+@pytest.mark.parametrize('n_out', [1, 2])
+def test_grad_cam_localises_hand_made_evidence(n_out):
+    m = Spot(n_out); x, where = spot_images()
+    cams = grad_cam(m, x, m.conv, target=1 if n_out == 1 else 0)
+    assert cams.shape == (4, 16, 16) and cams.dtype == torch.float32
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1
+    for c, (r, cc) in zip(cams, where):
+        assert np.unravel_index(int(c.argmax()), c.shape) == (r, cc)
+        assert float(c[r, cc]) == pytest.approx(1.0)
+    # no evidence for the other class: an all-zero map
+    other = grad_cam(m, x, 'conv', target=0 if n_out == 1 else 1)
+    assert float(other.abs().max()) == 0.0
+
+
+def test_grad_cam_default_target_and_1d_output():
+    m = Spot(2); x, _ = spot_images(2)
+    assert torch.equal(grad_cam(m, x, m.conv), grad_cam(m, x, m.conv, target=m(x).argmax(1)))
+    m1 = Spot(1)
+    flat = nn.Sequential(m1, nn.Flatten(0))  # N logits, no class axis
+    assert torch.allclose(grad_cam(flat, x, m1.conv), grad_cam(m1, x, m1.conv, target=1))
+
+
+def test_grad_cam_leaves_model_alone():
+    m = Spot(1); x, _ = spot_images()
+    bn = nn.Sequential(nn.BatchNorm2d(3), m); bn.train()
+    for p in m.parameters(): p.requires_grad_(False)  # a frozen backbone still works
+    cams = grad_cam(bn, x, m.act)  # an in-place ReLU as the layer
+    assert cams.shape == (4, 16, 16)
+    assert bn.training and bn[0].training  # modes restored
+    assert all(p.grad is None for p in bn.parameters())
+    assert int(bn[0].num_batches_tracked) == 0  # ran in eval mode: BatchNorm statistics untouched
+
+
+def test_grad_cam_errors():
+    m = Spot(2); x, _ = spot_images(2)
+    with pytest.raises(ValueError, match='no layer'): grad_cam(m, x, 'nope')
+    with pytest.raises(ValueError, match='feature map'): grad_cam(m, x, m.fc)
+    with pytest.raises(ValueError, match='out of range'): grad_cam(m, x, m.conv, target=2)
+    with pytest.raises(ValueError, match='N×C×H×W'): grad_cam(m, x[0], m.conv)
+    with pytest.raises(ValueError, match='3 targets for 2 images'): grad_cam(m, x, m.conv, target=[0, 1, 1])
+    with pytest.raises(ValueError, match='target must be 1 \\(fake\\) or 0'): grad_cam(Spot(1), x, 'conv', target=2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__(); self.conv = nn.Conv2d(3, 3, 1); self.fc = nn.Linear(3, 1)
+        def forward(self, x): return self.fc(self.conv(self.conv(x)).mean((2, 3)))
+    with pytest.raises(ValueError, match='ran 2 times'): grad_cam(Twice(), x, 'conv')
+
+
+def test_show_cam():
+    m = Spot(1); x, _ = spot_images(3)
+    fig = show_cam(x, grad_cam(m, x, m.conv), titles=['a', 'b', 'c'])
+    assert len([a for a in fig.axes if a.images]) == 3
+    with pytest.raises(ValueError, match='3 images but 2'): show_cam(x, grad_cam(m, x, m.conv)[:2])
