@@ -1,11 +1,15 @@
 """Overhead of `deepfake_course.train.fit` against a plain PyTorch loop (same 4-layer CNN, data, optimiser).
 
 Two comparisons, each repeated and interleaved (plain, fit, plain, fit, ... with alternating order) so that
-load on a shared machine hits both alike; medians of the time per epoch are printed with their ratio:
+load on a shared machine hits both alike. Wall time and process CPU time per epoch are both measured (on a
+loaded shared machine CPU time is the steadier measure of the work each loop does; wall time also counts
+waiting for disk); medians, their ratio and the median of the paired (adjacent-run) ratios are printed:
 
 * train:      fit(train_dl) without validation or checkpoints  vs  the plain training loop;
-* train+val:  fit(train_dl, val_dl, ckpt_dir=...) which also writes last.pt/best.pt every epoch
-              vs  the plain training loop plus a plain validation pass (no checkpoint).
+* train+val:  fit(train_dl, val_dl) (best weights kept in memory)  vs  the plain training loop plus a plain
+              validation pass;
+* train+val+ckpt: the same, but fit also writes last.pt/best.pt every epoch (ckpt_dir=...), which the plain
+              loop does not: this row adds the price of checkpointing to fit's side.
 
 usage: python benchmarks/fit_overhead.py [--n 384] [--size 64] [--batch 32] [--epochs 2] [--repeats 7] [--threads 1]
 Target: ratio <= 1.10.
@@ -70,21 +74,26 @@ def main():
             'train': (lambda: plain_epochs(model(), dl, None, a.epochs, 1e-3),
                       lambda: fit(model(), dl, epochs=a.epochs, lr=1e-3, device='cpu', progress=False)),
             'train+val': (lambda: plain_epochs(model(), dl, val_dl, a.epochs, 1e-3),
+                          lambda: fit(model(), dl, val_dl, epochs=a.epochs, lr=1e-3, device='cpu', progress=False)),
+            'train+val+ckpt': (lambda: plain_epochs(model(), dl, val_dl, a.epochs, 1e-3),
                           lambda: fit(model(), dl, val_dl, epochs=a.epochs, lr=1e-3, device='cpu', progress=False,
                                       ckpt_dir=os.path.join(tmp, f'ck{time.perf_counter_ns()}'), resume=False)),
         }
         for name, (plain, fitted) in runs.items():
             plain(); fitted()  # warm-up (allocator, kernels, imports)
-            tp, tf = [], []
+            t = {('p', 'wall'): [], ('f', 'wall'): [], ('p', 'cpu'): [], ('f', 'cpu'): []}
             for r in range(a.repeats):
                 order = [('p', plain), ('f', fitted)] if r % 2 == 0 else [('f', fitted), ('p', plain)]
                 for tag, f in order:
-                    t0 = time.perf_counter(); f(); dt = (time.perf_counter() - t0) / a.epochs
-                    (tp if tag == 'p' else tf).append(dt)
-            mp, mf = statistics.median(tp), statistics.median(tf)
-            print(f"{name:10s} plain {mp:.3f} s/epoch  fit {mf:.3f} s/epoch  ratio {mf / mp:.3f}  "
-                  f"(plain runs {' '.join(f'{t:.3f}' for t in tp)}; fit runs {' '.join(f'{t:.3f}' for t in tf)})")
-
+                    w0, c0 = time.perf_counter(), time.process_time(); f()
+                    t[tag, 'wall'].append((time.perf_counter() - w0) / a.epochs)
+                    t[tag, 'cpu'].append((time.process_time() - c0) / a.epochs)
+            for clock in ('wall', 'cpu'):
+                p, f = t['p', clock], t['f', clock]
+                paired = statistics.median(b / a_ for a_, b in zip(p, f))
+                print(f"{name:15s} {clock:4s}  plain {statistics.median(p):.3f} s/epoch  fit {statistics.median(f):.3f} s/epoch  "
+                      f"ratio of medians {statistics.median(f) / statistics.median(p):.3f}  median paired ratio {paired:.3f}")
+            print(f"{'':15s} wall runs: plain {' '.join(f'{x:.2f}' for x in t['p', 'wall'])} | fit {' '.join(f'{x:.2f}' for x in t['f', 'wall'])}")
 
 if __name__ == '__main__':
     main()

@@ -75,6 +75,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     raw = np.frombuffer(p.read_bytes(), np.uint8)
     a = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if a is not None:
+        if a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
+            a = cv2.imdecode(raw, cv2.IMREAD_COLOR)                              # this flag applies a photo's EXIF orientation
         if a.ndim == 3 and a.shape[-1] == 3: a = a[..., ::-1]                 # BGR -> RGB
         elif a.ndim == 3 and a.shape[-1] == 4: a = a[..., [2, 1, 0, 3]]       # BGRA -> RGBA
         return to_rgb_uint8(np.ascontiguousarray(a))
@@ -349,13 +351,12 @@ def transform_points(points, M) -> torch.Tensor:
     if p.ndim == 1: return transform_points(p[None], M)[..., 0, :]
     return p @ M[..., :2].transpose(-1, -2) + M[..., None, :, 2]
 
-def landmark_nme(landmarks, M, size: int = 64, face_type: str = 'full', norm: str = 'interocular') -> torch.Tensor:
-    "Normalised mean error of landmarks K×5×2 mapped by M (K×2×3) against the template: per face, divided by the template's inter-ocular distance (or the crop size)."
+def landmark_nme(landmarks, M, size: int = 64, face_type: str = 'full', norm: str = 'size') -> torch.Tensor:
+    "Per-face normalised mean error of landmarks K×5×2 mapped by M (K×2×3) against the template, divided by the crop side (`'size'`) or the template's inter-ocular distance (`'interocular'`)."
+    if norm not in ('interocular', 'size'): raise ValueError(f"norm must be 'interocular' or 'size', got {norm!r}")
     tmpl = torch.as_tensor(face_template(size, face_type))
     err = (transform_points(landmarks, M) - tmpl).norm(dim=-1).mean(-1)
-    d = (tmpl[1] - tmpl[0]).norm() if norm == 'interocular' else torch.tensor(float(size), dtype=torch.float64)
-    if norm not in ('interocular', 'size'): raise ValueError(f"norm must be 'interocular' or 'size', got {norm!r}")
-    return err / d
+    return err / ((tmpl[1] - tmpl[0]).norm() if norm == 'interocular' else float(size))
 
 # %% ../nbs/12_faces.ipynb #cell-29
 def draw_detections(image, det: Detections, ax=None, show_ignored: bool = True, landmarks: bool = True, title=None):
@@ -584,10 +585,11 @@ def extract_videos(videos, extractor: FaceExtractor | None = None, root=None, si
                         crops_rows.append(dict(path=rel, label=int(r['label']), source=r['source'], identity=int(r['identity']),
                                                target_identity=int(r['target_identity']), split=r['split'], clip_id=cid,
                                                frame=int(idx[j]), kind='image', track=int(tid[k]), prob=float(d.probs[k]),
-                                               x1=x1, y1=y1, x2=x2, y2=y2, face_type=face_type, size=size))
+                                               x1=x1, y1=y1, x2=x2, y2=y2, face_type=face_type, size=size,
+                                               id_split=r.get('id_split', '')))
                 bar.update(1)
             bar.close()
-            extra = ['track', 'prob', 'x1', 'y1', 'x2', 'y2', 'face_type', 'size']
+            extra = ['track', 'prob', 'x1', 'y1', 'x2', 'y2', 'face_type', 'size', 'id_split']
             pd.DataFrame(crops_rows, columns=MANIFEST_COLUMNS + extra).to_csv(tmp/'manifest.csv', index=False)
             fdf = pd.DataFrame(frame_rows, columns=['clip_id', 'frame', 'n_faces', 'n_ignored', 'reason'])
             fdf.to_csv(tmp/'frames.csv', index=False)

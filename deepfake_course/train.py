@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_train.ipynb #cell-5
 from __future__ import annotations
-import contextlib, io, math, os, shutil, time, warnings
+import contextlib, io, math, os, shutil, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -24,7 +24,8 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'CKPT_FORMAT', 'CALLBACK_EVENTS', 'make_to
            'default_loss', 'scores_from_outputs', 'unwrap', 'to_device', 'evaluate', 'predict', 'make_optimizer',
            'make_scheduler', 'CheckpointError', 'checkpoint_bytes', 'save_checkpoint', 'read_checkpoint',
            'load_model_state', 'load_checkpoint', 'DistInfo', 'dist_info_from_env', 'setup_distributed',
-           'distributed_loader', 'seed_loader', 'Callback', 'InterruptAfter', 'FitState', 'FitResult', 'fit']
+           'distributed_loader', 'seed_loader', 'Callback', 'InterruptAfter', 'FitState', 'FitResult',
+           'BackgroundWriter', 'fit']
 
 # %% ../nbs/01_train.ipynb #cell-8
 def make_toy_images(n: int, size: int = 32, strength: float = 0.03, noise: float = 0.04, seed: int = 0):
@@ -388,6 +389,25 @@ def _write_last(ck_dir: Path, data: bytes, last_ok: bool) -> None:
         os.replace(tmp, ck_dir / 'prev.pt')
     atomic_write_bytes(last, data)
 
+class BackgroundWriter:
+    "Run file writes one at a time in a thread, so disk time overlaps training; `wait()` re-raises a failed write."
+    def __init__(self): self._thread, self._error = None, None
+    def submit(self, fn: Callable, *args) -> None:
+        self.wait()
+        def job():
+            try: fn(*args)
+            except BaseException as e: self._error = e
+        self._thread = threading.Thread(target=job, name='checkpoint-writer'); self._thread.start()
+    def wait(self) -> None:
+        if self._thread is not None: self._thread.join(); self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+def _write_checkpoints(ck_dir: Path, last: bytes, best: bytes | None, last_ok: bool) -> None:
+    if best is not None: atomic_write_bytes(ck_dir / 'best.pt', best)
+    _write_last(ck_dir, last, last_ok)
+
 def _barrier(info: DistInfo):
     if info.world > 1:
         import torch.distributed as dist
@@ -408,16 +428,22 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
     if ck_dir is not None and resume and ck_dir.exists(): ck, ck_path, ck_errors = _latest_checkpoint(ck_dir)
     if ck is not None:
         old = ck.get('config', {})
-        for k, new in (('opt', opt), ('schedule', schedule), ('schedule_per', schedule_per)):
+        for k, new in (('opt', opt), ('schedule', schedule), ('schedule_per', schedule_per), ('monitor', monitor), ('mode', mode)):
             if k in old and old[k] != new:
                 raise CheckpointError(f"Checkpoint {str(ck_path)!r} was trained with {k}={old[k]!r}, this call has {k}={new!r}; "
                                       "use the same settings, another ckpt_dir, or resume=False.")
-        if old.get('epochs', epochs) != epochs and schedule == 'cosine':
+        if old.get('epochs', epochs) != epochs and schedule == 'cosine' and info.main:
             warnings.warn(f"Resuming a cosine schedule planned for {old['epochs']} epochs with epochs={epochs}: "
                           "the learning rate follows the new curve from here on.")
-        seed = old.get('seed', seed)
+        if old.get('lr', lr) != lr and info.main:
+            warnings.warn(f"Resuming a run trained with lr={old['lr']}; the optimiser and schedule states from the checkpoint "
+                          f"are used, so lr={lr} is ignored (pass resume=False to start afresh).")
+        seed = old.get('seed', seed)  # the shuffling must continue as it began
     if seed is None: seed = int(torch.initial_seed() % 2**31)
-    if ck_dir is not None and info.main: ck_dir.mkdir(parents=True, exist_ok=True)
+    if ck_dir is not None and info.main:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run: the old run's checkpoints must never be mistaken for this one's
+            for name in ('last.pt', 'prev.pt', 'best.pt'): (ck_dir / name).unlink(missing_ok=True)
 
     # model, loader, optimiser, schedule, scaler
     cl = dev.type == 'cuda'
@@ -439,12 +465,11 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
     state = FitState(model, optimizer, scheduler, epochs, rank=info.rank)
     best_state, last_ok = None, True
     if ck is not None:
-        if ck_errors:
+        if ck_errors and info.main:
             warnings.warn(f"{ck_errors[0]} Resuming from the previous good checkpoint {str(ck_path)!r} instead.")
-            if info.main:  # keep the damaged file for inspection, out of the rotation so it never replaces prev.pt
-                bad = ck_dir / 'last.pt'
-                if bad.exists(): os.replace(bad, ck_dir / 'last.pt.corrupt')
-            last_ok = False
+            bad = ck_dir / 'last.pt'  # keep the damaged file for inspection, out of the rotation (it must never become prev.pt)
+            if bad.exists(): os.replace(bad, ck_dir / 'last.pt.corrupt')
+        last_ok = not ck_errors
         load_model_state(model, ck['model'], f"Checkpoint {str(ck_path)!r}")
         for name, obj in (('optimizer', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
             if obj is not None and ck.get(name) is not None:
@@ -459,6 +484,7 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
     done = lambda: state.stop or (patience is not None and state.bad_epochs >= patience)
     stopped_early = ck is not None and done()
 
+    writer = BackgroundWriter()
     _barrier(info)
     _call(callbacks, 'on_fit_start', state)
     bar = _progress(range(state.epoch, epochs), verbose=verbose, desc='fit', initial=state.epoch, total=epochs, unit='epoch')
@@ -466,6 +492,7 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
         for epoch in bar:
             if stopped_early: break
             seed_loader(train_dl, seed, epoch)
+            if getattr(train_dl, 'num_workers', 0): writer.wait()  # never fork loader workers while a thread writes
             _call(callbacks, 'on_epoch_start', state)
             net.train(); t0 = time.perf_counter()
             row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr']}
@@ -514,16 +541,13 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
                 if schedule == 'plateau': scheduler.step(row[monitor])
                 elif schedule_per == 'epoch': scheduler.step()
             state.epoch, state.history, state.logs, state.loss = epoch + 1, state.history + [row], row, row['train_loss']
-            if ck_dir is not None:
-                if info.main:
-                    data = checkpoint_bytes(model, optimizer, scheduler, scaler, True, epoch=state.epoch, step=state.step,
-                                            history=state.history, best_score=state.best_score, best_epoch=state.best_epoch,
-                                            bad_epochs=state.bad_epochs, config=config, world=info.world, time=time.time())
-                    if improved:
-                        save_checkpoint(ck_dir / 'best.pt', model, rng=False, epoch=state.epoch, score=state.best_score,
-                                        monitor=monitor, config=config)
-                    _write_last(ck_dir, data, last_ok); last_ok = True
-                _barrier(info)
+            if ck_dir is not None and info.main:  # serialise now (a snapshot), write in the background
+                last = checkpoint_bytes(model, optimizer, scheduler, scaler, True, epoch=state.epoch, step=state.step,
+                                        history=state.history, best_score=state.best_score, best_epoch=state.best_epoch,
+                                        bad_epochs=state.bad_epochs, config=config, world=info.world, time=time.time())
+                best = checkpoint_bytes(model, rng=False, epoch=state.epoch, score=state.best_score, monitor=monitor,
+                                        config=config) if improved else None
+                writer.submit(_write_checkpoints, ck_dir, last, best, last_ok); last_ok = True
             elif improved: best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if hasattr(bar, 'set_postfix') and not bar.disable:
                 bar.set_postfix({k: f'{v:.4g}' for k, v in row.items() if k not in ('epoch', 'time')})
@@ -532,13 +556,16 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
                 stopped_early = True
                 break
         # the best weights (validation split) go back into the model
+        writer.wait(); _barrier(info)
         if ck_dir is not None and (ck_dir / 'best.pt').exists() and state.best_epoch is not None:
             load_model_state(model, read_checkpoint(ck_dir / 'best.pt')['model'], f"Checkpoint {str(ck_dir / 'best.pt')!r}")
         elif best_state is not None: model.load_state_dict(best_state)
         _call(callbacks, 'on_fit_end', state)
     finally:
         bar.close()
-        if info.owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        try: writer.wait()  # an interrupted run still leaves its last checkpoint complete
+        finally:
+            if info.owns_group:
+                import torch.distributed as dist
+                dist.destroy_process_group()
     return FitResult(model, pd.DataFrame(state.history), state.best_epoch, state.best_score, ck_dir, monitor, stopped_early)

@@ -228,7 +228,10 @@ def test_blend_swap_changes_only_the_face():
     out = blend_swap(tgt, don, colour=False)
     assert torch.allclose(out[..., 0, 0], torch.tensor(0.2))           # background untouched
     assert out[0, 0, 16, 16] > 0.8                                    # face centre comes from the donor
-    with pytest.raises(ValueError, match='differ in shape'): blend_swap(tgt, dict(don, images=torch.zeros(n, 3, 16, 16)))
+    with pytest.raises(ValueError, match='differ in batch'): blend_swap(tgt, dict(don, images=torch.zeros(n + 1, 3, s, s)))
+    small = dict(images=torch.full((n, 3, 16, 16), 0.9), landmarks5=lm / 2, mask=mask[..., ::2, ::2])
+    out2 = blend_swap(tgt, small, colour=False)                       # a low-resolution donor is warped up
+    assert out2.shape == out.shape and out2[0, 0, 16, 16] > 0.8
 
 
 def test_detect_errors_and_crop_mode(tmp_path):

@@ -9,6 +9,14 @@ import torch
 from deepfake_course import faces as F
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "MTCNN's small convolutions gain nothing from more threads, and lose a lot on a busy shared machine."
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope='module')
 def photos():
     return F.real_photos()
@@ -49,6 +57,14 @@ def test_load_image_converts_gray_rgba_16bit_palette(tmp_path, photos):
     assert (rg[:10, :10] == 255).all() and np.array_equal(rg[20:], g[20:])     # transparent -> white, opaque unchanged
     gray = F.load_image(tmp_path/'gray.png')
     assert np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    from PIL import Image
+    im = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
+    ex = Image.Exif(); ex[0x0112] = 6                                  # "rotate 90° clockwise to display"
+    im.save(tmp_path/'rot.jpg', exif=ex)
+    assert F.load_image(tmp_path/'rot.jpg').shape == (50, 30, 3)
 
 
 def test_load_image_errors(tmp_path):

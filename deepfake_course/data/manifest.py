@@ -15,10 +15,10 @@ import torch
 from ..core import atomic_write_text, progress
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'IMAGE_EXTS', 'VIDEO_EXTS', 'SAMPLE_RATE', 'FFHQ_FOLDERS', 'FFPP_METHODS',
-           'FFPP_COMPRESSIONS', 'CELEBDF_FOLDERS', 'ManifestError', 'validate_manifest', 'make_manifest',
-           'read_manifest', 'write_manifest', 'concat_manifests', 'LeakError', 'split_groups', 'assign_splits',
-           'check_no_leak', 'split_summary', 'BadFileError', 'check_image', 'check_video', 'find_dir',
+__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'IMAGE_EXTS', 'VIDEO_EXTS', 'SAMPLE_RATE', 'AAC_PRIMING', 'FFHQ_FOLDERS',
+           'FFPP_METHODS', 'FFPP_COMPRESSIONS', 'CELEBDF_FOLDERS', 'ManifestError', 'validate_manifest',
+           'make_manifest', 'read_manifest', 'write_manifest', 'concat_manifests', 'LeakError', 'split_groups',
+           'assign_splits', 'check_no_leak', 'split_summary', 'BadFileError', 'check_image', 'check_video', 'find_dir',
            'load_folder_tree', 'write_video', 'read_video', 'video_length', 'tiny_image', 'tiny_video', 'load_celeba',
            'load_ffhq', 'load_ffpp', 'load_celebdf', 'load_lrw']
 
@@ -305,6 +305,7 @@ def load_folder_tree(root, skip_bad: bool = False, verify: bool = True, seed: in
 
 # %% ../../nbs/11_datasets.ipynb #cell-28
 SAMPLE_RATE = 16000
+AAC_PRIMING = 1024   # samples of silence FFmpeg's AAC encoder puts first; PyAV-written mp4s do not mark them
 
 def write_video(path, frames, fps: float = 25, audio=None, sample_rate: int = SAMPLE_RATE, crf: int = 18):
     "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as H.264 mp4, with AAC sound if `audio` is given."
@@ -354,10 +355,16 @@ def read_video(path, start: int = 0, n_frames: int | None = None, audio: bool = 
         if audio:
             with av.open(str(path)) as c:
                 if c.streams.audio:
+                    ast = c.streams.audio[0]
                     rs = av.AudioResampler(format='flt', layout='mono', rate=SAMPLE_RATE)
-                    chunks = [r.to_ndarray().reshape(-1) for fr in c.decode(c.streams.audio[0]) for r in rs.resample(fr)]
+                    chunks, drop = [], None
+                    for pkt in c.demux(ast):
+                        if drop is None and pkt.size:   # AAC starts with encoder priming; skip it unless the file says how much
+                            drop = AAC_PRIMING if ast.codec_context.name == 'aac' and not pkt.has_sidedata('skip_samples') else 0
+                        chunks += [r.to_ndarray().reshape(-1) for fr in pkt.decode() for r in rs.resample(fr)]
                     chunks += [r.to_ndarray().reshape(-1) for r in rs.resample(None)]
                     wav = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+                    wav = wav[int(round((drop or 0) * SAMPLE_RATE / (ast.sample_rate or SAMPLE_RATE))):]
     except BadFileError: raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise BadFileError(f"{path}: corrupt, truncated or unreadable video ({e})") from None

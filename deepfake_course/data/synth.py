@@ -15,12 +15,13 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'SR', 'FPS', 'VOWELS',
            'SYNTH_VERSION', 'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project',
-           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'syllable_envelope', 'synth_voice', 'mel_filterbank',
-           'log_mel', 'clip_params', 'render_clip', 'write_clip_mp4', 'make_synthfaces']
+           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'mtcnn_agreement', 'render_face', 'syllable_envelope',
+           'synth_voice', 'mel_filterbank', 'log_mel', 'clip_params', 'render_clip', 'write_clip_mp4',
+           'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
-SKIN_PALETTE = torch.tensor([[0.27, 0.16, 0.11], [0.42, 0.26, 0.17], [0.58, 0.39, 0.27], [0.74, 0.54, 0.41],
-                             [0.87, 0.68, 0.56], [0.96, 0.80, 0.70]])
+SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
+                             [0.88, 0.70, 0.58], [0.96, 0.80, 0.70]])
 HAIR_COLOURS = {'black': (0.05, 0.04, 0.04), 'dark brown': (0.16, 0.10, 0.06), 'brown': (0.34, 0.21, 0.11),
                 'auburn': (0.46, 0.19, 0.08), 'red': (0.72, 0.32, 0.13), 'dark blonde': (0.58, 0.45, 0.26),
                 'blonde': (0.88, 0.74, 0.46), 'grey': (0.56, 0.55, 0.53), 'white': (0.87, 0.86, 0.83)}
@@ -28,6 +29,7 @@ IRIS_COLOURS = {'dark brown': (0.20, 0.11, 0.05), 'brown': (0.38, 0.22, 0.09), '
                 'green': (0.27, 0.46, 0.26), 'blue': (0.28, 0.48, 0.76), 'grey': (0.48, 0.54, 0.60)}
 HAIR_STYLES = ('buzz', 'short', 'fringe', 'long', 'long fringe', 'bald')
 _STYLE_P = torch.tensor([0.12, 0.30, 0.18, 0.22, 0.10, 0.08])
+_HAIR_P = torch.tensor([0.22, 0.2, 0.17, 0.08, 0.06, 0.09, 0.09, 0.05, 0.04])
 _HAIR_T = torch.tensor(list(HAIR_COLOURS.values()))
 _IRIS_T = torch.tensor(list(IRIS_COLOURS.values()))
 _M64 = (1 << 64) - 1
@@ -70,15 +72,15 @@ def identity_params(ids) -> dict:
     p = {'identity': torch.tensor(ids, dtype=torch.long)}
     p['face_w'] = lin(0, 0.70, 0.84)
     p['face_d'] = lin(1, 0.80, 0.95)
-    p['jaw'] = lin(2, 0.0, 0.45)
+    p['jaw'] = lin(2, 0.0, 0.3)
     t = U[:, 3] * (len(SKIN_PALETTE) - 1)
     i0 = t.floor().long().clamp(max=len(SKIN_PALETTE) - 2); f = (t - i0).unsqueeze(1)
     skin = SKIN_PALETTE[i0] * (1 - f) + SKIN_PALETTE[i0 + 1] * f
     p['skin'] = (skin * (1 + (U[:, 4:5] - 0.5) * 0.16 * torch.tensor([1.0, -0.4, -0.9]))).clamp(0, 1)
     p['eye_x'] = lin(5, 0.27, 0.35)
     p['eye_y'] = lin(6, -0.07, 0.02)
-    p['eye_w'] = lin(7, 0.11, 0.145)
-    p['eye_h'] = lin(8, 0.048, 0.07)
+    p['eye_w'] = lin(7, 0.13, 0.16)
+    p['eye_h'] = lin(8, 0.056, 0.076)
     p['eye_tilt'] = lin(9, -0.015, 0.025)
     ik = (U[:, 10] * len(IRIS_COLOURS)).long().clamp(max=len(IRIS_COLOURS) - 1)
     p['iris_kind'] = ik
@@ -86,16 +88,16 @@ def identity_params(ids) -> dict:
     p['brow_gap'] = lin(12, 0.15, 0.23)           # brow height above the eye
     p['brow_th'] = lin(13, 0.022, 0.05)
     p['brow_arch'] = lin(14, 0.0, 0.06)
-    p['nose_len'] = lin(15, 0.28, 0.38)
+    p['nose_len'] = lin(15, 0.3, 0.39)
     p['nose_w'] = lin(16, 0.075, 0.12)
     p['nose_d'] = lin(17, 0.12, 0.2)
-    p['mouth_y'] = lin(18, 0.54, 0.62)
+    p['mouth_y'] = lin(18, 0.6, 0.68)
     p['mouth_w'] = lin(19, 0.18, 0.26)
     p['lip_up'] = lin(20, 0.022, 0.045)
     p['lip_lo'] = lin(21, 0.03, 0.065)
     lipc = torch.tensor([0.72, 0.30, 0.30]) * (0.55 + 0.5 * U[:, 22:23])
     p['lip'] = (0.45 * p['skin'] + 0.55 * lipc).clamp(0, 1)
-    hk = (U[:, 23] * len(HAIR_COLOURS)).long().clamp(max=len(HAIR_COLOURS) - 1)
+    hk = _pick(U[:, 23], _HAIR_P)
     p['hair_kind'] = hk
     p['hair'] = (_HAIR_T[hk] * (1 + (U[:, 24:25] - 0.5) * 0.25)).clamp(0, 1)
     p['hair_style'] = _pick(U[:, 25], _STYLE_P)
@@ -108,7 +110,7 @@ def identity_params(ids) -> dict:
     p['glasses_round'] = (U[:, 31] < 0.5).float()
     gc = torch.tensor([[0.05, 0.05, 0.05], [0.35, 0.2, 0.1], [0.6, 0.6, 0.62], [0.15, 0.15, 0.3]])
     p['glasses_col'] = gc[(U[:, 32] * 4).long().clamp(max=3)]
-    p['brow'] = (p['hair'] * 0.7 + 0.03).clamp(0, 1)
+    p['brow'] = (p['hair'] * 0.55 + 0.02).clamp(0, 0.42)
     p['blush'] = lin(33, 0.0, 0.35)
     p['voice_hz'] = lin(34, 90.0, 240.0)
     p['formant'] = lin(35, 0.9, 1.15)
@@ -198,21 +200,30 @@ def rotation(yaw, pitch, roll) -> torch.Tensor:
     return Rz @ Rx @ Ry
 
 
-HEAD_SCALE = 0.6  # head half-height as a fraction of the image half-width
+HEAD_SCALE = 0.64  # head half-height as a fraction of the image half-width
 
 
 def _nose_frame(p):
-    "Nose ellipsoid: centre o (B×3), semi-axes A (B×3), rotation Q (B×3×3, head -> nose frame)."
+    "Nose bridge ellipsoid: centre o (B×3), semi-axes A (B×3), rotation Q (B×3×3, head -> nose frame)."
     B = p['nose_len'].shape[0]
     ey, L, c = p['eye_y'], p['nose_len'], p['face_d']
-    yc = ey + 0.5 * L + 0.03
+    yc = ey + 0.5 * L + 0.02
     zs = c * (1 - yc ** 2).clamp_min(0).sqrt()
-    A = torch.stack([p['nose_w'], 0.55 * L, p['nose_d']], 1)
-    o = torch.stack([torch.zeros_like(yc), yc, zs - 0.55 * p['nose_d']], 1)
-    th = torch.full_like(yc, math.radians(34))
+    A = torch.stack([0.6 * p['nose_w'], 0.55 * L, 0.8 * p['nose_d']], 1)
+    o = torch.stack([torch.zeros_like(yc), yc, zs - 0.6 * p['nose_d']], 1)
+    th = torch.full_like(yc, math.radians(30))
     ct, st = th.cos(), th.sin(); one, zer = torch.ones_like(th), torch.zeros_like(th)
     Q = torch.stack([one, zer, zer, zer, ct, st, zer, -st, ct], 1).view(B, 3, 3)
     return o, A, Q
+
+
+def _nose_tip(p):
+    "Nose tip ellipsoid (axis-aligned): centre (B×3) and semi-axes (B×3); its front-most point is the nose-tip landmark."
+    yt = p['eye_y'] + p['nose_len']
+    zs = p['face_d'] * (1 - yt ** 2).clamp_min(0).sqrt()
+    A = torch.stack([0.8 * p['nose_w'], 0.7 * p['nose_w'], 0.75 * p['nose_w']], 1)
+    o = torch.stack([torch.zeros_like(yt), yt, zs + p['nose_d'] - A[:, 2]], 1)
+    return o, A
 
 
 def _front_z(X, Y, p, with_nose=True):
@@ -228,6 +239,10 @@ def _front_z(X, Y, p, with_nose=True):
         disc = b * b - a * g
         zn = (disc.clamp_min(0).sqrt() - b) / a
         z = torch.where(disc > 0, torch.maximum(z, zn), z)
+        o, A = _nose_tip(p)
+        q = ((X - o[:, :1]) / A[:, :1]) ** 2 + ((Y - o[:, 1:2]) / A[:, 1:2]) ** 2
+        zt = o[:, 2:] + A[:, 2:] * (1 - q).clamp_min(0).sqrt()
+        z = torch.where(q < 1, torch.maximum(z, zt), z)
     return z
 
 
@@ -268,7 +283,7 @@ def landmarks3d(p) -> torch.Tensor:
     q = {k: v.unsqueeze(1) for k, v in p.items() if v.dim() == 1}
     B = p['yaw'].shape[0]
     aw, jaw = q['face_w'], q['jaw']
-    def halfwidth(Y): return aw * (1 - Y ** 2).clamp_min(0).sqrt() * (1 - jaw * ((Y - 0.15) / 0.85).clamp_min(0))
+    def halfwidth(Y): return aw * (1 - Y ** 2).clamp_min(0).sqrt() * (1 - jaw * ((Y - 0.1) / 0.9).clamp_min(0) ** 2)
     # jaw 0..16
     k = torch.arange(17, dtype=torch.float32)
     y0 = q['eye_y'] + 0.06
@@ -282,14 +297,13 @@ def landmarks3d(p) -> torch.Tensor:
     Xb = torch.cat([-(bx0 + t * (bx1 - bx0)), bx0 + t.flip(0) * (bx1 - bx0)], 1)
     Yb = torch.cat([yb, yb.flip(1)], 1)
     # nose 27..35
-    o, A, Q = _nose_frame(p)
-    sdir = A * Q[:, :, 2]; sdir = sdir / sdir.norm(dim=1, keepdim=True)
-    tip = o + torch.einsum('bji,bj->bi', Q, A * sdir)            # front-most point of the nose
+    o, A = _nose_tip(p)
+    tip = o + A * torch.tensor([0., 0., 1.])                      # front-most point of the nose
     yt = tip[:, 1:2]
     Yn = q['eye_y'] - 0.02 + (yt - q['eye_y'] + 0.02) * torch.tensor([0, 1 / 3, 2 / 3, 1])
-    nb = yt + 0.5 * (o[:, 1:2] + A[:, 1:2] * 0.9 - yt)
+    nb = yt + 0.75 * A[:, 1:2]
     nw = q['nose_w']
-    Xs = nw * torch.tensor([-0.95, -0.5, 0, 0.5, 0.95]); Ys = nb + torch.tensor([-0.01, 0.01, 0.02, 0.01, -0.01]) * 1.0
+    Xs = nw * torch.tensor([-1.0, -0.5, 0, 0.5, 1.0]); Ys = nb + torch.tensor([-0.02, 0.0, 0.01, 0.0, -0.02])
     # eyes 36..47
     xp = torch.tensor([1, 1 / 3, -1 / 3, -1, -1 / 3, 1 / 3])  # 36 outer, 37, 38 upper, 39 inner, 40, 41 lower (image-left eye)
     up, low = _eye_curves(xp, q, -1)
@@ -386,53 +400,54 @@ def _hash_noise(keys, shape, device):
 def _render_chunk(p, S):
     "Rasterise one chunk of parameter dicts (tensors on one device) at S×S; returns (rgb B×3×S×S, mask B×S×S)."
     dev = p['yaw'].device; B = p['yaw'].shape[0]
-    v = lambda t: t.view(B, 1, 1)
-    c3 = lambda t: t.view(B, 3, 1, 1)
+    v = lambda t: t.reshape(B, 1, 1)
+    c3 = lambda t: t.reshape(B, 3, 1, 1)
+    sq = lambda t: t * t
     R = rotation(p['yaw'], p['pitch'], p['roll']).to(dev); Rt = R.transpose(1, 2)
     cen, s = _camera(p)
     grid = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5) / S * 2 - 1
     du = (grid.view(1, 1, S) - v(cen[:, 0])) / v(s)      # B×1×S, head units
     dv = (grid.view(1, S, 1) - v(cen[:, 1])) / v(s)      # B×S×1
-    px = v(2.0 / (S * s))                                 # pixel size in head units
+    ipx = v(S * s / 2.0)                                  # 1 / (pixel size in head units)
+    ipx2 = ipx * 0.5
+    cov = lambda d: (d * ipx).add_(0.5).clamp_(0, 1)       # anti-aliased coverage from a signed distance
+    cov2 = lambda d: (d * ipx2).add_(0.5).clamp_(0, 1)     # softer edge (two pixels)
+    lerp = lambda img, col, a: torch.lerp(img, col, a.unsqueeze(1))
+    any_ = lambda m: bool(m.any())
+    style = p['hair_style']
     # light (camera coordinates, pointing to the light)
     az, el = torch.deg2rad(p['light_az']), torch.deg2rad(p['light_el'])
     Lc = torch.stack([az.sin() * el.cos(), -el.sin(), az.cos() * el.cos()], 1)
     Lh = torch.einsum('bij,bj->bi', Rt, Lc)               # in head coordinates
     amb = v(p['ambient'])
-    warm = p['light_warmth'].view(B, 1) * torch.tensor([0.08, 0.0, -0.1], device=dev)
-    lcol = (1 + warm).view(B, 3, 1, 1)
+    lcol = c3(1 + p['light_warmth'].view(B, 1) * torch.tensor([0.08, 0.0, -0.1], device=dev))
     # ---- background: gradient + low-frequency texture
     ang = p['bg_angle']
     t = (grid.view(1, 1, S) * v(ang.cos()) + grid.view(1, S, 1) * v(ang.sin())) * 0.5 + 0.5
-    img = c3(p['bg1']) + t.unsqueeze(1) * c3(p['bg2'] - p['bg1'])
+    img = torch.lerp(c3(p['bg1']), c3(p['bg2']), t.unsqueeze(1))
     tex = F.interpolate(p['bg_grid'].view(B, 3, 2, 2) - 0.5, size=(S, S), mode='bilinear', align_corners=False)
-    img = img + tex * p['bg_tex'].view(B, 1, 1, 1) * 4
+    img = img.add_(tex * p['bg_tex'].view(B, 1, 1, 1) * 4)
     # ---- torso (clothes)
-    rx, ry = 2.3, 0.9
-    tx = (du - v(R[:, 0, 1]) * 1.2) / rx; ty = (dv - 2.2) / ry
-    r2 = tx * tx + ty * ty
-    a_t = _cov((1 - r2) * 0.5 * ry, px)
-    shade_t = (0.75 + 0.25 * (1 - r2).clamp(0, 1)).unsqueeze(1)
-    img = _lerp(img, c3(p['cloth']) * shade_t, a_t)
+    tx = (du - v(R[:, 0, 1]) * 1.2) * (1 / 2.3); ty = (dv - 2.2) * (1 / 0.9)
+    r2 = sq(tx) + sq(ty)
+    img = lerp(img, c3(p['cloth']) * (0.75 + 0.25 * (1 - r2).clamp_(0, 1)).unsqueeze(1), cov((1 - r2) * 0.45))
     # ---- long hair behind the head (drape)
-    cr, sr = v(R[:, 1, 0]), v(R[:, 0, 0])      # approx roll from R
-    style = p['hair_style']
-    longh = v(((style == 3) | (style == 4)).float())
-    xr = du * sr + dv * cr * 0 + du * 0; yr = dv
-    hw = v(p['face_w']) * 1.22 + 0.12 * yr.clamp_min(0)
-    d_drape = torch.minimum(hw - xr.abs(), (1.75 - 0.25 * (xr / hw) ** 2) - yr)
-    a_dr = _cov(d_drape, 2 * px) * _cov(yr + 0.3, px) * longh
-    img = _lerp(img, c3(p['hair']) * (0.55 + 0.2 * (xr.abs() / hw).clamp(0, 1)).unsqueeze(1), a_dr)
-    # ---- neck: vertical cylinder under the head
+    longm = (style == 3) | (style == 4)
+    if any_(longm):
+        hw = v(p['face_w']) * 1.22 + 0.12 * dv.clamp_min(0)
+        ax = du.abs()
+        d_dr = torch.minimum(hw - ax, (1.75 - 0.25 * sq(ax / hw)) - dv)
+        a_dr = cov2(d_dr) * cov(dv + 0.3) * v(longm.float())
+        img = lerp(img, c3(p['hair']) * (0.55 + 0.2 * (ax / hw).clamp_(0, 1)).unsqueeze(1), a_dr)
+    # ---- neck: a vertical cylinder under the head, darker under the jaw
     nx = v(R[:, 0, 1] * 0.55 - R[:, 0, 2] * 0.15)
     ny = v(R[:, 1, 1] * 0.55 - R[:, 1, 2] * 0.15)
-    nw = v(p['face_w']) * 0.6
+    nw = v(p['face_w']) * 0.64
     xn = (du - nx) / nw
-    a_n = _cov(torch.minimum((1 - xn.abs()) * nw, dv - ny), px)
-    sh_n = (0.55 + 0.3 * (1 - xn * xn).clamp_min(0).sqrt() - 0.15 * (1.2 - (dv - ny)).clamp(0, 1))
-    img = _lerp(img, c3(p['skin']) * lcol * sh_n.unsqueeze(1), a_n)
-    # ---- hair shell (back part: visible beside the face)
-    style = p['hair_style']
+    a_n = cov(torch.minimum((1 - xn.abs()) * nw, dv - ny))
+    sh_n = 0.5 + 0.3 * (1 - sq(xn)).clamp_min_(0) - 0.2 * (1.3 - (dv - ny)).clamp_(0, 1)
+    img = lerp(img, c3(p['skin']) * lcol * sh_n.unsqueeze(1), a_n)
+    # ---- hair shell (back part, visible beside the face)
     hvol = torch.where(style == 0, torch.full_like(s, 1.02), p['hair_vol'])
     hv = v(hvol)
     A_h = torch.stack([p['face_w'] * hvol, hvol, p['face_d'] * hvol], 1)
@@ -440,151 +455,161 @@ def _render_chunk(p, S):
     dn_h, wf_h, wb_h, S0h, Sdh = _ray_ellipsoid(du, dv, Rt, o_h, A_h)
     bald = v((style == 5).float()); buzz = v((style == 0).float())
     fringe = v(((style == 2) | (style == 4)).float())
-    hl0 = v(p['hairline']) * (1 - fringe) + (-0.36) * fringe
-    ybot = torch.where(longh > 0, torch.full_like(longh, 1.6), torch.full_like(longh, 0.12))
+    hl0 = v(p['hairline']) * (1 - fringe) + (-0.43) * fringe
+    hlc = 0.45 * (1 - fringe * 0.8)
+    ybot = torch.where(v(longm) , torch.full_like(hl0, 1.6), torch.full_like(hl0, 0.12))
     zside = v(p['side_hair'])
+    any_bald = any_(style == 5)
     def hair_alpha(w):
         Xh = v(A_h[:, 0]) * (S0h[0] + w * v(Sdh[:, 0]))
         Yh = (S0h[1] + w * v(Sdh[:, 1])) * hv - 0.07
         Zh = v(A_h[:, 2]) * (S0h[2] + w * v(Sdh[:, 2])) - 0.05
-        hl = hl0 + 0.45 * (1 - fringe * 0.8) * Xh * Xh + 0.015 * torch.sin(40 * Xh)
-        top = hl - Yh
+        top = hl0 + hlc * sq(Xh) + 0.015 * torch.sin(40 * Xh) - Yh
         side = torch.minimum(zside - Zh, ybot - Yh)
-        a = _cov(torch.maximum(top, side), 2 * px)
-        a = a * (1 - bald) + bald * _cov(torch.minimum(-0.25 - Zh, 0.25 - Yh), 2 * px) * _cov(Yh + 0.45, 2 * px)
-        return a, Xh, Yh, Zh
-    a_sil_h = _cov(dn_h * 0.5 * v(A_h[:, :2].mean(1)), px)
-    a_hb, Xb_, Yb_, _ = hair_alpha(wb_h)
+        a = cov2(torch.maximum(top, side))
+        if any_bald:
+            a = a * (1 - bald) + bald * cov2(torch.minimum(torch.minimum(-0.25 - Zh, 0.25 - Yh), Yh + 0.45))
+        return a, Xh, Yh
+    a_sil_h = cov(dn_h * 0.5 * v(A_h[:, :2].mean(1)))
     hair_tex = lambda X, Y: (0.92 + 0.08 * torch.sin(110 * X + 5 * torch.sin(7 * Y))).unsqueeze(1)
-    img = _lerp(img, c3(p['hair']) * 0.45 * hair_tex(Xb_, Yb_), a_sil_h * a_hb * (1 - buzz))
+    a_hb, Xb_, Yb_ = hair_alpha(wb_h)
+    img = lerp(img, c3(p['hair']) * 0.45 * hair_tex(Xb_, Yb_), a_sil_h * a_hb * (1 - buzz))
     # ---- ears: 2D ellipses at the projected ear positions, behind the head
+    ea = torch.stack([R[:, 0, 1], R[:, 1, 1]], 1); ea = ea / ea.norm(dim=1, keepdim=True)
+    er = v(p['ear']) * 0.19
     for sd in (-1.0, 1.0):
         ec = torch.einsum('bij,bj->bi', R, torch.stack([sd * p['face_w'] * 0.96, p['eye_y'] + 0.14, torch.full_like(s, -0.1)], 1))
-        ea = torch.stack([R[:, 0, 1], R[:, 1, 1]], 1); ea = ea / ea.norm(dim=1, keepdim=True)
         ddx, ddy = du - v(ec[:, 0]), dv - v(ec[:, 1])
-        along = ddx * v(ea[:, 0]) + ddy * v(ea[:, 1]); across = ddx * v(ea[:, 1]) - ddy * v(ea[:, 0])
-        er = v(p['ear']) * 0.19
-        e2 = (along / er) ** 2 + (across / (0.45 * er)) ** 2
-        a_e = _cov((1 - e2) * 0.4 * er * 0.45, px)
-        inner_e = (0.78 + 0.22 * e2.clamp(0, 1)).unsqueeze(1)
-        img = _lerp(img, c3(p['skin']) * lcol * (amb.unsqueeze(1) + 0.35) * inner_e, a_e)
-    # ---- head ellipsoid (+ nose) with jaw taper
+        along = ddx * v(ea[:, 0] / er.view(B)) + ddy * v(ea[:, 1] / er.view(B))
+        across = ddx * v(ea[:, 1] / (0.45 * er.view(B))) - ddy * v(ea[:, 0] / (0.45 * er.view(B)))
+        e2 = sq(along) + sq(across)
+        a_e = cov((1 - e2) * 0.4 * er * 0.45)
+        img = lerp(img, c3(p['skin']) * lcol * (amb.unsqueeze(1) + 0.35) * (0.78 + 0.22 * e2.clamp(0, 1)).unsqueeze(1), a_e)
+    # ---- head ellipsoid with jaw taper
     aw, cd = p['face_w'], p['face_d']
     A = torch.stack([aw, torch.ones_like(aw), cd], 1); o0 = torch.zeros(B, 3, device=dev)
     dn, wf, _, S0, Sd = _ray_ellipsoid(du, dv, Rt, o0, A)
-    X = v(aw) * (S0[0] + wf * v(Sd[:, 0])); Y = S0[1] + wf * v(Sd[:, 1]); Z = v(cd) * (S0[2] + wf * v(Sd[:, 2]))
-    jaw = v(p['jaw'])
-    half = v(aw) * (1 - Y * Y).clamp_min(0).sqrt() * (1 - jaw * ((Y - 0.15) / 0.85).clamp_min(0))
-    a_head = _cov(dn * 0.5 * v((aw + 1) / 2), px) * _cov(half - X.abs(), px)
-    inv2 = torch.stack([1 / aw ** 2, torch.ones_like(aw), 1 / cd ** 2], 1)
-    nx_, ny_, nz_ = X * v(inv2[:, 0]), Y, Z * v(inv2[:, 2])
-    diff = (nx_ * v(Lh[:, 0]) + ny_ * v(Lh[:, 1]) + nz_ * v(Lh[:, 2])) * torch.rsqrt(nx_ * nx_ + ny_ * ny_ + nz_ * nz_ + 1e-8)
-    # nose
+    Sx, Sy, Sz = (S0[k] + wf * v(Sd[:, k]) for k in range(3))   # unit-sphere coordinates of the hit
+    X = v(aw) * Sx; Y = Sy
+    half = v(aw) * (1 - sq(Y)).clamp_min_(0).sqrt_() * (1 - v(p['jaw']) * sq(((Y - 0.1) * (1 / 0.9)).clamp_min_(0)))
+    a_head = cov(dn * 0.5 * v((aw + 1) / 2)) * cov(half - X.abs())
+    lh = Lh / A
+    nxx, nyy, nzz = Sx / v(aw), Sy, Sz / v(cd)
+    diff = (Sx * v(lh[:, 0]) + Sy * v(lh[:, 1]) + Sz * v(lh[:, 2])) * torch.rsqrt(sq(nxx) + sq(nyy) + sq(nzz) + 1e-8)
+    # ---- nose: a tilted bridge ellipsoid and a tip ellipsoid, blended into the face
     o_n, A_n, Q_n = _nose_frame(p)
     dnn, wfn, _, S0n, Sdn = _ray_ellipsoid(du, dv, Rt, o_n, A_n, Q_n)
-    Sx, Sy, Sz = (S0n[k] + wfn * v(Sdn[:, k]) for k in range(3))
-    ln = torch.einsum('bij,bj->bi', Q_n, Lh)
-    nxn, nyn, nzn = Sx / v(A_n[:, 0]), Sy / v(A_n[:, 1]), Sz / v(A_n[:, 2])
-    diffn = (nxn * v(ln[:, 0]) + nyn * v(ln[:, 1]) + nzn * v(ln[:, 2])) * torch.rsqrt(nxn * nxn + nyn * nyn + nzn * nzn + 1e-8)
-    wn = _cov(dnn * 0.5 * v(A_n[:, 0]), px) * ((wfn - wf) / 0.04 + 0.5).clamp(0, 1)
+    Nx, Ny, Nz = (S0n[k] + wfn * v(Sdn[:, k]) for k in range(3))
+    ln = torch.einsum('bij,bj->bi', Q_n, Lh) / A_n
+    diffn = (Nx * v(ln[:, 0]) + Ny * v(ln[:, 1]) + Nz * v(ln[:, 2])) * torch.rsqrt(
+        sq(Nx / v(A_n[:, 0])) + sq(Ny / v(A_n[:, 1])) + sq(Nz / v(A_n[:, 2])) + 1e-8)
     Qt = Q_n.transpose(1, 2)
-    Ln = [Sx * v(A_n[:, 0]), Sy * v(A_n[:, 1]), Sz * v(A_n[:, 2])]
-    Xn = v(Qt[:, 0, 1]) * Ln[1] + v(Qt[:, 0, 2]) * Ln[2] + Ln[0] * v(Qt[:, 0, 0]) + v(o_n[:, 0])
-    Yn = v(Qt[:, 1, 1]) * Ln[1] + v(Qt[:, 1, 2]) * Ln[2] + v(o_n[:, 1])
-    X = X + wn * (Xn - X); Y = Y + wn * (Yn - Y)
-    diff = diff + wn * (diffn - diff)
-    a_head = torch.maximum(a_head, _cov(dnn * 0.5 * v(A_n[:, 0]), px) * (dn > 0).float())
-    # ---- albedo: skin and features in head coordinates
-    alb = c3(p['skin']).expand(B, 3, S, S)
-    sgn = torch.sign(X); Xa = X.abs()
+    Ly, Lz = Ny * v(A_n[:, 1]), Nz * v(A_n[:, 2])
+    Xn = Nx * v(A_n[:, 0])
+    Yn = v(Qt[:, 1, 1]) * Ly + v(Qt[:, 1, 2]) * Lz + v(o_n[:, 1])
+    o_t, A_t = _nose_tip(p)
+    dnt, wft, _, S0t, Sdt = _ray_ellipsoid(du, dv, Rt, o_t, A_t)
+    Tx, Ty, Tz = (S0t[k] + wft * v(Sdt[:, k]) for k in range(3))
+    lt = Lh / A_t
+    difft = (Tx * v(lt[:, 0]) + Ty * v(lt[:, 1]) + Tz * v(lt[:, 2])) * torch.rsqrt(
+        sq(Tx / v(A_t[:, 0])) + sq(Ty / v(A_t[:, 1])) + sq(Tz / v(A_t[:, 2])) + 1e-8)
+    use_t = (dnt > 0) & ((wft > wfn) | (dnn <= 0))
+    Xn = torch.where(use_t, Tx * v(A_t[:, 0]), Xn); Yn = torch.where(use_t, Ty * v(A_t[:, 1]) + v(o_t[:, 1]), Yn)
+    diffn = torch.where(use_t, difft, diffn); wfn = torch.where(use_t, wft, wfn)
+    dnn = torch.maximum(dnn * v(A_n[:, 0]), dnt * v(A_t[:, 0]))
+    wn = cov(dnn * 0.5) * ((wfn - wf) * 25 + 0.5).clamp_(0, 1)
+    X = torch.lerp(X, Xn, wn); Y = torch.lerp(Y, Yn, wn); diff = torch.lerp(diff, diffn, wn)
+    a_head = torch.maximum(a_head, cov(dnn * 0.5) * (dn > 0).float())
+    # ---- albedo: skin and features in head coordinates (|X| mirrors the paired features)
+    Xa = X.abs(); sgn = torch.sign(X)
     ex, ey, ew, eh = v(p['eye_x']), v(p['eye_y']), v(p['eye_w']), v(p['eye_h'])
-    # eye sockets and cheeks
-    socket = torch.exp(-(((Xa - ex) / 0.19) ** 2 + ((Y - ey + 0.02) / 0.13) ** 2))
-    alb = alb * (1 - 0.28 * socket).unsqueeze(1)
-    blush = v(p['blush']) * torch.exp(-(((Xa - 0.42) / 0.14) ** 2 + ((Y - 0.28) / 0.12) ** 2))
-    alb = _lerp(alb, torch.tensor([0.85, 0.35, 0.35], device=dev).view(1, 3, 1, 1), blush * 0.5)
+    # eye sockets (shadow) and cheeks (blush): smooth polynomial bumps
+    sock = (1 - sq((Xa - ex) * (1 / 0.26)) - sq((Y - ey + 0.02) * (1 / 0.18))).clamp_min_(0)
+    shade = 1 - 0.35 * sq(sock)
+    alb = c3(p['skin']) * shade.unsqueeze(1)
+    bl = (1 - sq((Xa - 0.42) * (1 / 0.2)) - sq((Y - 0.3) * (1 / 0.17))).clamp_min_(0)
+    alb = lerp(alb, torch.tensor([0.85, 0.35, 0.35], device=dev).view(1, 3, 1, 1), v(p['blush']) * 0.5 * sq(bl))
     # beard
-    beard = v(p['beard'])
-    yuo0, _, _, _, _ = _mouth_curves(X / v(p['mouth_w']), {k: v(p[k]) for k in ('mouth_y', 'smile', 'mouth_open', 'lip_up', 'lip_lo')})
-    ybl = 0.2 + 0.26 * (1 - (X / v(aw)) ** 2).clamp_min(0)
-    a_beard = _cov(Y - ybl, 2 * px) * (beard > 0).float() * (0.35 + 0.55 * (beard - 0.5).clamp_min(0) * 2)
-    a_beard = a_beard * (0.8 + 0.2 * torch.sin(90 * X) * torch.sin(80 * Y))
-    alb = _lerp(alb, c3(p['hair']) * 0.8, a_beard)
+    beard = p['beard']
+    if any_(beard > 0):
+        ybl = 0.2 + 0.26 * (1 - sq(X / v(aw))).clamp_min_(0)
+        a_beard = cov2(Y - ybl) * v((beard > 0).float() * (0.35 + 1.1 * (beard - 0.5).clamp_min(0)))
+        a_beard = a_beard * (0.8 + 0.2 * torch.sin(90 * X) * torch.sin(80 * Y))
+        alb = lerp(alb, c3(p['hair']) * 0.8, a_beard)
     # brows
     bx0, bx1 = 0.07, ex + ew + 0.04
-    tb = ((Xa - bx0) / (bx1 - bx0))
+    tb = (Xa - bx0) / (bx1 - bx0)
     yb, th = _brow_curve(tb.clamp(0, 1), {k: v(p[k]) for k in ('eye_y', 'brow_gap', 'brow_raise', 'brow_arch', 'brow_th')})
-    a_b = _cov(torch.minimum(th - (Y - yb).abs(), torch.minimum(tb, 1 - tb) * (bx1 - bx0)), px) * 0.9
-    alb = _lerp(alb, c3(p['brow']), a_b)
-    # eyes
+    a_b = cov(torch.minimum(th - (Y - yb).abs(), torch.minimum(tb, 1 - tb) * (bx1 - bx0))) * 0.9
+    alb = lerp(alb, c3(p['brow']), a_b)
+    # eyes: sclera, iris (darker rim), pupil, catch-light, lashes, lid crease
     xp = (Xa - ex) / ew
-    pe = {k: v(p[k]) for k in ('eye_y', 'eye_tilt', 'eye_h', 'blink')}
-    yu, yl = _eye_curves(xp, pe, 1)
+    yu, yl = _eye_curves(xp, {k: v(p[k]) for k in ('eye_y', 'eye_tilt', 'eye_h', 'blink')}, 1)
+    side_e = (1 - xp.abs()) * ew
     lw = 0.018 + 0.2 * eh
-    a_lash = _cov(torch.minimum(torch.minimum(Y - (yu - lw * (1 - 0.6 * xp * xp)), yu + 0.3 * lw - Y), (1.12 - xp.abs()) * ew), px)
-    a_crease = _cov(0.008 - (Y - (yu - eh * 0.9 - 0.02)).abs(), px) * (1 - xp * xp).clamp(0, 1) * (1 - v(p['blink']))
-    alb = _lerp(alb, c3(p['skin']) * 0.7, a_crease * 0.6)
-    a_eye = _cov(torch.minimum(torch.minimum(Y - yu, yl - Y), (1 - xp.abs()) * ew), px)
+    a_lash = cov(torch.minimum(torch.minimum(Y - (yu - lw * (1 - 0.6 * sq(xp))), yu + 0.3 * lw - Y), side_e + 0.12 * ew))
+    a_crease = cov(0.008 - (Y - (yu - eh * 0.9 - 0.02)).abs()) * (1 - sq(xp)).clamp_(0, 1) * (1 - v(p['blink']))
+    alb = lerp(alb, c3(p['skin']) * 0.7, a_crease * 0.6)
+    a_eye = cov(torch.minimum(torch.minimum(Y - yu, yl - Y), side_e))
     gx = v(p['gaze']) * ew * 0.3 * sgn
     ri = eh * 0.95
     dxi, dyi = Xa - ex - gx, Y - (ey - 0.2 * eh + v(p['gaze_y']) * eh * 0.3)
-    r = (dxi * dxi + dyi * dyi).sqrt()
-    eye = (torch.tensor([0.9, 0.87, 0.84], device=dev).view(1, 3, 1, 1) * (1 - 0.3 * xp * xp).unsqueeze(1))
-    iris = c3(p['iris']) * (1 - 0.55 * ((r / ri - 0.6) / 0.4).clamp(0, 1)).unsqueeze(1)
-    eye = _lerp(eye, iris, _cov(ri - r, px))
-    eye = _lerp(eye, torch.zeros(1, 3, 1, 1, device=dev) + 0.03, _cov(0.42 * ri - r, px))
-    cl = ((dxi + 0.35 * ri) ** 2 + (dyi + 0.35 * ri) ** 2).sqrt()
-    eye = _lerp(eye, torch.ones(1, 3, 1, 1, device=dev), _cov(0.14 * ri - cl, px) * 0.9)
-    alb = _lerp(alb, eye, a_eye)
-    alb = _lerp(alb, torch.tensor([0.06, 0.04, 0.04], device=dev).view(1, 3, 1, 1), a_lash)
-    # nostrils
-    yt = v(o_n[:, 1] + A_n[:, 1] * 0.62)
-    nr = (((Xa - 0.5 * v(A_n[:, 0])) / (0.35 * v(A_n[:, 0]))) ** 2 + ((Y - yt) / 0.025) ** 2)
-    alb = _lerp(alb, c3(p['skin']) * 0.25, _cov((1 - nr) * 0.012, px) * 0.85)
-    # mouth
+    r = (sq(dxi) + sq(dyi)).sqrt_()
+    eye = torch.tensor([0.9, 0.87, 0.84], device=dev).view(1, 3, 1, 1) * (1 - 0.3 * sq(xp)).unsqueeze(1)
+    iris = c3(p['iris']) * (1 - 0.55 * ((r / ri - 0.6) * 2.5).clamp_(0, 1)).unsqueeze(1)
+    eye = lerp(eye, iris, cov(ri - r))
+    eye = lerp(eye, torch.full((1, 3, 1, 1), 0.03, device=dev), cov(0.42 * ri - r))
+    cl = (sq(dxi + 0.35 * ri) + sq(dyi + 0.35 * ri)).sqrt_()
+    eye = lerp(eye, torch.ones(1, 3, 1, 1, device=dev), cov(0.14 * ri - cl) * 0.9)
+    alb = lerp(alb, eye, a_eye)
+    alb = lerp(alb, torch.tensor([0.06, 0.04, 0.04], device=dev).view(1, 3, 1, 1), a_lash)
+    # nostrils at the base of the tip
+    yt = v(o_t[:, 1] + A_t[:, 1] * 0.75)
+    nr = sq((Xa - 0.55 * v(p['nose_w'])) / (0.35 * v(p['nose_w']))) + sq((Y - yt) * (1 / 0.022))
+    alb = lerp(alb, c3(p['skin']) * 0.25, cov((1 - nr) * 0.012) * 0.85)
+    # mouth: lips, dark inside, teeth, the line between the lips
     mw = v(p['mouth_w']); xm = X / mw
-    pm = {k: v(p[k]) for k in ('mouth_y', 'smile', 'mouth_open', 'lip_up', 'lip_lo')}
-    yuo, yiu, yil, ylo, ym = _mouth_curves(xm, pm)
+    yuo, yiu, yil, ylo, ym = _mouth_curves(xm, {k: v(p[k]) for k in ('mouth_y', 'smile', 'mouth_open', 'lip_up', 'lip_lo')})
     side_d = (1 - xm.abs()) * mw
-    a_lip = _cov(torch.minimum(torch.minimum(Y - yuo, ylo - Y), side_d), px)
-    lipsh = torch.where(Y < ym, torch.full_like(Y, 0.82), 1.0 + 0.12 * (1 - xm * xm).clamp_min(0))
-    alb = _lerp(alb, c3(p['lip']) * lipsh.unsqueeze(1), a_lip)
-    a_in = _cov(torch.minimum(torch.minimum(Y - yiu, yil - Y), side_d), px)
-    inner = torch.tensor([0.2, 0.05, 0.05], device=dev).view(1, 3, 1, 1)
-    teeth = _cov(torch.minimum(yiu + 0.3 * (yil - yiu) - Y, (0.55 - xm.abs()) * mw), px)
-    inner = _lerp(inner.expand(B, 3, S, S), torch.tensor([0.86, 0.83, 0.76], device=dev).view(1, 3, 1, 1), teeth)
-    alb = _lerp(alb, inner, a_in)
-    a_line = _cov(0.011 - (Y - ym).abs(), px) * _cov(side_d + 0.01, px) * 0.75
-    alb = _lerp(alb, c3(p['lip']) * 0.3, a_line)
-    # glasses (painted on the surface)
-    gl = v(p['glasses'])
-    gw, gh = ew * 1.45 + 0.03, eh * 2.0 + 0.05
-    gy = ey - 0.01
-    gpow = v(p['glasses_round'])
-    qx, qy = (Xa - ex) / gw, (Y - gy) / gh
-    rr = torch.where(gpow > 0, qx * qx + qy * qy, (qx * qx) ** 2 + (qy * qy) ** 2)
-    rim = (1 - rr) * 0.25 * gh
-    a_g = _cov(0.014 - rim.abs(), px)
-    a_br = _cov(torch.minimum(0.012 - (Y - gy + gh * 0.35).abs(), ex - gw + 0.01 - Xa), px)
-    a_arm = _cov(torch.minimum(0.012 - (Y - gy + gh * 0.35).abs(), Xa - ex - gw + 0.01), px)
-    a_lens = _cov(rim, px) * 0.12
-    # shading
-    lit = (amb + (1 - amb) * diff.clamp_min(0)).unsqueeze(1) * lcol
-    face = alb * lit
-    spec = (diff.clamp_min(0) ** 8 * 0.08).unsqueeze(1)
-    face = face + spec
-    a_glass = torch.maximum(a_g, torch.maximum(a_br, a_arm)) * gl
-    face = _lerp(face, torch.tensor([0.8, 0.85, 0.9], device=dev).view(1, 3, 1, 1), a_lens * gl)
-    face = _lerp(face, c3(p['glasses_col']), a_glass)
-    img = _lerp(img, face, a_head)
+    a_lip = cov(torch.minimum(torch.minimum(Y - yuo, ylo - Y), side_d))
+    lipsh = torch.where(Y < ym, torch.full_like(Y, 0.82), 1.0 + 0.12 * (1 - sq(xm)).clamp_min_(0))
+    alb = lerp(alb, c3(p['lip']) * lipsh.unsqueeze(1), a_lip)
+    if any_(p['mouth_open'] > 0):
+        a_in = cov(torch.minimum(torch.minimum(Y - yiu, yil - Y), side_d))
+        teeth = cov(torch.minimum(yiu + 0.3 * (yil - yiu) - Y, (0.55 - xm.abs()) * mw))
+        inner = torch.lerp(torch.tensor([0.2, 0.05, 0.05], device=dev).view(1, 3, 1, 1),
+                           torch.tensor([0.86, 0.83, 0.76], device=dev).view(1, 3, 1, 1), teeth.unsqueeze(1))
+        alb = lerp(alb, inner, a_in)
+    a_line = cov(0.011 - (Y - ym).abs()) * cov(side_d + 0.01) * 0.75
+    alb = lerp(alb, c3(p['lip']) * 0.3, a_line)
+    # shading: Lambert + ambient, tinted light, a little specular
+    dpos = diff.clamp_min(0)
+    face = alb * ((amb + (1 - amb) * dpos).unsqueeze(1) * lcol) + (sq(sq(dpos)) * 0.06).unsqueeze(1)
+    # glasses (painted on the surface, after shading)
+    gl = p['glasses']
+    if any_(gl > 0):
+        gw, gh = ew * 1.3 + 0.03, eh * 1.7 + 0.05
+        gy = ey - 0.01
+        qx, qy = sq((Xa - ex) / gw), sq((Y - gy) / gh)
+        rr = torch.where(v(p['glasses_round']) > 0, qx + qy, sq(qx) + sq(qy))
+        rim = (1 - rr) * 0.25 * gh
+        ya = (Y - gy + gh * 0.35).abs()
+        a_g = torch.maximum(cov(0.011 - rim.abs()), cov(torch.minimum(0.01 - ya, (Xa - ex).abs() - gw + 0.01)))
+        face = lerp(face, torch.tensor([0.8, 0.85, 0.9], device=dev).view(1, 3, 1, 1), cov(rim) * 0.12 * v(gl))
+        face = lerp(face, c3(p['glasses_col']), a_g * v(gl))
+    img = lerp(img, face, a_head)
     # ---- hair shell (front part) over the head
-    a_hf, Xf_, Yf_, Zf_ = hair_alpha(wf_h)
-    nxh, nyh, nzh = S0h[0] + wf_h * v(Sdh[:, 0]), S0h[1] + wf_h * v(Sdh[:, 1]), S0h[2] + wf_h * v(Sdh[:, 2])
-    lh = Lh / A_h
-    dh = (nxh * v(lh[:, 0]) + nyh * v(lh[:, 1]) + nzh * v(lh[:, 2])) * torch.rsqrt((nxh / v(A_h[:, 0])) ** 2 + (nyh / v(A_h[:, 1])) ** 2 + (nzh / v(A_h[:, 2])) ** 2 + 1e-8)
+    a_hf, Xf_, Yf_ = hair_alpha(wf_h)
+    nxh, nyh, nzh = (S0h[k] + wf_h * v(Sdh[:, k]) for k in range(3))
+    lhh = Lh / A_h
+    dh = (nxh * v(lhh[:, 0]) + nyh * v(lhh[:, 1]) + nzh * v(lhh[:, 2])) * torch.rsqrt(
+        sq(nxh / v(A_h[:, 0])) + sq(nyh / v(A_h[:, 1])) + sq(nzh / v(A_h[:, 2])) + 1e-8)
     lit_h = (amb + (1 - amb) * dh.clamp_min(0)).unsqueeze(1) * lcol
     a_front = a_sil_h * a_hf * (1 - 0.45 * buzz)
-    img = _lerp(img, c3(p['hair']) * lit_h * hair_tex(Xf_, Yf_), a_front)
+    img = lerp(img, c3(p['hair']) * lit_h * hair_tex(Xf_, Yf_), a_front)
+    # auto-exposure: a camera exposes for the face, so dark skin under dim light is brightened (gain 1-1.8)
+    lum = (p['skin'] * torch.tensor([0.299, 0.587, 0.114], device=dev)).sum(1) * (p['ambient'] + (1 - p['ambient']) * 0.5)
+    img = img * c3((0.42 / lum).clamp(1.0, 1.8).view(B, 1).expand(B, 3))
     mask = a_head * (1 - a_front)
     return img, mask
 
@@ -662,21 +687,27 @@ def render(params: dict, size: int = 64, device='cpu', ss: int | None = None, ch
     size = _check_size(size)
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     N = params['yaw'].shape[0]
-    ss = ss or (2 if size <= 64 else 1)
+    ss = ss or 1
     S = size * ss
     chunk = chunk or max(1, (1 << 18) // (S * S)) if dev.type == 'cpu' else 256
     imgs, masks = [], []
+    # render in an order that groups faces with glasses, beards, long hair and open mouths, so that a chunk can
+    # skip what none of its faces has (each face is computed independently: the order changes no pixel)
+    key = (params['glasses'] > 0).long() * 8 + (params['beard'] > 0).long() * 4 + \
+          ((params['hair_style'] == 3) | (params['hair_style'] == 4)).long() * 2 + (params['mouth_open'] > 0).long()
+    order = torch.sort(key, stable=True).indices
     for i in range(0, N, chunk):
-        p = {k: v[i:i + chunk].to(dev) for k, v in params.items()}
+        p = {k: v[order[i:i + chunk]].to(dev) for k, v in params.items()}
         img, m = _render_chunk(p, S)
         if ss > 1:
             img = F.avg_pool2d(img, ss); m = F.avg_pool2d(m.unsqueeze(1), ss).squeeze(1)
-        img = _blur(img, p['blur'])
+        img = _blur(img, p['blur'] * (size / 128))
         img = img + _hash_noise(p['noise_key'], (3, size, size), dev) * p['noise'].view(-1, 1, 1, 1)
         img = jpeg_approx(img, p['jpeg'])
         imgs.append(img); masks.append(m)
-    l5, l68 = landmarks({k: v for k, v in params.items()}, size)
-    return {'images': torch.cat(imgs), 'mask': torch.cat(masks).unsqueeze(1).clamp(0, 1), 'landmarks5': l5.to(dev),
+    l5, l68 = landmarks(params, size)
+    inv = torch.argsort(order).to(dev)
+    return {'images': torch.cat(imgs)[inv], 'mask': torch.cat(masks).unsqueeze(1).clamp(0, 1)[inv], 'landmarks5': l5.to(dev),
             'landmarks68': l68.to(dev), 'identity': params['identity'].to(dev), 'params': params}
 
 
@@ -693,7 +724,43 @@ def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu'
     p = sample_params(identities, n, seed, **ranges)
     return render(p, size, device)
 
-# %% ../../nbs/10_synthfaces.ipynb #cell-28
+# %% ../../nbs/10_synthfaces.ipynb #cell-34
+_MTCNN = {}
+
+
+def mtcnn_agreement(images, landmarks5, upsample_to: int | None = 128, mtcnn=None, device='cpu') -> dict:
+    """Run facenet-pytorch's MTCNN (weights ship in the wheel) on rendered faces. Returns the detection rate, the
+    landmark NME (mean distance of MTCNN's 5 points to the ground truth over the inter-ocular distance, for the
+    detection whose points fit best) and per-image results. Images smaller than `upsample_to` are upsampled first."""
+    from facenet_pytorch import MTCNN
+    x = torch.as_tensor(images).detach().float().cpu()
+    gt = torch.as_tensor(landmarks5).detach().float().cpu().clone()
+    if upsample_to and x.shape[-1] < upsample_to:
+        f = upsample_to / x.shape[-1]
+        x = F.interpolate(x, size=(upsample_to, upsample_to), mode='bilinear', align_corners=False)
+        gt = gt * f                                     # continuous pixel coordinates scale exactly
+    if mtcnn is None:
+        key = str(device)
+        if key not in _MTCNN: _MTCNN[key] = MTCNN(keep_all=True, device=device, post_process=False)
+        mtcnn = _MTCNN[key]
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    found, nme = np.zeros(len(arr), bool), np.full(len(arr), np.nan)
+    for i0 in range(0, len(arr), 64):
+        boxes, probs, lms = mtcnn.detect(list(arr[i0:i0 + 64]), landmarks=True)
+        for j, (b, lm) in enumerate(zip(boxes, lms)):
+            if b is None: continue
+            g = gt[i0 + j].numpy(); iod = np.linalg.norm(g[0] - g[1])
+            e = [np.linalg.norm(np.asarray(l, np.float64) - g, axis=1).mean() / iod for l in np.asarray(lm, np.float64).reshape(-1, 5, 2)]
+            found[i0 + j] = True; nme[i0 + j] = min(e)
+    return {'rate': float(found.mean()), 'nme': float(np.nanmean(nme)) if found.any() else float('nan'),
+            'found': found, 'nme_per_image': nme}
+
+
+def render_face(identity: int = 0, size: int = 128, seed: int = 0, device='cpu', **values) -> dict:
+    "Render one face of `identity` with some parameters fixed to exact values (e.g. `yaw=20, smile=1`)."
+    return render_faces([identity], 1, size=size, seed=seed, device=device, **values)
+
+# %% ../../nbs/10_synthfaces.ipynb #cell-39
 SR = 16000   # audio sample rate (Hz)
 FPS = 25     # video frame rate of the talking clips
 VOWELS = {'a': (730, 1090, 2440), 'e': (530, 1840, 2480), 'i': (270, 2290, 3010), 'o': (570, 840, 2410),
@@ -763,7 +830,7 @@ def log_mel(audio, n_mels: int = 80, n_fft: int = 512, hop: int = 160, win: int 
     spec = torch.stft(x, n_fft, hop, win, window=torch.hann_window(win), center=True, return_complex=True).abs() ** 2
     return torch.log(mel_filterbank(n_mels, n_fft) @ spec + 1e-6)
 
-# %% ../../nbs/10_synthfaces.ipynb #cell-31
+# %% ../../nbs/10_synthfaces.ipynb #cell-42
 def _smooth_track(rng, T, lo, hi, centre_frac=0.5, amp_frac=0.25, n_sin=2):
     "A smooth random trajectory (a base value plus slow sinusoids, 0.05-0.4 Hz) clamped to [lo, hi]."
     t = np.arange(T) / FPS
@@ -819,7 +886,7 @@ def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0
             'landmarks68': out['landmarks68'], 'mask': out['mask'], 'fps': FPS, 'sr': SR, 'identity': int(identity),
             'envelope': torch.from_numpy(env), 'params': p}
 
-# %% ../../nbs/10_synthfaces.ipynb #cell-35
+# %% ../../nbs/10_synthfaces.ipynb #cell-46
 SYNTH_VERSION = 1   # bump when the renderer changes what it draws: builds are keyed by it
 
 
@@ -871,7 +938,7 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
     (`clips/<clip_id>.npz` canonical + `.mp4` with AAC sound), `manifest.csv`, `landmarks.npz` and `card.json`."""
     import pandas as pd
     from PIL import Image
-    from ..core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress
+    from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress
     _check_count('n_identities', n_identities); _check_count('images_per_identity', images_per_identity, 0)
     _check_count('clips_per_identity', clips_per_identity, 0); _check_size(size); _check_count('clip_frames', clip_frames)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -933,7 +1000,7 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
             df = df[cols + [c for c in df.columns if c not in cols]]
             df.to_csv(tmp / 'manifest.csv', index=False)
             img_rows = np.flatnonzero(df['kind'].values == 'image')
-            np.savez_compressed(tmp / 'landmarks.npz', row=img_rows, path=df['path'].values[img_rows].astype(str),
+            np.savez_compressed(tmp / 'landmarks.npz', row=img_rows, path=np.array([str(x) for x in df['path'].values[img_rows]], dtype='U'),
                                 landmarks5=np.array(lm5s, np.float32).reshape(-1, 5, 2), landmarks68=np.array(lm68s, np.float32).reshape(-1, 68, 2))
             import deepfake_course
             atomic_write_json(tmp / 'card.json', dict(config=cfg, cfg_hash=h, seed=seed, counts=dict(images=int(len(img_rows)), clips=int(len(clip_rows)),

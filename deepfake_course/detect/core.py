@@ -20,9 +20,10 @@ from ..core import (get_device, get_data_root, cfg_hash, atomic_dir, atomic_writ
 # %% auto #0
 __all__ = ['DETECTORS', 'CKPT_FORMAT', 'IMAGE_EXTS', 'VIDEO_EXTS', 'MANIFEST_COLS', 'register_detector', 'list_detectors',
            'build_detector', 'fake_prob', 'n_params', 'layer_table', 'detector_loss', 'save_detector', 'load_detector',
-           'load_images', 'resize_faces', 'FaceSet', 'read_manifest_csv', 'similarity_from_landmarks', 'blend_swap',
-           'make_blendswap', 'find_fake_manifest', 'DetectionData', 'detection_data', 'Augment', 'train_detector',
-           'predict_scores', 'evaluate', 'score_table', 'fmt_ci', 'ThumbnailLogReg', 'read_frames', 'detect']
+           'load_images', 'jpeg_recompress', 'resize_faces', 'FaceSet', 'read_manifest_csv',
+           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'find_fake_manifest', 'DetectionData',
+           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'evaluate', 'score_table', 'fmt_ci',
+           'ThumbnailLogReg', 'read_frames', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -172,6 +173,17 @@ def load_images(paths: Sequence, size: int | None = None) -> torch.Tensor:
     if not out: return torch.zeros(0, 3, size or 1, size or 1, dtype=torch.uint8)
     return torch.stack(out)
 
+def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
+    "Encode and decode uint8 N×3×H×W faces as JPEG at `quality` with Pillow."
+    import io
+    from PIL import Image
+    if not 1 <= int(quality) <= 100: raise ValueError(f"jpeg_recompress: quality must be in 1..100, got {quality}")
+    out = []
+    for im in x:
+        buf = io.BytesIO(); Image.fromarray(im.permute(1, 2, 0).numpy()).save(buf, format='JPEG', quality=int(quality))
+        out.append(torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert('RGB')).copy()).permute(2, 0, 1))
+    return torch.stack(out) if out else x.clone()
+
 def resize_faces(x: torch.Tensor, size: int) -> torch.Tensor:
     "Resize uint8 or float N×3×H×W faces to `size` (bilinear with antialias)."
     if x.shape[-1] == size and x.shape[-2] == size: return x
@@ -194,6 +206,9 @@ class FaceSet(torch.utils.data.Dataset):
     def size(self) -> int: return int(self.x.shape[-1])
     def resized(self, size: int) -> 'FaceSet': return FaceSet(resize_faces(self.x, size), self.df, self.transform)
     def with_transform(self, transform) -> 'FaceSet': return FaceSet(self.x, self.df, transform)
+    def jpeg(self, quality: int) -> 'FaceSet':
+        "The same faces re-compressed as JPEG at `quality` (1-95), for robustness tables."
+        return FaceSet(jpeg_recompress(self.x, quality), self.df.assign(jpeg_quality=quality), self.transform)
     def subset(self, mask) -> 'FaceSet':
         idx = np.flatnonzero(np.asarray(mask)); return FaceSet(self.x[idx], self.df.iloc[idx], self.transform)
     def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
@@ -231,11 +246,12 @@ def similarity_from_landmarks(src: torch.Tensor, dst: torch.Tensor) -> torch.Ten
 
 def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.05, colour: bool = True) -> torch.Tensor:
     """Blend donor faces onto target faces (dicts with images N×3×H×W, landmarks5 N×5×2, mask N×1×H×W).
-    `erode`, `blur`: mask erosion and blur as fractions of the image size."""
+    The donor may be smaller (a low-resolution face generator); `erode`, `blur`: mask erosion and blur as fractions of the size."""
     import kornia
     xa, xb = target['images'].float(), donor['images'].float()
     ma, mb = target['mask'].float(), donor['mask'].float()
-    if xa.shape != xb.shape: raise ValueError(f"blend_swap: target {tuple(xa.shape)} and donor {tuple(xb.shape)} differ in shape")
+    if xa.shape[:2] != xb.shape[:2]:
+        raise ValueError(f"blend_swap: target {tuple(xa.shape)} and donor {tuple(xb.shape)} differ in batch or channels")
     H, W = xa.shape[-2:]
     M = similarity_from_landmarks(donor['landmarks5'], target['landmarks5'])
     wb = kornia.geometry.transform.warp_affine(xb, M, (H, W), mode='bilinear', padding_mode='border')
@@ -262,8 +278,9 @@ def _write_png(path, img: torch.Tensor, text: dict | None = None):
     Image.fromarray(arr).save(path, pnginfo=info)
 
 def make_blendswap(root=None, identity_split: dict | None = None, n_identities: int = 8, per_identity: int = 24,
-                   size: int = 64, seed: int = 0, erode: float = 0.06, blur: float = 0.05) -> Path:
+                   size: int = 64, seed: int = 0, face_res: float = 0.5, erode: float = 0.06, blur: float = 0.05) -> Path:
     """Build (or reuse) `fakes/blend-swap/<hash>/`: `per_identity` blend swaps onto each target identity.
+    Donor faces are rendered at `face_res`·`size` px (the face generator's resolution) and warped up into the target.
     `identity_split` maps identity -> split (default: the SynthFaces `id_split`-like 70/15/15 by identity)."""
     from deepfake_course.data.synth import render_faces
     from deepfake_course.data.manifest import write_manifest
@@ -275,8 +292,10 @@ def make_blendswap(root=None, identity_split: dict | None = None, n_identities: 
         n_te = max(1, round(.15 * n)); n_va = max(1, round(.15 * n))
         identity_split = {int(i): ('test' if k < n_te else 'val' if k < n_te + n_va else 'train') for k, i in enumerate(perm)}
     identity_split = {int(k): str(v) for k, v in identity_split.items()}
+    if not 0 < face_res <= 1: raise ValueError(f"make_blendswap: face_res must be in (0, 1], got {face_res}")
     cfg = dict(method='blend-swap', split=sorted(identity_split.items()), per_identity=per_identity, size=size,
-               seed=seed, erode=erode, blur=blur, version=1)
+               seed=seed, face_res=face_res, erode=erode, blur=blur, version=2)
+    dsize = max(8, int(round(size * face_res)))
     final = root / 'fakes' / 'blend-swap' / cfg_hash(cfg)
     if (final / 'manifest.csv').exists(): return final
     g = np.random.default_rng(seed + 7919)
@@ -291,11 +310,14 @@ def make_blendswap(root=None, identity_split: dict | None = None, n_identities: 
                 donors = [int(g.choice(pool)) for _ in range(per_identity)]
                 tgt = render_faces([a], per_identity, size=size, seed=seed + 100003 + 17 * a)
                 don = render_faces(donors, 1, size=size, seed=seed + 200003 + 31 * a)
+                if dsize != size:  # the face generator works at a lower resolution
+                    don = dict(images=resize_faces(don['images'], dsize), mask=resize_faces(don['mask'], dsize),
+                               landmarks5=don['landmarks5'] * (dsize / size))
                 fakes = blend_swap(tgt, don, erode=erode, blur=blur)
                 for j in range(per_identity):
                     rel = f'images/bs_{a:04d}_{j:04d}.png'
                     _write_png(tmp / rel, fakes[j], {'Software': 'deepfake-course', 'synthetic': 'blend-swap fake'})
-                    rows.append(dict(path=rel, label=1, source='blend-swap', identity=donors[j], target_identity=a,
+                    rows.append(dict(path=rel, label=1, source='blend-swap', identity=a, target_identity=donors[j],
                                      split=identity_split[a], clip_id='', frame=-1, kind='image'))
             write_manifest(pd.DataFrame(rows, columns=MANIFEST_COLS), tmp)
             atomic_write_json(tmp / 'card.json', dict(config=cfg, seed=seed, count=len(rows), version=__version__,
@@ -353,6 +375,12 @@ def detection_data(root=None, fake_source: str = 'faceswap-df', size: int = 64, 
         fake = fake[(fake['label'] == 1) & (fake['kind'] == 'image')]
         fake_dir = mpath.parent if mpath.is_file() else mpath
         if len(fake) == 0: raise ValueError(f"The fake set {str(mpath)!r} has no fake still images")
+        from PIL import Image
+        with Image.open(fake['path'].iloc[0]) as im: fsz = im.size[0]
+        if fsz != rs:
+            note = (f"The {fake_source} fakes are {fsz} px and the real faces {rs} px: both are resized to {size} px, "
+                    f"but a size mismatch can itself be a cue.")
+            warnings.warn(note)
     else:
         if fallback != 'blend-swap':
             raise FileNotFoundError(f"No fake set {fake_source!r} under {str(root / 'fakes')!r}; build it first")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .core import register_detector, build_detector, fake_prob, detector_loss
 
 # %% auto #0
-__all__ = ['V1_WIDTHS', 'V1_DENSE', 'conv_bn_relu', 'ShallowNetV1', 'shallownet_v1', 'ShallowNetV2', 'shallownet_v2',
+__all__ = ['V1_WIDTHS', 'V1_DENSE', 'he_init', 'conv_bn_relu', 'ShallowNetV1', 'shallownet_v1', 'ShallowNetV2', 'shallownet_v2',
            'ShallowNetV3', 'shallownet_v3', 'ShallowNetEnsemble', 'shallownet_ensemble', 'keras_l2']
 
 # %% ../../nbs/30_shallownet.ipynb #cell-8
@@ -22,6 +22,15 @@ V1_WIDTHS = (96, 192, 257, 311, 396, 437)
 V1_DENSE = 3933
 
 def _w(c, m): return max(4, int(round(c * m)))
+
+def he_init(model: nn.Module) -> nn.Module:
+    "He (Kaiming) normal init for conv and hidden dense kernels, zero biases: keeps the signal alive through ReLU stacks."
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not lin[-1]):
+            nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+            if m.bias is not None: nn.init.zeros_(m.bias)
+    return model
 
 def conv_bn_relu(cin, cout, k=3, p=None, drop=0.25):
     layers = [nn.Conv2d(cin, cout, k, padding=k // 2 if p is None else p), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
@@ -45,6 +54,7 @@ class ShallowNetV1(nn.Module):
         self.feat_shape = (w[5], s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(w[5] * s * s, dense), nn.BatchNorm1d(dense), nn.Dropout(drop),
                                   nn.Linear(dense, n_out))
+        he_init(self)
     def forward(self, x):
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out
@@ -71,6 +81,7 @@ class ShallowNetV2(nn.Module):
         self.feat_shape = (c2, s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * s * s, dense), nn.ReLU(inplace=True), nn.BatchNorm1d(dense),
                                   nn.Dropout(drop), nn.Linear(dense, n_out))
+        he_init(self)
     def forward(self, x):
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out
@@ -98,6 +109,7 @@ class ShallowNetV3(nn.Module):
         self.feat_shape = (d, s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(d * s * s, dense), nn.ReLU(inplace=True), nn.BatchNorm1d(dense),
                                   nn.Dropout(drop), nn.Linear(dense, n_out))
+        he_init(self)
     def forward(self, x):
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out

@@ -31,7 +31,7 @@ __all__ = ['ARCHIS', 'COLOR_TRANSFERS', 'CKPT_FORMAT', 'SYNTHETIC_TAG', 'MANIFES
            'timelapse_strip', 'SmallCNN', 'train_identity_classifier', 'predict_identity', 'train_landmark_regressor',
            'predict_landmarks', 'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops',
            'evaluate_swap', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames', 'write_mp4', 'read_mp4',
-           'detect_landmarks5', 'swap_clip', 'temporal_flicker', 'save_png', 'make_faceswap_set']
+           'detect_landmarks5', 'swap_clip', 'face_ellipse', 'temporal_flicker', 'save_png', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
 def _lrelu(x, a=0.1): return F.leaky_relu(x, a)
@@ -854,6 +854,12 @@ def swap_clip(model, clip, out_path=None, landmarks5=None, detector=None, mode='
                               int(clip.get('sample_rate', 16000)), meta)
     return r
 
+def face_ellipse(size, face_type='full'):
+    "A fixed 1 x S x S ellipse around the template's eyes, nose and mouth: the inner face of an aligned crop."
+    t = _template(size, face_type); c = t.mean(0); iod = t[1, 0] - t[0, 0]; h = t[3:, 1].mean() - t[:2, 1].mean()
+    yy, xx = np.mgrid[0:size, 0:size]
+    return torch.from_numpy((((xx - c[0]) / (0.95 * iod)) ** 2 + ((yy - c[1]) / (1.1 * h)) ** 2 <= 1).astype(np.float32))[None]
+
 def temporal_flicker(frames, masks=None, valid=None):
     "Mean absolute frame-to-frame change of T x 3 x H x W frames in [0,1], inside the masks, over pairs of valid frames."
     f = _frames_tensor(frames)
@@ -899,7 +905,8 @@ def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, cfg
                 rel = f'images/{i:05d}.png'
                 save_png(tmp / rel, img, tags)
                 rows.append(dict(path=rel, label=1, source=method, identity=int(dst_identity), target_identity=int(src_identity),
-                                 split=splits[i], clip_id='', frame=-1, kind='image', swapped=bool(r['swapped'][i])))
+                                 split=splits[i], clip_id='', frame=-1, kind='image', swapped=bool(r['swapped'][i]),
+                                 n_frames=1, n_swapped=int(r['swapped'][i]), n_passed=1 - int(r['swapped'][i])))
             for c in clips:
                 cid = f"{method}-{h}-{c['clip_id']}"
                 res_ = swap_clip(model, c, tmp / 'clips' / f'{cid}.mp4', landmarks5=c['landmarks5'], mode=mode, erode=erode,
@@ -923,7 +930,7 @@ def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, cfg
             atomic_write_json(tmp / 'card.json', dict(
                 config=full_cfg, cfg_hash=h, method=method, seed=cfg.get('seed'),
                 counts=dict(images=int((df.kind == 'image').sum()), clips=int((df.kind == 'clip').sum()),
-                            clip_frames_passed=int(df.get('n_passed', pd.Series(dtype=int)).fillna(0).sum())),
+                            clip_frames_passed=int(df.n_passed[df.kind == 'clip'].sum())),
                 library_version=deepfake_course.__version__, time=datetime.datetime.now(datetime.timezone.utc).isoformat()))
     except FileExistsError:
         pass  # another process finished the same build first: use theirs

@@ -18,13 +18,15 @@ from ..core import (Timer, atomic_dir, atomic_write_bytes, atomic_write_json, cf
                                   get_device, progress, rng_state, set_rng_state)
 
 # %% auto #0
-__all__ = ['GENERATORS', 'check_images', 'resize_images', 'lfw_faces', 'synth_faces', 'to_uint8_hwc', 'mtcnn_face_found',
+__all__ = ['GAN_RANGES', 'ATTRS', 'GENERATORS', 'MANIFEST_COLUMNS', 'check_images', 'resize_images', 'lfw_faces', 'crop_faces',
+           'synth_faces', 'synth_attribute_faces', 'synth_counterfactual', 'to_uint8_hwc', 'mtcnn_face_found',
            'mtcnn_rate', 'FaceFeatureNet', 'train_feature_net', 'frechet_distance', 'knn_precision_recall', 'EqLinear',
            'EqConv2d', 'PixelNorm', 'minibatch_stddev', 'is_pow2', 'check_resolution', 'DCGANGenerator',
            'DCGANDiscriminator', 'n_params', 'CheckpointError', 'GANTrainer', 'DCGANTrainer', 'pg_schedule',
            'pg_total_steps', 'PGGenerator', 'PGDiscriminator', 'gradient_penalty', 'PGGANTrainer', 'ModConv2d',
            'StyleLayer', 'ToRGB', 'StyleGenerator', 'StyleDiscriminator', 'StyleGANTrainer', 'StarGenerator',
-           'StarDiscriminator', 'StarGANTrainer', 'build_generator', 'gan_quality', 'interpolate_latents']
+           'StarDiscriminator', 'StarGANTrainer', 'build_generator', 'gan_quality', 'interpolate_latents', 'png_bytes',
+           'make_fake_set', 'read_png_text']
 
 # %% ../../nbs/21_gans.ipynb #cell-8
 def check_images(images, what: str = 'images', min_n: int = 2) -> torch.Tensor:
@@ -55,14 +57,56 @@ def lfw_faces(n: int = 100, size: int = 32) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(data.lfw_subset(), dtype=np.float32)[:n])[:, None]
     return resize_images(x, size)
 
-def synth_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, render_size: int | None = None, **ranges) -> dict:
-    "SynthFaces training images: `render_faces` output with `images` resized to size×size (identity-major)."
+GAN_RANGES = dict(yaw=(-15., 15.), pitch=(-10., 10.), roll=(-8., 8.), blur=(0., 0.3))  # near-frontal, as aligned GAN data is
+
+def crop_faces(images: torch.Tensor, landmarks68: torch.Tensor, size: int, margin: float = 1.6) -> torch.Tensor:
+    "Square crops centred on each face's 68 landmarks, `margin` × the landmark extent wide, resized to size×size."
+    import kornia
+    lo, hi = landmarks68.amin(1).float(), landmarks68.amax(1).float()
+    half = (hi - lo).amax(1) / 2 * margin
+    c = (lo + hi) / 2; c[:, 1] -= 0.15 * half  # a little more forehead and hair than chin
+    x0, y0, x1, y1 = c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half
+    boxes = torch.stack([torch.stack(p, 1) for p in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]], 1)
+    out = kornia.geometry.transform.crop_and_resize(images.float(), boxes, (size, size), mode='bilinear', align_corners=False)
+    return out.clamp(0, 1)
+
+def synth_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, render_size: int | None = None,
+                margin: float = 1.6, **ranges) -> dict:
+    "SynthFaces for GAN training: `render_faces` output with `images` replaced by face crops of size×size (identity-major)."
     from deepfake_course.data.synth import render_faces
-    out = render_faces(n_identities, per_identity, size=render_size or max(size, 64), seed=seed, **ranges)
-    out = dict(out); out['images'] = resize_images(out['images'].float(), size)
+    render_size = render_size or max(64, 2 * size)
+    out = dict(render_faces(n_identities, per_identity, size=render_size, seed=seed, **{**GAN_RANGES, **ranges}))
+    out['images'] = crop_faces(out['images'], out['landmarks68'], size, margin)
     return out
 
-# %% ../../nbs/21_gans.ipynb #cell-13
+# %% ../../nbs/21_gans.ipynb #cell-9
+ATTRS = {'smile': (0.0, 1.0), 'mouth_open': (0.0, 0.9)}  # renderer parameter: (value when off, value when on)
+
+def synth_attribute_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, attrs: Sequence[str] = tuple(ATTRS),
+                          margin: float = 1.6, render_size: int | None = None, **ranges) -> dict:
+    "SynthFaces crops whose `attrs` are each off or on (random); returns images, labels (N×len(attrs)), identity, params, landmarks68."
+    from deepfake_course.data.synth import sample_params, render
+    bad = [a for a in attrs if a not in ATTRS]
+    if bad: raise ValueError(f"unknown attribute(s) {bad}; known: {list(ATTRS)}")
+    p = sample_params(n_identities, per_identity, seed, **{**GAN_RANGES, **ranges})
+    g = torch.Generator().manual_seed(seed + 7919)
+    labels = (torch.rand(len(p['yaw']), len(attrs), generator=g) < 0.5).float()
+    for j, a in enumerate(attrs): p[a] = torch.where(labels[:, j] > 0, ATTRS[a][1], ATTRS[a][0]).float()
+    out = render(p, render_size or max(64, 2 * size))
+    return {'images': crop_faces(out['images'], out['landmarks68'], size, margin), 'labels': labels, 'attrs': list(attrs),
+            'identity': out['identity'], 'params': p, 'landmarks68': out['landmarks68'], 'size': size, 'margin': margin,
+            'render_size': render_size or max(64, 2 * size)}
+
+def synth_counterfactual(faces: dict, index, target) -> torch.Tensor:
+    "Re-render faces[index] with their attributes set to `target` (same person, pose, light; the same crop box)."
+    from deepfake_course.data.synth import render
+    index = torch.as_tensor(index).long(); target = torch.as_tensor(target).float()
+    p = {k: v[index].clone() for k, v in faces['params'].items()}
+    for j, a in enumerate(faces['attrs']): p[a] = torch.where(target[:, j] > 0, ATTRS[a][1], ATTRS[a][0]).float()
+    out = render(p, faces['render_size'])
+    return crop_faces(out['images'], faces['landmarks68'][index], faces['size'], faces['margin'])
+
+# %% ../../nbs/21_gans.ipynb #cell-14
 _MTCNN = {}
 
 def _mtcnn(device='cpu'):
@@ -84,14 +128,14 @@ def mtcnn_face_found(images: torch.Tensor, size: int = 128, min_prob: float = 0.
     for i in range(0, len(images), batch):
         arr = to_uint8_hwc(resize_images(images[i:i+batch], size))
         _, probs = det.detect(list(arr))
-        found += [p is not None and len(p) > 0 and np.nanmax(np.asarray(p, dtype=float)) >= min_prob for p in probs]
+        found += [p is not None and bool(np.any(np.asarray(p, dtype=float) >= min_prob)) for p in probs]
     return np.array(found, dtype=bool)
 
 def mtcnn_rate(images: torch.Tensor, size: int = 128, min_prob: float = 0.9, **kw) -> float:
     "Share of images in which MTCNN finds a face after enlarging them to size×size."
     return float(mtcnn_face_found(images, size, min_prob, **kw).mean())
 
-# %% ../../nbs/21_gans.ipynb #cell-16
+# %% ../../nbs/21_gans.ipynb #cell-17
 class FaceFeatureNet(nn.Module):
     "Small CNN identity classifier; `features(x)` is its 128-d penultimate layer (the space of our Fréchet distance)."
     def __init__(self, n_classes: int, size: int = 32, nc: int = 3, width: int = 32, dim: int = 128):
@@ -142,7 +186,7 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = 
     net.eval()
     return net, {'train_acc': acc(ti), 'val_acc': acc(vi)}
 
-# %% ../../nbs/21_gans.ipynb #cell-17
+# %% ../../nbs/21_gans.ipynb #cell-18
 def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
     "Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."
     from scipy import linalg
@@ -168,7 +212,7 @@ def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> 
     recall = (d.T <= r_fake[None]).any(1).float().mean().item()
     return precision, recall
 
-# %% ../../nbs/21_gans.ipynb #cell-21
+# %% ../../nbs/21_gans.ipynb #cell-22
 class EqLinear(nn.Module):
     "Linear layer with equalised learning rate (weights N(0, 1/lrmul), scaled at run time by gain·lrmul/√fan_in)."
     def __init__(self, fin, fout, gain=math.sqrt(2), lrmul=1.0, bias=True, bias_init=0.0):
@@ -210,7 +254,7 @@ def check_resolution(res, what: str = 'resolution', lo: int = 8, hi: int = 1024)
         raise ValueError(f"{what} must be a power of two between {lo} and {hi} (e.g. 8, 16, 32, 64), got {res!r}")
     return int(res)
 
-# %% ../../nbs/21_gans.ipynb #cell-24
+# %% ../../nbs/21_gans.ipynb #cell-25
 def _dcgan_init(m):
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)): nn.init.normal_(m.weight, 0.0, 0.02)
     elif isinstance(m, nn.BatchNorm2d): nn.init.normal_(m.weight, 1.0, 0.02); nn.init.zeros_(m.bias)
@@ -246,7 +290,7 @@ class DCGANDiscriminator(nn.Module):
 
 def n_params(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
-# %% ../../nbs/21_gans.ipynb #cell-27
+# %% ../../nbs/21_gans.ipynb #cell-28
 class CheckpointError(RuntimeError):
     "A checkpoint that does not belong to this trainer (another generator, configuration or dataset)."
 
@@ -267,6 +311,8 @@ class GANTrainer:
         self.cfg = {**self.defaults, **cfg}
         images = check_images(images, f'{self.name} training images')
         if self.cfg.get('size') is None: self.cfg['size'] = images.shape[-1]
+        what = 'progressive-growing resolution (size)' if self.name == 'pggan' else f'{self.name} image size'
+        self.cfg['size'] = check_resolution(self.cfg['size'], what)
         self.images = resize_images(images, self.cfg['size'])
         self.cfg['nc'] = self.images.shape[1]
         self.labels = None if labels is None else torch.as_tensor(labels).float().cpu()
@@ -385,7 +431,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, beta: float):
         for pe, p in zip(ema.parameters(), model.parameters()): pe.lerp_(p, 1 - beta)
         for be, b in zip(ema.buffers(), model.buffers()): be.copy_(b)
 
-# %% ../../nbs/21_gans.ipynb #cell-29
+# %% ../../nbs/21_gans.ipynb #cell-30
 class DCGANTrainer(GANTrainer):
     "DCGAN (Radford et al. 2016): defaults are the paper's 64 px configuration; pass size=32, ngf=ndf=32 for the CPU."
     name = 'dcgan'
@@ -415,7 +461,7 @@ class DCGANTrainer(GANTrainer):
     def generate(self, z, **kw):
         self.G.eval(); return self.G(z)
 
-# %% ../../nbs/21_gans.ipynb #cell-31
+# %% ../../nbs/21_gans.ipynb #cell-32
 def pg_schedule(step: int, start_level: int, end_level: int, stab: int, fade: int) -> tuple[int, float]:
     "Progressive growing: (level, alpha) at `step` (level k = resolution 4·2^k; alpha = weight of the newest layer)."
     if step < stab: return start_level, 1.0
@@ -554,7 +600,7 @@ class PGGANTrainer(GANTrainer):
         if full_size and x.shape[-1] != self.cfg['size']: x = F.interpolate(x, size=self.cfg['size'], mode='nearest')
         return x
 
-# %% ../../nbs/21_gans.ipynb #cell-34
+# %% ../../nbs/21_gans.ipynb #cell-35
 class ModConv2d(nn.Module):
     "Modulated convolution (StyleGAN2): per-sample weights scaled by the style, optionally demodulated; optional 2× upsampling."
     def __init__(self, cin, cout, k, w_dim, demodulate=True, up=False):
@@ -562,14 +608,20 @@ class ModConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
         self.scale, self.pad, self.demod, self.up, self.cout = 1 / math.sqrt(cin * k * k), k // 2, demodulate, up, cout
         self.affine = EqLinear(w_dim, cin, gain=1, bias_init=1.0)  # styles start at 1
-    def forward(self, x, w):
+    def forward(self, x, w, grouped: bool = False):
         b, cin, h, wd = x.shape
         s = self.affine(w)  # B × cin
-        weight = self.scale * self.weight[None] * s[:, None, :, None, None]  # B × out × in × k × k
-        if self.demod: weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4], keepdim=True) + 1e-8)
         if self.up: x = F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=False); h, wd = 2 * h, 2 * wd
-        out = F.conv2d(x.reshape(1, b * cin, h, wd), weight.reshape(b * self.cout, cin, *weight.shape[-2:]), padding=self.pad, groups=b)
-        return out.view(b, self.cout, h, wd)
+        if grouped:  # the paper's form: one weight tensor per sample, a grouped convolution
+            weight = self.scale * self.weight[None] * s[:, None, :, None, None]  # B × out × in × k × k
+            if self.demod: weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4], keepdim=True) + 1e-8)
+            out = F.conv2d(x.reshape(1, b * cin, h, wd), weight.reshape(b * self.cout, cin, *weight.shape[-2:]), padding=self.pad, groups=b)
+            return out.view(b, self.cout, h, wd)
+        # the same function, faster on CPUs: scale the input channels, convolve with the shared weight, scale the output
+        wt = self.scale * self.weight
+        out = F.conv2d(x * s[:, :, None, None], wt, padding=self.pad)
+        if self.demod: out = out * torch.rsqrt(s.pow(2) @ wt.pow(2).sum([2, 3]).T + 1e-8)[:, :, None, None]
+        return out
 
 class StyleLayer(nn.Module):
     "Modulated conv + noise input (per-channel weight, init 0) + bias + leaky ReLU·√2."
@@ -700,7 +752,7 @@ class StyleGANTrainer(GANTrainer):
     def generate(self, z, z2=None, mix_at=None, truncation=1.0, truncation_cutoff=None, noise_mode='random', **kw):
         return self.G_ema(z, z2, mix_at, truncation, truncation_cutoff, noise_mode).clamp(-1, 1)
 
-# %% ../../nbs/21_gans.ipynb #cell-37
+# %% ../../nbs/21_gans.ipynb #cell-38
 class _ResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -809,7 +861,7 @@ class StarGANTrainer(GANTrainer):
                              'edited_attr': [names[int(a)] for a in z[:, 1]],
                              'new_value': t[torch.arange(len(z)), z[:, 1]].int().numpy()})
 
-# %% ../../nbs/21_gans.ipynb #cell-40
+# %% ../../nbs/21_gans.ipynb #cell-41
 GENERATORS: dict[str, type[GANTrainer]] = {t.name: t for t in (DCGANTrainer, PGGANTrainer, StyleGANTrainer, StarGANTrainer)}
 
 def build_generator(name: str, images, labels=None, identities=None, device='auto', **cfg) -> GANTrainer:
@@ -817,7 +869,7 @@ def build_generator(name: str, images, labels=None, identities=None, device='aut
     if name not in GENERATORS: raise KeyError(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}")
     return GENERATORS[name](images, labels=labels, identities=identities, device=device, **cfg)
 
-# %% ../../nbs/21_gans.ipynb #cell-45
+# %% ../../nbs/21_gans.ipynb #cell-46
 def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: FaceFeatureNet, k: int = 3,
                 mtcnn: bool = True) -> dict:
     "MTCNN rate, Fréchet distance and k-NN precision/recall of `samples` (images in [0, 1]) against real features."
@@ -827,7 +879,7 @@ def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: FaceF
     if mtcnn: out['mtcnn_rate'] = mtcnn_rate(samples)
     return out
 
-# %% ../../nbs/21_gans.ipynb #cell-50
+# %% ../../nbs/21_gans.ipynb #cell-51
 def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, n: int = 8, spherical: bool = True) -> torch.Tensor:
     "n latents from z0 to z1 (spherical interpolation by default, which keeps Gaussian latents at typical norm)."
     t = torch.linspace(0, 1, n)[:, None]
@@ -836,3 +888,64 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, n: int = 8, spherica
     omega = torch.arccos((a * b).sum().clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     return (torch.sin((1 - t) * omega) / so) * z0[None] + (torch.sin(t * omega) / so) * z1[None]
+
+# %% ../../nbs/21_gans.ipynb #cell-74
+MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
+
+def png_bytes(image: torch.Tensor, text: dict) -> bytes:
+    "A C×H×W image in [0, 1] as RGB PNG bytes with `text` as PNG text chunks."
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in text.items(): info.add_text(str(k), str(v))
+    buf = io.BytesIO(); Image.fromarray(to_uint8_hwc(image[None])[0]).save(buf, format='PNG', pnginfo=info)
+    return buf.getvalue()
+
+def make_fake_set(trainer: GANTrainer, n: int = 500, data_root=None, method: str | None = None, seed: int = 0,
+                  split: Sequence[float] = (0.7, 0.15, 0.15), **sample_kw) -> Path:
+    "Sample `n` images into `<data_root>/fakes/<method>/<cfg_hash>/` (PNGs tagged synthetic, manifest.csv, card.json); reused if built."
+    import deepfake_course
+    method = method or trainer.name
+    if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"make_fake_set: n must be a positive integer, got {n!r}")
+    if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0: raise ValueError(f"make_fake_set: split must be 3 fractions summing to 1, got {split}")
+    cfg = {'method': method, 'generator': trainer.name, 'train_cfg': trainer.cfg, 'step': trainer.step, 'data_sha1': trainer.data_sha1,
+           'weights_sha1': trainer.weights_sha1(), 'n': int(n), 'seed': int(seed), 'split': list(split), 'sample': sample_kw}
+    h = cfg_hash(cfg)
+    final = get_data_root(data_root) / 'fakes' / method / h
+    if (final / 'manifest.csv').exists(): return final
+    with torch.random.fork_rng():
+        torch.manual_seed(seed); z = trainer.latent(n)
+    images = trainer.sample(z=z, seed=seed, **sample_kw)
+    meta = trainer.sample_meta(z) if hasattr(trainer, 'sample_meta') else pd.DataFrame(index=range(n))
+    n_tr, n_va = int(round(split[0] * n)), int(round(split[1] * n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    splits = np.empty(n, dtype=object); splits[order[:n_tr]] = 'train'; splits[order[n_tr:n_tr + n_va]] = 'val'; splits[order[n_tr + n_va:]] = 'test'
+    version = getattr(deepfake_course, '__version__', '?')
+    text = {'Software': f'deepfake-course {version} generate.gan ({method})', 'synthetic': 'true', 'method': method,
+            'cfg_hash': h, 'Description': f'Synthetic face made by the {method} generator; not a photograph.'}
+    rows = []
+    try:
+        with atomic_dir(final) as tmp:
+            (tmp / 'images').mkdir()
+            for i in progress(range(n), desc=f'fake set {method}'):
+                rel = f'images/{method}_{h}_{i:05d}.png'
+                (tmp / rel).write_bytes(png_bytes(images[i], text))
+                rows.append({'path': rel, 'label': 1, 'source': method, 'identity': -1, 'target_identity': -1, 'split': splits[i],
+                             'clip_id': '', 'frame': -1, 'kind': 'image', 'index': i, 'cfg_hash': h})
+            df = pd.DataFrame(rows)
+            for col in meta.columns: df[col] = meta[col].to_numpy()
+            df = df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]]
+            df.to_csv(tmp / 'manifest.csv', index=False)
+            atomic_write_json(tmp / 'card.json', {'method': method, 'cfg_hash': h, 'config': cfg, 'seed': seed,
+                              'counts': {'images': n, **df.split.value_counts().to_dict()}, 'library_version': version,
+                              'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'label': 1,
+                              'note': 'synthetic images made by a GAN trained in 21_gans; PNG text chunk synthetic=true'})
+    except (FileExistsError, OSError):
+        if (final / 'manifest.csv').exists(): return final  # another process built the same set meanwhile
+        raise
+    return final
+
+def read_png_text(path) -> dict:
+    "The text chunks of a PNG (e.g. the provenance tags written by `make_fake_set`)."
+    from PIL import Image
+    with Image.open(path) as im: return dict(im.text)

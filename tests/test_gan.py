@@ -1,0 +1,228 @@
+"""Unit tests of deepfake_course.generate.gan: shapes, the paper's DCGAN, progressive-growing schedule,
+modulated convolution, exact resume after an interruption, checkpoint checks, fake sets, quality measures."""
+import json, math
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from deepfake_course.generate import gan as G
+
+
+def _imgs(n=24, size=16, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, c, size, size, generator=g)
+    return (0.7 * base + 0.3 * torch.rand(n, c, size, size, generator=g)).clamp(0, 1)
+
+
+TINY = {
+    'dcgan': dict(size=16, ngf=8, ndf=8, batch=8),
+    'pggan': dict(size=16, start_res=8, fmap_base=64, fmap_max=16, batch=8, stab=3, fade=3),
+    'stylegan': dict(size=16, z_dim=16, w_dim=16, n_mlp=2, channels=8, batch=8, r1_every=4),
+    'stargan': dict(size=16, conv_dim=8, n_res=1, batch=8, n_critic=2),
+}
+
+
+def _trainer(name, data=None, **kw):
+    data = _imgs() if data is None else data
+    labels = (torch.arange(len(data))[:, None] % torch.tensor([2, 3]) == 0).float() if name == 'stargan' else None
+    return G.build_generator(name, data, labels=labels, device='cpu', **{**TINY[name], **kw})
+
+
+def test_bad_datasets():
+    with pytest.raises(ValueError, match='empty'): G.check_images(torch.zeros(0, 3, 16, 16))
+    with pytest.raises(ValueError, match='only 1 image'): G.DCGANTrainer(torch.rand(1, 3, 16, 16), size=16)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): G.check_images(torch.rand(4, 3, 8, 8) * 255)
+    with pytest.raises(ValueError, match='channels'): G.check_images(torch.rand(4, 2, 8, 8))
+    with pytest.raises(ValueError, match='N×C×H×W'): G.check_images(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match='unknown setting'): G.DCGANTrainer(_imgs(), size=16, ngff=3)
+
+
+@pytest.mark.parametrize('res', [48, 12, 0, 3.0, 2048])
+def test_progressive_growing_needs_power_of_two(res):
+    with pytest.raises(ValueError, match='power of two'): G.PGGANTrainer(_imgs(size=16), size=res)
+    with pytest.raises(ValueError, match='power of two'): G.PGGenerator(res)
+
+
+def test_other_resolution_errors():
+    with pytest.raises(ValueError, match='power of two'): G.DCGANGenerator(size=24)
+    with pytest.raises(ValueError, match='power of two'): G.StyleGenerator(40)
+    with pytest.raises(ValueError, match='larger than size'): G.PGGANTrainer(_imgs(size=16), size=16, start_res=32)
+
+
+def test_dcgan_exact_paper_configuration():
+    g, d = G.DCGANGenerator(100, 64, 3, 64), G.DCGANDiscriminator(64, 3, 64)
+    assert G.n_params(g) == 3576704 and G.n_params(d) == 2765568
+    assert g(torch.randn(2, 100)).shape == (2, 3, 64, 64) and d(torch.randn(2, 3, 64, 64)).shape == (2,)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.out_channels for c in convs] == [512, 256, 128, 64, 3] and all(c.bias is None for c in convs)
+    cfg = G.DCGANTrainer.defaults
+    assert (cfg['nz'], cfg['ngf'], cfg['ndf'], cfg['batch'], cfg['lr'], cfg['beta1'], cfg['size']) == (100, 64, 64, 64, 2e-4, 0.5, 64)
+
+
+def test_pg_schedule_and_fade():
+    assert G.pg_schedule(0, 1, 3, 10, 10) == (1, 1.0)
+    assert G.pg_schedule(15, 1, 3, 10, 10) == (2, 0.5)
+    assert G.pg_schedule(25, 1, 3, 10, 10) == (2, 1.0)
+    assert G.pg_schedule(1000, 1, 3, 10, 10) == (3, 1.0)
+    assert G.pg_total_steps(8, 32, 10, 10) == 50
+    g = G.PGGenerator(32, 16, fmap_base=64, fmap_max=16)
+    z = torch.randn(4, 16)
+    # alpha = 0 is exactly the upscaled previous resolution; alpha = 1 the new block
+    lo = g(z, 1, 1.0); mid0 = g(z, 2, 0.0)
+    assert torch.allclose(mid0, torch.nn.functional.interpolate(lo, scale_factor=2, mode='nearest'), atol=1e-6)
+    d = G.PGDiscriminator(32, fmap_base=64, fmap_max=16)
+    assert d(g(z, 3, 0.5), 3, 0.5).shape == (4,)
+
+
+def test_building_blocks():
+    torch.manual_seed(0)
+    x = G.PixelNorm()(torch.randn(2, 8, 4, 4) * 5)
+    assert torch.allclose(x.pow(2).mean(1), torch.ones(2, 4, 4), atol=1e-4)
+    y = G.minibatch_stddev(torch.randn(8, 3, 4, 4))
+    assert y.shape == (8, 4, 4, 4) and (y[:, -1] > 0).all()
+    mc = G.ModConv2d(8, 16, 3, 4)
+    out = mc(torch.randn(4, 8, 8, 8), torch.randn(4, 4) * 10)
+    assert abs(out.std().item() - 1) < 0.2  # demodulated: unit variance whatever the style's scale
+
+
+def test_style_generator_truncation_and_mixing():
+    torch.manual_seed(0)
+    sg = G.StyleGenerator(16, 8, 8, 2, 8)
+    sg.w_avg.normal_()
+    z, z2 = torch.randn(3, 8), torch.randn(3, 8)
+    assert torch.allclose(sg.styles(z, truncation=0.0), sg.w_avg.expand(3, sg.n_styles, -1))
+    a = sg(z, z2, mix_at=0, noise_mode='const'); b = sg(z2, noise_mode='const')
+    assert torch.allclose(a, b, atol=1e-5)  # mixing at slot 0 = all styles from z2
+    c = sg(z, z2, mix_at=2, noise_mode='const')
+    assert not torch.allclose(c, b) and not torch.allclose(c, sg(z, noise_mode='const'))
+
+
+@pytest.mark.parametrize('name', ['dcgan', 'pggan', 'stylegan', 'stargan'])
+def test_interrupted_training_resumes_exactly(name, tmp_path):
+    steps = 9  # pggan: levels change at steps 3 and 9 (optimiser reset), stargan: G every 2nd step
+    torch.manual_seed(1); a = _trainer(name).fit(steps, verbose=False)
+
+    def interrupt(tr):
+        if tr.step == 5: raise KeyboardInterrupt
+    torch.manual_seed(1); b = _trainer(name)
+    with pytest.raises(KeyboardInterrupt): b.fit(steps, ckpt_dir=tmp_path, ckpt_every=4, callback=interrupt, verbose=False)
+    assert (tmp_path / 'checkpoint.pt').exists() and not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+    torch.manual_seed(123); c = _trainer(name).fit(steps, ckpt_dir=tmp_path, verbose=False)  # resumes from step 4
+    assert c.step == steps and len(c.history) == steps
+    for (k, v), v2 in zip(a.sampling_module().state_dict().items(), c.sampling_module().state_dict().values()):
+        assert torch.equal(v, v2), f'{name}: {k} differs after resume'
+    assert a.history_df.drop(columns=[]).equals(c.history_df)
+    # sampling is deterministic given a seed and leaves the global RNG alone
+    st = torch.get_rng_state(); s1 = c.sample(4, seed=3); assert torch.equal(st, torch.get_rng_state())
+    assert torch.equal(s1, c.sample(4, seed=3)) and s1.min() >= 0 and s1.max() <= 1
+
+
+def test_checkpoint_of_another_generator_is_refused(tmp_path):
+    _trainer('dcgan').fit(2, ckpt_dir=tmp_path, verbose=False)
+    ck = tmp_path / 'checkpoint.pt'
+    with pytest.raises(G.CheckpointError, match="checkpoint of generator 'dcgan', not 'stylegan'"): _trainer('stylegan').load(ck)
+    with pytest.raises(G.CheckpointError, match="generator 'dcgan'"): _trainer('stylegan').fit(4, ckpt_dir=tmp_path, verbose=False)
+    with pytest.raises(G.CheckpointError, match='another dcgan configuration.*ngf'): _trainer('dcgan', ngf=4).load(ck)
+    with pytest.raises(G.CheckpointError, match='another dataset'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
+    bad = tmp_path / 'bad.pt'; bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(G.CheckpointError, match='not a readable checkpoint'): _trainer('dcgan').load(bad)
+    # resume=False starts over even though a checkpoint exists
+    assert _trainer('dcgan').fit(1, ckpt_dir=tmp_path, resume=False, verbose=False).step == 1
+
+
+def test_registry():
+    assert set(G.GENERATORS) == {'dcgan', 'pggan', 'stylegan', 'stargan'}
+    assert all(G.GENERATORS[k].name == k for k in G.GENERATORS)
+    with pytest.raises(KeyError, match='unknown generator'): G.build_generator('biggan', _imgs())
+    with pytest.raises(ValueError, match='labels'): G.StarGANTrainer(_imgs(), size=16)
+    with pytest.raises(ValueError, match='0 or 1'): G.StarGANTrainer(_imgs(), labels=torch.rand(24, 2), size=16)
+
+
+def test_stargan_edit_shapes():
+    tr = _trainer('stargan')
+    out = tr.edit(_imgs(3), torch.tensor([1., 0.]))
+    assert out.shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match='2 attributes'): tr.edit(_imgs(3), torch.ones(3, 5))
+
+
+@pytest.mark.parametrize('name', ['dcgan', 'stargan'])
+def test_fake_set(name, tmp_path):
+    from PIL import Image
+    tr = _trainer(name).fit(2, verbose=False)
+    folder = G.make_fake_set(tr, 20, tmp_path, seed=0)
+    assert folder.parent == tmp_path.resolve() / 'fakes' / name
+    df = pd.read_csv(folder / 'manifest.csv', keep_default_na=False)
+    assert list(df.columns[:9]) == G.MANIFEST_COLUMNS and len(df) == 20
+    assert set(df.label) == {1} and set(df.source) == {name} and set(df.kind) == {'image'} and set(df.frame) == {-1}
+    assert set(df.split) == {'train', 'val', 'test'} and (df.split == 'train').sum() == 14
+    assert set(df.clip_id) == {''}
+    if name == 'stargan': assert {'edited_attr', 'new_value', 'source_index'} <= set(df.columns)
+    png = folder / df.path[0]
+    text = G.read_png_text(png)
+    assert text['synthetic'] == 'true' and text['method'] == name and 'deepfake-course' in text['Software']
+    with Image.open(png) as im: assert im.mode == 'RGB' and im.size == (16, 16)
+    card = json.loads((folder / 'card.json').read_text())
+    assert card['counts']['images'] == 20 and card['config']['generator'] == name and card['label'] == 1
+    assert G.make_fake_set(tr, 20, tmp_path, seed=0) == folder  # reused
+    assert G.make_fake_set(tr, 10, tmp_path, seed=0) != folder  # another request, another folder
+    assert not [p for p in folder.parent.iterdir() if 'partial' in p.name]
+    with pytest.raises(ValueError, match='positive'): G.make_fake_set(tr, 0, tmp_path)
+
+
+def test_fake_set_build_failure_leaves_nothing(tmp_path, monkeypatch):
+    tr = _trainer('dcgan').fit(1, verbose=False)
+    calls = {'n': 0}
+    real = G.png_bytes
+    def boom(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 5: raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(G, 'png_bytes', boom)
+    with pytest.raises(KeyboardInterrupt): G.make_fake_set(tr, 10, tmp_path)
+    assert list((tmp_path / 'fakes' / 'dcgan').iterdir()) == []
+
+
+def test_quality_measures():
+    torch.manual_seed(0)
+    a, b = torch.randn(400, 6), torch.randn(400, 6)
+    assert G.frechet_distance(a, b) < 0.3
+    assert abs(G.frechet_distance(a, b + 3) - 54) < 5
+    p, r = G.knn_precision_recall(a, b); assert p > 0.8 and r > 0.8
+    p, r = G.knn_precision_recall(a, b * 0.05); assert p > 0.9 and r < 0.3
+    p, r = G.knn_precision_recall(a, b + 10); assert p == 0 and r == 0
+    with pytest.raises(ValueError, match='at least 2'): G.frechet_distance(a[:1], b)
+
+
+def test_mtcnn_rate_separates_faces_from_non_faces():
+    from skimage import data
+    faces = G.lfw_faces(40, 32)
+    nonfaces = G.resize_images(torch.from_numpy(data.lfw_subset()[100:140].astype(np.float32))[:, None], 32)
+    assert G.mtcnn_rate(faces) >= 0.9 and G.mtcnn_rate(nonfaces) <= 0.1
+    found = G.mtcnn_face_found(faces[:4]); assert found.dtype == bool and found.shape == (4,)
+
+
+def test_feature_net_learns_labels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(40, 3, 16, 16, generator=g) * 0.3, 0.7 + torch.rand(40, 3, 16, 16, generator=g) * 0.3])
+    y = torch.tensor([0] * 40 + [1] * 40)
+    net, acc = G.train_feature_net(x, y, epochs=4, batch=8, size=16, device="cpu")
+    assert acc['val_acc'] >= 0.9 and net.features(x[:5]).shape == (5, 128)
+    with pytest.raises(ValueError, match='labels'): G.train_feature_net(x, y[:3], epochs=1, device='cpu')
+
+
+def test_synth_faces_and_counterfactuals():
+    pytest.importorskip('deepfake_course.data.synth')
+    f = G.synth_attribute_faces(2, 2, size=32, seed=0)
+    assert f['images'].shape == (4, 3, 32, 32) and f['labels'].shape == (4, 2)
+    same = G.synth_counterfactual(f, torch.arange(4), f['labels'])
+    assert (same - f['images']).abs().max() < 1e-4  # re-rendering with the same attributes reproduces the image
+    flipped = G.synth_counterfactual(f, torch.arange(4), 1 - f['labels'])
+    assert (flipped - f['images']).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match='unknown attribute'): G.synth_attribute_faces(1, 1, attrs=('beard',))
+
+
+def test_lfw_faces():
+    x = G.lfw_faces(100, 32)
+    assert x.shape == (100, 1, 32, 32) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(ValueError, match='1..100'): G.lfw_faces(101)
