@@ -3,7 +3,8 @@
 Two comparisons, each repeated and interleaved (plain, fit, plain, fit, ... with alternating order) so that
 load on a shared machine hits both alike. Wall time and process CPU time per epoch are both measured (on a
 loaded shared machine CPU time is the steadier measure of the work each loop does; wall time also counts
-waiting for disk); medians, their ratio and the median of the paired (adjacent-run) ratios are printed:
+waiting for disk); medians, their ratio, the median of the paired (adjacent-run) ratios and the ratio of the
+minima (the least disturbed runs) are printed:
 
 * train:      fit(train_dl) without validation or checkpoints  vs  the plain training loop;
 * train+val:  fit(train_dl, val_dl) (best weights kept in memory)  vs  the plain training loop plus a plain
@@ -92,7 +93,8 @@ def main():
                 p, f = t['p', clock], t['f', clock]
                 paired = statistics.median(b / a_ for a_, b in zip(p, f))
                 print(f"{name:15s} {clock:4s}  plain {statistics.median(p):.3f} s/epoch  fit {statistics.median(f):.3f} s/epoch  "
-                      f"ratio of medians {statistics.median(f) / statistics.median(p):.3f}  median paired ratio {paired:.3f}")
+                      f"ratio of medians {statistics.median(f) / statistics.median(p):.3f}  median paired ratio {paired:.3f}  "
+                      f"ratio of minima {min(f) / min(p):.3f}")
             print(f"{'':15s} wall runs: plain {' '.join(f'{x:.2f}' for x in t['p', 'wall'])} | fit {' '.join(f'{x:.2f}' for x in t['f', 'wall'])}")
 
 if __name__ == '__main__':

@@ -127,6 +127,9 @@ def test_checkpoint_of_another_generator_is_refused(tmp_path):
     with pytest.raises(G.CheckpointError, match='another dataset'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
     bad = tmp_path / 'bad.pt'; bad.write_bytes(b'not a checkpoint')
     with pytest.raises(G.CheckpointError, match='not a readable checkpoint'): _trainer('dcgan').load(bad)
+    # run_id names a checkpoint folder per configuration and dataset
+    assert _trainer('dcgan').run_id == _trainer('dcgan').run_id != _trainer('dcgan', ngf=4).run_id
+    assert _trainer('dcgan').run_id.startswith('dcgan-')
     # resume=False starts over even though a checkpoint exists
     assert _trainer('dcgan').fit(1, ckpt_dir=tmp_path, resume=False, verbose=False).step == 1
 

@@ -256,6 +256,23 @@ def test_amp_flag_is_a_no_op_on_cpu(data):
     assert max_diff(run(data, epochs=1, amp=True).model, run(data, epochs=1, amp=False).model) == 0.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_bf16_autocast_channels_last(data, tmp_path):
+    dtypes = []
+
+    class Peek(Callback):  # record the dtype of the first convolution's output
+        def on_fit_start(self, state): state.model[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    r = run(data, tmp_path / 'g', epochs=2, device='cuda', callbacks=[Peek()])
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    w = r.model[0].weight
+    assert w.is_cuda and w.is_contiguous(memory_format=torch.channels_last)
+    assert np.isfinite(r.history[['train_loss', 'val_loss']].to_numpy()).all()
+    cpu_model = tiny_cnn(1, width=4, dropout=0.2)
+    load_checkpoint(tmp_path / 'g' / 'best.pt', cpu_model)  # GPU checkpoints load on a CPU machine
+    s_gpu, _ = predict(r.model, data[1], 'cuda'); s_cpu, _ = predict(cpu_model, data[1], 'cpu', amp=False)
+    np.testing.assert_allclose(s_gpu, s_cpu, atol=0.05)  # bf16 forward vs float32 forward
+
+
 def test_save_load_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0); m = tiny_cnn(1, width=4)
     p = save_checkpoint(tmp_path / 'a.pt', m, epoch=7, note='x')

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import io, json, math, os, time
 from pathlib import Path
-import warnings
 
 import numpy as np
 import torch
@@ -68,12 +67,18 @@ def identity_params(ids) -> dict:
     "The parameters of each identity (face shape, colours, hair, beard, glasses, voice); the same id always gives the same person."
     ids = _as_ids(ids)
     U = torch.stack([torch.rand(48, generator=torch.Generator().manual_seed(_mix(0x1D, i))) for i in ids])
+    # the four most visible traits (skin tone, hair colour, hair style, iris colour) follow a 4-d low-discrepancy
+    # sequence (Roberts' R4) over the id, with a little jitter, so any run of consecutive ids is spread far apart
+    g4 = 1.1673039782614187                     # the root of x^5 = x + 1
+    idt = torch.tensor(ids, dtype=torch.float64).unsqueeze(1) + 1
+    Q = ((0.5 + idt * torch.tensor([1 / g4 ** k for k in range(1, 5)], dtype=torch.float64)) % 1.0).float()
+    Q = (Q + (U[:, 40:44] - 0.5) * 0.04) % 1.0
     lin = lambda k, lo, hi: lo + (hi - lo) * U[:, k]
     p = {'identity': torch.tensor(ids, dtype=torch.long)}
     p['face_w'] = lin(0, 0.70, 0.84)
     p['face_d'] = lin(1, 0.80, 0.95)
     p['jaw'] = lin(2, 0.0, 0.3)
-    t = U[:, 3] * (len(SKIN_PALETTE) - 1)
+    t = Q[:, 2] * (len(SKIN_PALETTE) - 1)
     i0 = t.floor().long().clamp(max=len(SKIN_PALETTE) - 2); f = (t - i0).unsqueeze(1)
     skin = SKIN_PALETTE[i0] * (1 - f) + SKIN_PALETTE[i0 + 1] * f
     p['skin'] = (skin * (1 + (U[:, 4:5] - 0.5) * 0.16 * torch.tensor([1.0, -0.4, -0.9]))).clamp(0, 1)
@@ -82,7 +87,7 @@ def identity_params(ids) -> dict:
     p['eye_w'] = lin(7, 0.13, 0.16)
     p['eye_h'] = lin(8, 0.056, 0.076)
     p['eye_tilt'] = lin(9, -0.015, 0.025)
-    ik = (U[:, 10] * len(IRIS_COLOURS)).long().clamp(max=len(IRIS_COLOURS) - 1)
+    ik = (Q[:, 3] * len(IRIS_COLOURS)).long().clamp(max=len(IRIS_COLOURS) - 1)
     p['iris_kind'] = ik
     p['iris'] = (_IRIS_T[ik] * (1 + (U[:, 11:12] - 0.5) * 0.3)).clamp(0, 1)
     p['brow_gap'] = lin(12, 0.15, 0.23)           # brow height above the eye
@@ -97,10 +102,10 @@ def identity_params(ids) -> dict:
     p['lip_lo'] = lin(21, 0.03, 0.065)
     lipc = torch.tensor([0.72, 0.30, 0.30]) * (0.55 + 0.5 * U[:, 22:23])
     p['lip'] = (0.45 * p['skin'] + 0.55 * lipc).clamp(0, 1)
-    hk = _pick(U[:, 23], _HAIR_P)
+    hk = _pick(Q[:, 0], _HAIR_P)
     p['hair_kind'] = hk
     p['hair'] = (_HAIR_T[hk] * (1 + (U[:, 24:25] - 0.5) * 0.25)).clamp(0, 1)
-    p['hair_style'] = _pick(U[:, 25], _STYLE_P)
+    p['hair_style'] = _pick(Q[:, 1], _STYLE_P)
     p['hairline'] = lin(26, -0.62, -0.46)
     p['hair_vol'] = lin(27, 1.06, 1.16)
     p['side_hair'] = lin(28, -0.05, 0.3)
@@ -143,10 +148,6 @@ def check_ranges(**ranges) -> dict:
         if lo < blo or hi > bhi: raise ValueError(f"Range {k}={v!r} is out of bounds [{blo}, {bhi}]")
         out[k] = (lo, hi)
     return out
-
-
-_IMG_KEYS = ['yaw', 'pitch', 'roll', 'scale', 'shift', 'shift_y', 'mouth_open', 'smile', 'brow_raise', 'blink', 'gaze',
-             'gaze_y', 'light_az', 'light_el', 'ambient', 'light_warmth', 'noise', 'blur', 'jpeg']
 
 
 def sample_params(identities, n: int, seed: int = 0, **ranges) -> dict:
@@ -357,16 +358,6 @@ def landmarks(p, size: int):
     return project(five, p, size), project(l3, p, size)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-18
-def _cov(d, px):
-    "Anti-aliased coverage from a signed distance (positive inside) and the pixel size."
-    return (d / px + 0.5).clamp_(0, 1)
-
-
-def _lerp(img, col, a):
-    "Paint colour `col` (B×3×1×1 or B×3×H×W) over `img` with coverage `a` (B×H×W)."
-    return img + a.unsqueeze(1) * (col - img)
-
-
 def _ray_ellipsoid(du, dv, Rt, o, A, Q=None):
     "Orthographic rays through pixel offsets (du, dv) against an ellipsoid; returns (disc/alpha, w front, w back, S0, Sd)."
     M = Rt if Q is None else Q @ Rt
@@ -682,33 +673,52 @@ def jpeg_approx(img, quality):
     return x.round().clamp(0, 255) / 255
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-24
-def render(params: dict, size: int = 64, device='cpu', ss: int | None = None, chunk: int | None = None) -> dict:
-    "Render images for a parameter dict from `sample_params` (any subset of rows); see `render_faces`."
+def _render_rows(params, idx, S, size, ss, dev):
+    "Render the rows `idx` of `params` (one chunk) with the camera effects; single-threaded torch inside."
+    if dev.type == 'cpu': torch.set_num_threads(1)
+    p = {k: v[idx].to(dev) for k, v in params.items()}
+    img, m = _render_chunk(p, S)
+    if ss > 1:
+        img = F.avg_pool2d(img, ss); m = F.avg_pool2d(m.unsqueeze(1), ss).squeeze(1)
+    img = _blur(img, p['blur'] * (size / 128))
+    img = img + _hash_noise(p['noise_key'], (3, size, size), dev) * p['noise'].view(-1, 1, 1, 1)
+    return jpeg_approx(img, p['jpeg']), m
+
+
+def render(params: dict, size: int = 64, device='cpu', ss: int | None = None, chunk: int | None = None,
+           workers: int | None = None) -> dict:
+    """Render images for a parameter dict from `sample_params` (any subset of rows); see `render_faces`.
+    On CPU the faces are rendered in cache-sized chunks by `workers` threads (default: torch's thread count), each
+    running torch single-threaded, which avoids the stalls of fine-grained parallelism on busy machines. Every
+    face is computed independently, so neither the chunking nor the thread count changes a single pixel."""
+    from concurrent.futures import ThreadPoolExecutor
     size = _check_size(size)
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     N = params['yaw'].shape[0]
     ss = ss or 1
     S = size * ss
-    chunk = chunk or max(1, (1 << 18) // (S * S)) if dev.type == 'cpu' else 256
-    imgs, masks = [], []
+    n_threads = torch.get_num_threads()
+    workers = max(1, workers or n_threads) if dev.type == 'cpu' else 1
+    if chunk is None:
+        chunk = max(1, (1 << 18) // (S * S)) if dev.type == 'cpu' else 256
+        chunk = max(1, min(chunk, -(-N // workers)))
     # render in an order that groups faces with glasses, beards, long hair and open mouths, so that a chunk can
-    # skip what none of its faces has (each face is computed independently: the order changes no pixel)
+    # skip what none of its faces has
     key = (params['glasses'] > 0).long() * 8 + (params['beard'] > 0).long() * 4 + \
           ((params['hair_style'] == 3) | (params['hair_style'] == 4)).long() * 2 + (params['mouth_open'] > 0).long()
     order = torch.sort(key, stable=True).indices
-    for i in range(0, N, chunk):
-        p = {k: v[order[i:i + chunk]].to(dev) for k, v in params.items()}
-        img, m = _render_chunk(p, S)
-        if ss > 1:
-            img = F.avg_pool2d(img, ss); m = F.avg_pool2d(m.unsqueeze(1), ss).squeeze(1)
-        img = _blur(img, p['blur'] * (size / 128))
-        img = img + _hash_noise(p['noise_key'], (3, size, size), dev) * p['noise'].view(-1, 1, 1, 1)
-        img = jpeg_approx(img, p['jpeg'])
-        imgs.append(img); masks.append(m)
+    parts = [order[i:i + chunk] for i in range(0, N, chunk)]
+    job = lambda idx: _render_rows(params, idx, S, size, ss, dev)
+    try:
+        if workers > 1 and len(parts) > 1:
+            with ThreadPoolExecutor(min(workers, len(parts))) as ex: res = list(ex.map(job, parts))
+        else: res = [job(i) for i in parts]
+    finally:
+        torch.set_num_threads(n_threads)
     l5, l68 = landmarks(params, size)
     inv = torch.argsort(order).to(dev)
-    return {'images': torch.cat(imgs)[inv], 'mask': torch.cat(masks).unsqueeze(1).clamp(0, 1)[inv], 'landmarks5': l5.to(dev),
-            'landmarks68': l68.to(dev), 'identity': params['identity'].to(dev), 'params': params}
+    return {'images': torch.cat([r[0] for r in res])[inv], 'mask': torch.cat([r[1] for r in res]).unsqueeze(1).clamp(0, 1)[inv],
+            'landmarks5': l5.to(dev), 'landmarks68': l68.to(dev), 'identity': params['identity'].to(dev), 'params': params}
 
 
 def _check_size(size):
@@ -719,7 +729,13 @@ def _check_size(size):
 
 
 def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu', **ranges) -> dict:
-    "Render `n` images of each identity (identity-major) at size×size; ranges override `RANGES`."
+    """Render `n` images of each identity at size×size (identity-major: N = len(ids) * n).
+
+    `identities`: a list of ids or an int k (ids 0..k-1). Keyword ranges, a (lo, hi) pair or one number, override
+    `RANGES` (e.g. `yaw=(-10, 10)`, `smile=1`, `jpeg=None` for no JPEG). Returns a dict with `images` (N×3×H×W float
+    in [0, 1]), `mask` (N×1×H×W, the visible skin of the head), `landmarks5` (N×5×2, MTCNN order: left eye, right
+    eye, nose tip, left and right mouth corner, image-left first), `landmarks68` (N×68×2, iBUG order), both in pixel
+    coordinates where the image spans [0, size], `identity` (N, long) and `params` (every parameter per image)."""
     _check_size(size)
     p = sample_params(identities, n, seed, **ranges)
     return render(p, size, device)
@@ -887,7 +903,7 @@ def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0
             'envelope': torch.from_numpy(env), 'params': p}
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-46
-SYNTH_VERSION = 1   # bump when the renderer changes what it draws: builds are keyed by it
+SYNTH_VERSION = 2   # bump when the renderer changes what it draws: builds are keyed by it
 
 
 def write_clip_mp4(path, frames, audio=None, fps: int = FPS, sr: int = SR, metadata: dict | None = None) -> Path:

@@ -21,7 +21,7 @@ from ..core import (get_device, get_data_root, cfg_hash, atomic_dir, atomic_writ
 __all__ = ['DETECTORS', 'CKPT_FORMAT', 'IMAGE_EXTS', 'VIDEO_EXTS', 'MANIFEST_COLS', 'register_detector', 'list_detectors',
            'build_detector', 'fake_prob', 'n_params', 'layer_table', 'detector_loss', 'save_detector', 'load_detector',
            'load_images', 'jpeg_recompress', 'resize_faces', 'FaceSet', 'read_manifest_csv',
-           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'find_fake_manifest', 'DetectionData',
+           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'find_fake_manifests', 'DetectionData',
            'detection_data', 'Augment', 'train_detector', 'predict_scores', 'evaluate', 'score_table', 'fmt_ci',
            'ThumbnailLogReg', 'read_frames', 'detect']
 
@@ -294,7 +294,7 @@ def make_blendswap(root=None, identity_split: dict | None = None, n_identities: 
     identity_split = {int(k): str(v) for k, v in identity_split.items()}
     if not 0 < face_res <= 1: raise ValueError(f"make_blendswap: face_res must be in (0, 1], got {face_res}")
     cfg = dict(method='blend-swap', split=sorted(identity_split.items()), per_identity=per_identity, size=size,
-               seed=seed, face_res=face_res, erode=erode, blur=blur, version=2)
+               seed=seed, face_res=face_res, erode=erode, blur=blur, version=3)
     dsize = max(8, int(round(size * face_res)))
     final = root / 'fakes' / 'blend-swap' / cfg_hash(cfg)
     if (final / 'manifest.csv').exists(): return final
@@ -329,12 +329,11 @@ def make_blendswap(root=None, identity_split: dict | None = None, n_identities: 
     return final
 
 # %% ../../nbs/29_detect_core.ipynb #cell-23
-def find_fake_manifest(root, source: str) -> Path | None:
-    "The newest complete fake set `fakes/<source>/<hash>/manifest.csv` under the data root, or None."
+def find_fake_manifests(root, source: str) -> list[Path]:
+    "Every complete fake set `fakes/<source>/<hash>/manifest.csv` under the data root (a face-swap run writes one per pair)."
     base = get_data_root(root) / 'fakes' / source
-    if not base.is_dir(): return None
-    cands = [p for p in base.glob('*/manifest.csv') if not p.parent.name.startswith('.')]
-    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+    if not base.is_dir(): return []
+    return sorted((p for p in base.glob('*/manifest.csv') if not p.parent.name.startswith('.')), key=lambda p: p.stat().st_mtime)
 
 class DetectionData:
     "Train/val/test `FaceSet`s of real and fake faces, and where they came from."
@@ -355,10 +354,11 @@ class DetectionData:
                                 f"train={len(self.train)}, val={len(self.val)}, test={len(self.test)})")
 
 def detection_data(root=None, fake_source: str = 'faceswap-df', size: int = 64, n_identities: int = 8,
-                   images_per_identity: int = 24, seed: int = 0, fake_manifest: str | None = None,
+                   images_per_identity: int = 24, seed: int = 0, fake_manifest: str | list | None = None,
                    render_size: int | None = None, fallback: str | None = 'blend-swap') -> DetectionData:
     """Real SynthFaces faces + the fake set `fake_source` (or `fake_manifest`), split by identity, at `size` px.
-    Falls back to a blend-swap set (clearly labelled) when the fake set is absent and `fallback='blend-swap'`."""
+    `fake_manifest`: a manifest path or a list of them. Falls back to a blend-swap set (clearly labelled) when the
+    fake set is absent and `fallback='blend-swap'`."""
     from deepfake_course.data.synth import make_synthfaces
     root = get_data_root(root); rs = render_size or size
     real_dir = Path(make_synthfaces(root, n_identities=n_identities, images_per_identity=images_per_identity,
@@ -369,17 +369,25 @@ def detection_data(root=None, fake_source: str = 'faceswap-df', size: int = 64, 
     real = real.assign(split=real[scol])
     id_split = real.groupby('identity')['split'].first().to_dict()
     note = ''
-    mpath = Path(fake_manifest) if fake_manifest else (None if fake_source == 'blend-swap' else find_fake_manifest(root, fake_source))
-    if mpath is not None and mpath.exists():
-        fake = read_manifest_csv(mpath); src = fake_source
+    if fake_manifest: mpaths = [Path(p) for p in ([fake_manifest] if isinstance(fake_manifest, (str, os.PathLike)) else fake_manifest)]
+    else: mpaths = [] if fake_source == 'blend-swap' else find_fake_manifests(root, fake_source)
+    if mpaths:
+        fake = pd.concat([read_manifest_csv(p) for p in mpaths], ignore_index=True); src = fake_source
         fake = fake[(fake['label'] == 1) & (fake['kind'] == 'image')]
-        fake_dir = mpath.parent if mpath.is_file() else mpath
-        if len(fake) == 0: raise ValueError(f"The fake set {str(mpath)!r} has no fake still images")
+        fake_dir = mpaths[0].parent if mpaths[0].is_file() else mpaths[0]
+        if len(fake) == 0: raise ValueError(f"The fake set(s) {[str(p) for p in mpaths]} hold no fake still images")
+        # the person in the picture decides the split, as for the real faces: no identity crosses train/test
+        known = fake['identity'].isin(list(id_split))
+        by_id = fake['split'].where(~known, fake['identity'].map(id_split))
+        note = f"{len(fake)} {fake_source} fakes from {len(mpaths)} set(s) under {mpaths[0].parent.parent}."
+        if set(by_id) >= {'train', 'val', 'test'}: fake = fake.assign(split=by_id)
+        else: note += (" Split by identity, some split would have no fake (the fakes show identities "
+                       f"{sorted(set(fake['identity']))}): the fakes keep the split of their manifest.")
         from PIL import Image
         with Image.open(fake['path'].iloc[0]) as im: fsz = im.size[0]
         if fsz != rs:
-            note = (f"The {fake_source} fakes are {fsz} px and the real faces {rs} px: both are resized to {size} px, "
-                    f"but a size mismatch can itself be a cue.")
+            note += (f" The fakes are {fsz} px and the real faces {rs} px: both are resized to {size} px, "
+                     f"but a size mismatch can itself be a cue.")
             warnings.warn(note)
     else:
         if fallback != 'blend-swap':

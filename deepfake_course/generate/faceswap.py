@@ -584,13 +584,16 @@ def timelapse_strip(result):
 
 # %% ../../nbs/20_faceswap.ipynb #cell-45
 class SmallCNN(nn.Module):
-    "A small CNN (4 strided conv-BN-ReLU blocks, global pooling, linear) for identity classes or landmark regression."
-    def __init__(self, n_out, width=16):
+    "A small CNN: 4 strided conv-BN-ReLU blocks, then global pooling (classes) or, given `size`, the flattened map (where things are)."
+    def __init__(self, n_out, width=16, size=None):
         super().__init__()
         c = [3, width, 2 * width, 4 * width, 8 * width]
         self.features = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(c[i], c[i + 1], 3, 2, 1), nn.BatchNorm2d(c[i + 1]), nn.ReLU())])
-        self.head = nn.Linear(c[-1], n_out)
-    def forward(self, x): return self.head(self.features(x).mean((2, 3)))
+        self.flat = size is not None
+        self.head = nn.Linear(c[-1] * (math.ceil(size / 16) ** 2 if self.flat else 1), n_out)
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.flatten(1) if self.flat else f.mean((2, 3)))
 
 def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device, desc, verbose=None):
     dev = get_device(device); net.to(dev).train()
@@ -628,30 +631,35 @@ def predict_identity(net, images, masks):
     logits = torch.cat([net(x[s:s + 256].to(dev)).cpu() for s in range(0, len(x), 256)])
     return net.classes[logits.argmax(1)]
 
-def train_landmark_regressor(images, landmarks5, epochs=12, batch_size=32, lr=2e-3, seed=0, device='auto', width=16, verbose=None):
-    "A small CNN regressing the 5 landmarks (fractions of the crop) of aligned faces, trained on ground truth."
+def train_landmark_regressor(images, landmarks, epochs=12, batch_size=32, lr=1e-3, seed=0, device='auto', width=16, verbose=None):
+    "A small CNN regressing K landmarks (5 or 68) of aligned faces as offsets from their mean position, trained on ground truth."
     x = torch.as_tensor(images).float(); S_ = x.shape[-1]
-    y = torch.as_tensor(np.asarray(landmarks5), dtype=torch.float32).reshape(len(x), 10) / S_
+    lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32); K = lm.shape[1]
+    y = lm.reshape(len(x), 2 * K) / S_
     def aug(xb, yb, rng):  # small rotation/scale/shift of image and points alike (no flip: it would swap left and right)
-        p = gen_warp_params(len(xb), S_, rng, rotation=8, scale=0.08, shift=0.05, flip=False, warp=False)
-        pts = transform_points(yb.reshape(-1, 5, 2).numpy() * S_, p['mats'][:, :2])
-        return apply_warp(xb, p, warp=False), torch.as_tensor(pts / S_, dtype=torch.float32).reshape(-1, 10)
+        p = gen_warp_params(len(xb), S_, rng, rotation=5, scale=0.05, shift=0.03, flip=False, warp=False)
+        pts = transform_points(yb.reshape(-1, K, 2).numpy() * S_, p['mats'][:, :2])
+        return apply_warp(xb, p, warp=False), torch.as_tensor(pts / S_, dtype=torch.float32).reshape(-1, 2 * K)
     torch.manual_seed(seed)
-    net = _fit_small(SmallCNN(10, width), x, y, F.smooth_l1_loss, epochs, batch_size, lr, seed, aug, device, 'landmark regressor', verbose)
-    net.size = S_
+    net = SmallCNN(2 * K, width, S_)
+    with torch.no_grad(): net.head.weight.zero_(); net.head.bias.copy_(y.mean(0))   # start from the mean face: never worse than it
+    net = _fit_small(net, x, y, F.smooth_l1_loss, epochs, batch_size, lr, seed, aug, device, 'landmark regressor', verbose)
+    net.size, net.k = S_, K
     return net
 
 @torch.no_grad()
 def predict_landmarks(net, images):
-    "N x 5 x 2 landmarks (crop pixels) from a `train_landmark_regressor` net."
+    "N x K x 2 landmarks (crop pixels) from a `train_landmark_regressor` net."
     dev = next(net.parameters()).device; x = torch.as_tensor(images).float()
     out = torch.cat([net(x[s:s + 256].to(dev)).cpu() for s in range(0, len(x), 256)])
-    return out.reshape(-1, 5, 2) * x.shape[-1]
+    return out.reshape(len(x), -1, 2) * x.shape[-1]
 
 def landmark_nme(pred, ref):
-    "Normalised mean error per face: mean point distance / the reference's inter-ocular distance."
+    "Normalised mean error per face: mean point distance / the reference's inter-ocular distance (5 points, or eye centres of 68)."
     pred, ref = torch.as_tensor(np.asarray(pred), dtype=torch.float32), torch.as_tensor(np.asarray(ref), dtype=torch.float32)
-    return (pred - ref).norm(dim=-1).mean(-1) / (ref[:, 1] - ref[:, 0]).norm(dim=-1).clamp_min(1e-6)
+    if ref.shape[1] == 68: le, re = ref[:, 36:42].mean(1), ref[:, 42:48].mean(1)
+    else: le, re = ref[:, 0], ref[:, 1]
+    return (pred - ref).norm(dim=-1).mean(-1) / (re - le).norm(dim=-1).clamp_min(1e-6)
 
 def masked_ssim(a, b, mask, window=11):
     "SSIM map (kornia, Gaussian window) averaged over the face mask, per image (N)."
@@ -685,11 +693,14 @@ def evaluate_swap(model, src_ho, dst_ho, id_net, lm_net):
     "The four numbers of one trained model on held-out faces: recon SSIM (src, dst, mean), identity transfer, landmark NME."
     comp, _ = swap_crops(model, dst_ho)
     ids = predict_identity(id_net, comp, dst_ho.masks)
-    nme = landmark_nme(predict_landmarks(lm_net, comp), predict_landmarks(lm_net, dst_ho.images))
+    drive = predict_landmarks(lm_net, dst_ho.images)
+    nme = landmark_nme(predict_landmarks(lm_net, comp), drive)
+    other = drive[torch.roll(torch.arange(len(drive)), 1)]   # another driving face: what a swap that ignores expression would score
     s_src, s_dst = recon_ssim(model, src_ho, 'src'), recon_ssim(model, dst_ho, 'dst')
     return dict(recon_ssim=(s_src + s_dst) / 2, recon_ssim_src=s_src, recon_ssim_dst=s_dst,
                 identity_transfer=(ids == src_ho.identity).float().mean().item(),
-                identity_kept_dst=(ids == dst_ho.identity).float().mean().item(), landmark_nme=nme.mean().item())
+                identity_kept_dst=(ids == dst_ho.identity).float().mean().item(), landmark_nme=nme.mean().item(),
+                landmark_nme_other_face=landmark_nme(other, drive).mean().item())
 
 # %% ../../nbs/20_faceswap.ipynb #cell-50
 def refine_mask(mask, erode=0, blur=0):

@@ -377,6 +377,10 @@ class GANTrainer:
         return self
 
     @property
+    def run_id(self) -> str:
+        "`<name>-<hash of configuration and data>`: a checkpoint folder name that another configuration never shares."
+        return f"{self.name}-{cfg_hash({'cfg': self.cfg, 'data': self.data_sha1})}"
+    @property
     def history_df(self) -> pd.DataFrame: return pd.DataFrame(self.history)
     @property
     def evals_df(self) -> pd.DataFrame: return pd.DataFrame(self.evals)
