@@ -3,7 +3,9 @@
 Renders `--n` faces (`--per-identity` per identity) at each size, `--repeat` times, and reports faces/s of the best
 and of the median run for each thread count. Targets: >= 1000 faces/s at 64x64 and >= 250 faces/s at 128x128 on
 2 CPU cores. The machine's load average is printed with the results: on a shared machine the best run is the
-closest to what the code does on free cores, the median what you got. Exit status 1 if a best rate misses its target.
+closest to what the code does on free cores, the median what you got. Faces per CPU-second (process time) tell
+what each core does while it actually runs this process: on N free cores expect about N times that with N threads.
+Exit status 1 if a best rate misses its target.
 
     python benchmarks/synth_speed.py                          # 2 threads, 64 and 128 px
     python benchmarks/synth_speed.py --threads 1 2 --n 2048 --repeat 5
@@ -21,15 +23,17 @@ def measure(size, n, per_identity, threads, repeat, device):
     torch.set_num_threads(threads)
     n_id = max(1, n // per_identity)
     render_faces(2, 8, size=size, seed=0, device=device)                        # warm-up
-    rates = []
+    rates, cpu_rates = [], []
     for r in range(repeat):
         if device.startswith('cuda'): torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = render_faces(n_id, per_identity, size=size, seed=r, device=device)
         if device.startswith('cuda'): torch.cuda.synchronize()
         rates.append(n_id * per_identity / (time.perf_counter() - t))
+        cpu_rates.append(n_id * per_identity / max(time.process_time() - c, 1e-9))
     return dict(size=size, threads=threads, device=device, n=n_id * per_identity, best=max(rates),
-                median=statistics.median(rates), runs=[round(x, 1) for x in rates])
+                median=statistics.median(rates), runs=[round(x, 1) for x in rates],
+                per_cpu_second=statistics.median(cpu_rates))
 
 
 def main(argv=None):
@@ -51,7 +55,7 @@ def main(argv=None):
             met = tgt is None or a.device != 'cpu' or th != 2 or r['best'] >= tgt
             ok &= met
             print(f"{size:4d}px  {th} thread(s)  {a.device:5s}  best {r['best']:8.0f} faces/s  median {r['median']:8.0f}"
-                  f"  (n={r['n']}, runs {r['runs']})" + (f"  target {tgt:.0f}: {'met' if met else 'MISSED'}" if tgt and th == 2 and a.device == 'cpu' else ''))
+                  f"  (n={r['n']}, runs {r['runs']}; {r['per_cpu_second']:.0f} faces per CPU-second)" + (f"  target {tgt:.0f}: {'met' if met else 'MISSED'}" if tgt and th == 2 and a.device == 'cpu' else ''))
     load = os.getloadavg() if hasattr(os, 'getloadavg') else None
     print(f"load average (1, 5, 15 min): {load}  on {os.cpu_count()} logical CPUs")
     if a.json:

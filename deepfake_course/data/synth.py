@@ -377,15 +377,11 @@ def _ray_ellipsoid(du, dv, Rt, o, A, Q=None):
 
 
 def _hash_noise(keys, shape, device):
-    "Deterministic pseudo-Gaussian noise (B×C×H×W) from per-image integer keys (a sine hash, cheap and vectorised)."
-    B = keys.shape[0]; n = int(np.prod(shape))
-    idx = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(0)
-    k = (keys.view(B, 1).to(device) % 9973).float()
-    out = 0
-    for a, b in ((12.9898, 78.233), (39.3468, 11.135)):
-        h = torch.sin(idx * (a * 1e-3) + k * b) * 43758.5453
-        out = out + (h - h.floor())
-    return ((out - 1.0) * 2.449).view(B, *shape)
+    "Gaussian noise (B×C×H×W), each image from its own generator seeded by its key (independent of batching)."
+    out = torch.empty(len(keys), *shape)
+    for i, k in enumerate(keys.tolist()):
+        out[i] = torch.randn(*shape, generator=torch.Generator().manual_seed(int(k)))
+    return out.to(device)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-19
 def _render_chunk(p, S):
@@ -504,9 +500,9 @@ def _render_chunk(p, S):
     lt = Lh / A_t
     difft = (Tx * v(lt[:, 0]) + Ty * v(lt[:, 1]) + Tz * v(lt[:, 2])) * torch.rsqrt(
         sq(Tx / v(A_t[:, 0])) + sq(Ty / v(A_t[:, 1])) + sq(Tz / v(A_t[:, 2])) + 1e-8)
-    use_t = (dnt > 0) & ((wft > wfn) | (dnn <= 0))
-    Xn = torch.where(use_t, Tx * v(A_t[:, 0]), Xn); Yn = torch.where(use_t, Ty * v(A_t[:, 1]) + v(o_t[:, 1]), Yn)
-    diffn = torch.where(use_t, difft, diffn); wfn = torch.where(use_t, wft, wfn)
+    use_t = ((dnt > 0) & ((wft > wfn) | (dnn <= 0))).float()
+    Xn = torch.lerp(Xn, Tx * v(A_t[:, 0]), use_t); Yn = torch.lerp(Yn, Ty * v(A_t[:, 1]) + v(o_t[:, 1]), use_t)
+    diffn = torch.lerp(diffn, difft, use_t); wfn = torch.lerp(wfn, wft, use_t)
     dnn = torch.maximum(dnn * v(A_n[:, 0]), dnt * v(A_t[:, 0]))
     wn = cov(dnn * 0.5) * ((wfn - wf) * 25 + 0.5).clamp_(0, 1)
     X = torch.lerp(X, Xn, wn); Y = torch.lerp(Y, Yn, wn); diff = torch.lerp(diff, diffn, wn)
@@ -563,7 +559,7 @@ def _render_chunk(p, S):
     yuo, yiu, yil, ylo, ym = _mouth_curves(xm, {k: v(p[k]) for k in ('mouth_y', 'smile', 'mouth_open', 'lip_up', 'lip_lo')})
     side_d = (1 - xm.abs()) * mw
     a_lip = cov(torch.minimum(torch.minimum(Y - yuo, ylo - Y), side_d))
-    lipsh = torch.where(Y < ym, torch.full_like(Y, 0.82), 1.0 + 0.12 * (1 - sq(xm)).clamp_min_(0))
+    lipsh = torch.lerp(1.0 + 0.12 * (1 - sq(xm)).clamp_min_(0), torch.full_like(Y, 0.82), (Y < ym).float())
     alb = lerp(alb, c3(p['lip']) * lipsh.unsqueeze(1), a_lip)
     if any_(p['mouth_open'] > 0):
         a_in = cov(torch.minimum(torch.minimum(Y - yiu, yil - Y), side_d))
@@ -582,7 +578,8 @@ def _render_chunk(p, S):
         gw, gh = ew * 1.3 + 0.03, eh * 1.7 + 0.05
         gy = ey - 0.01
         qx, qy = sq((Xa - ex) / gw), sq((Y - gy) / gh)
-        rr = torch.where(v(p['glasses_round']) > 0, qx + qy, sq(qx) + sq(qy))
+        gr = v(p['glasses_round'])
+        rr = gr * (qx + qy) + (1 - gr) * (sq(qx) + sq(qy))
         rim = (1 - rr) * 0.25 * gh
         ya = (Y - gy + gh * 0.35).abs()
         a_g = torch.maximum(cov(0.011 - rim.abs()), cov(torch.minimum(0.01 - ya, (Xa - ex).abs() - gw + 0.01)))

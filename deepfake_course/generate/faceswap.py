@@ -862,7 +862,7 @@ def swap_clip(model, clip, out_path=None, landmarks5=None, detector=None, mode='
     if out_path is not None:
         meta = {'comment': SYNTHETIC_TAG, 'deepfake_method': f'faceswap-{model.archi}', **(metadata or {})}
         r['path'] = write_mp4(out_path, r['frames'].permute(0, 2, 3, 1).numpy(), r['fps'], clip.get('audio'),
-                              int(clip.get('sample_rate', 16000)), meta)
+                              int(clip.get('sample_rate', clip.get('sr', 16000))), meta)
     return r
 
 def face_ellipse(size, face_type='full'):

@@ -321,7 +321,7 @@ class GANTrainer:
         self.identities = None if identities is None else torch.as_tensor(identities).long().cpu()
         self.device = get_device(device)
         self.data_sha1 = _tensor_sha1(self.images)
-        self.step, self.history, self.evals, self.snapshots, self.train_seconds = 0, [], [], [], 0.0
+        self.step, self.history, self.evals, self.snapshots, self.train_seconds, self.cpu_seconds = 0, [], [], [], 0.0, 0.0
         self.build()
 
     # -- to define in subclasses
@@ -347,7 +347,10 @@ class GANTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
             torch.manual_seed(seed)
             if z is None: z = self.latent(n)
-            out = [self.generate(z[i:i+batch].to(self.device), **kw).float().cpu() for i in range(0, len(z), batch)]
+            def part(v, i):  # per-sample tensors (e.g. z2 for style mixing) are batched with z and moved to the device
+                return v[i:i+batch].to(self.device) if isinstance(v, torch.Tensor) and len(v) == len(z) else v
+            out = [self.generate(z[i:i+batch].to(self.device), **{k: part(v, i) for k, v in kw.items()}).float().cpu()
+                   for i in range(0, len(z), batch)]
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
     # -- the loop
@@ -360,10 +363,11 @@ class GANTrainer:
         bar = progress(total=steps, initial=min(self.step, steps), desc=self.name, verbose=verbose)
         try:
             while self.step < steps:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 logs = self.train_step()
                 self.step += 1
-                self.train_seconds += time.perf_counter() - t0
+                self.train_seconds += time.perf_counter() - t0  # wall time of the training steps
+                self.cpu_seconds += time.process_time() - c0  # CPU time (all threads): honest on a shared machine
                 self.history.append({'step': self.step, **{k: float(v) for k, v in logs.items()}})
                 last = self.step == steps
                 if snapshot_every and (self.step % snapshot_every == 0 or last):
@@ -391,7 +395,7 @@ class GANTrainer:
                 'modules': {k: m.state_dict() for k, m in self.modules().items()},
                 'optimizers': {k: o.state_dict() for k, o in self.optimizers().items()},
                 'extra': self.extra_state(), 'rng': rng_state(), 'history': self.history, 'evals': self.evals,
-                'snapshots': self.snapshots, 'train_seconds': self.train_seconds}
+                'snapshots': self.snapshots, 'train_seconds': self.train_seconds, 'cpu_seconds': self.cpu_seconds}
     def extra_state(self) -> dict: return {}
     def load_extra_state(self, st: dict): pass
 
@@ -419,7 +423,7 @@ class GANTrainer:
         self.load_extra_state(st['extra'])
         for k, o in self.optimizers().items(): o.load_state_dict(st['optimizers'][k])
         self.step, self.history, self.evals = st['step'], list(st['history']), list(st['evals'])
-        self.snapshots, self.train_seconds = list(st['snapshots']), st['train_seconds']
+        self.snapshots, self.train_seconds, self.cpu_seconds = list(st['snapshots']), st['train_seconds'], st.get('cpu_seconds', 0.0)
         set_rng_state(st['rng'])
         return self
 
