@@ -23,15 +23,15 @@ from ..core import (get_device, rng_state, set_rng_state, atomic_write_bytes, at
 
 # %% auto #0
 __all__ = ['ARCHIS', 'COLOR_TRANSFERS', 'CKPT_FORMAT', 'SYNTHETIC_TAG', 'MANIFEST_COLUMNS', 'Downscale', 'Upscale',
-           'ResidualBlock', 'Encoder', 'Inter', 'Decoder', 'FaceSwapModel', 'DF', 'LIAE', 'build_model', 'umeyama',
-           'invert_affine', 'transform_points', 'warp_affine', 'align_faces', 'eyes_mouth_mask', 'FaceSet',
-           'make_faceset', 'blurred_mask', 'ssim_window', 'swap_loss', 'warp_grid', 'gen_warp_params', 'apply_warp',
-           'rct', 'lct', 'mkl', 'idt', 'sot', 'color_transfer', 'CheckpointMismatchError', 'save_swap_checkpoint',
-           'load_swap_checkpoint', 'load_swap_model', 'SwapTrainResult', 'preview_grid', 'train_faceswap',
-           'timelapse_strip', 'SmallCNN', 'train_identity_classifier', 'predict_identity', 'train_landmark_regressor',
-           'predict_landmarks', 'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops',
-           'evaluate_swap', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames', 'write_mp4', 'read_mp4',
-           'detect_landmarks5', 'swap_clip', 'face_ellipse', 'temporal_flicker', 'save_png', 'make_faceswap_set']
+           'ResidualBlock', 'Encoder', 'Inter', 'Decoder', 'FaceSwapModel', 'DF', 'LIAE', 'build_model', 'warp_affine',
+           'align_faces', 'eyes_mouth_mask', 'FaceSet', 'make_faceset', 'blurred_mask', 'ssim_window', 'swap_loss',
+           'warp_grid', 'gen_warp_params', 'apply_warp', 'rct', 'lct', 'mkl', 'idt', 'sot', 'color_transfer',
+           'CheckpointMismatchError', 'save_swap_checkpoint', 'load_swap_checkpoint', 'load_swap_model',
+           'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'SmallCNN',
+           'train_identity_classifier', 'predict_identity', 'train_landmark_regressor', 'predict_landmarks',
+           'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops', 'evaluate_swap', 'refine_mask',
+           'seamless_clone', 'merge_face', 'swap_frames', 'write_mp4', 'read_mp4', 'detect_landmarks5', 'swap_clip',
+           'face_ellipse', 'temporal_flicker', 'save_png', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
 def _lrelu(x, a=0.1): return F.leaky_relu(x, a)
@@ -155,31 +155,7 @@ def build_model(archi='df', resolution=64, **dims) -> FaceSwapModel:
     return (DF if a == 'df' else LIAE)(resolution, **dims)
 
 # %% ../../nbs/20_faceswap.ipynb #cell-15
-_MEAN_FACE_5 = np.array([[0.235365, 0.215990], [0.764635, 0.215990], [0.5, 0.515625],
-                         [0.264022, 0.780233], [0.735977, 0.780233]])  # faceswap's mean face, 5 points (MTCNN order)
-_FACE_TYPES = {'tight': (0.05, 0.0), 'full': (0.1875, 0.0), 'whole': (0.3, 0.06)}  # as deepfake_course.faces
-
-def umeyama(src, dst):
-    "Least-squares similarity transform (2x3) taking points src (N x 2) onto dst (Umeyama 1991)."
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    ms, md = src.mean(0), dst.mean(0); sc, dc = src - ms, dst - md
-    A = dc.T @ sc / len(src)
-    d = np.ones(2); d[-1] = -1 if np.linalg.det(A) < 0 else 1
-    U, S_, V = np.linalg.svd(A)
-    R = U @ np.diag(d) @ V
-    s = (S_ @ d) / sc.var(0).sum()
-    return np.hstack([s * R, (md - s * R @ ms)[:, None]])
-
-def invert_affine(M):
-    "Inverse of a 2x3 (or N x 2 x 3) affine matrix."
-    M = np.asarray(M, np.float64)
-    full = np.concatenate([M, np.broadcast_to(np.array([0., 0., 1.]), M.shape[:-2] + (1, 3))], -2)
-    return np.linalg.inv(full)[..., :2, :]
-
-def transform_points(pts, M):
-    "Apply 2x3 affine(s) to points (... x K x 2)."
-    M, pts = np.asarray(M, np.float64), np.asarray(pts, np.float64)
-    return pts @ np.swapaxes(M[..., :2], -1, -2) + M[..., None, :, 2]
+from ..faces import face_template as _template, transform_points  # one alignment for the course (notebook 12)
 
 def warp_affine(x, M, size, padding='zeros'):
     "kornia warp of N x C x H x W by pixel-coordinate 2x3 matrices (cv2 convention) to size=(h, w)."
@@ -187,29 +163,16 @@ def warp_affine(x, M, size, padding='zeros'):
     if M.ndim == 2: M = M[None].expand(x.shape[0], 2, 3)
     return kornia.geometry.transform.warp_affine(x, M, size, mode='bilinear', padding_mode=padding, align_corners=True)
 
-def _template(size, face_type):
-    if face_type not in _FACE_TYPES: raise ValueError(f"Unknown face_type {face_type!r}: use one of {', '.join(_FACE_TYPES)}")
-    pad, shift = _FACE_TYPES[face_type]
-    return (pad + _MEAN_FACE_5 * (1 - 2 * pad) + np.array([0.0, shift])) * size
-
 def align_faces(images, landmarks5, size=64, face_type='full'):
-    "Aligned crops of N x 3 x H x W frames from their 5 landmarks: (crops N x 3 x size x size, M, M_inv as N x 2 x 3 arrays)."
+    "Aligned crops of N x 3 x H x W frames from their 5 landmarks (`faces.align_faces`, border padding): crops, M, M_inv (N x 2 x 3 arrays)."
+    from deepfake_course.faces import align_faces as _faces_align
     lm = np.asarray(landmarks5.detach().cpu() if isinstance(landmarks5, torch.Tensor) else landmarks5, np.float64)
     if lm.ndim == 2: lm = lm[None]
     if lm.shape[1:] != (5, 2) or len(lm) != len(images):
         raise ValueError(f"landmarks5 must be N x 5 x 2 with N = {len(images)} images, got {lm.shape}")
     if not np.isfinite(lm).all(): raise ValueError("landmarks5 contains NaN/inf (a frame without a face?)")
-    images = torch.as_tensor(images).float()
-    try:
-        from deepfake_course.faces import align_faces as _faces_align
-    except ImportError:
-        _faces_align = None
-    if _faces_align is not None:
-        crops, M, M_inv = _faces_align(images, torch.from_numpy(lm), size, face_type, padding_mode='border')
-        return crops, M.cpu().numpy().astype(np.float32), M_inv.cpu().numpy().astype(np.float32)
-    T = _template(size, face_type)
-    M = np.stack([umeyama(p, T) for p in lm]).astype(np.float32)
-    return warp_affine(images, M, (size, size), padding='border'), M, invert_affine(M).astype(np.float32)
+    crops, M, M_inv = _faces_align(torch.as_tensor(images).float(), torch.from_numpy(lm), size, face_type, padding_mode='border')
+    return crops, M.cpu().numpy().astype(np.float32), M_inv.cpu().numpy().astype(np.float32)
 
 def eyes_mouth_mask(landmarks5, size, face_mask=None):
     "Soft eyes+mouth mask (N x 1 x S x S) from 5 landmarks: Gaussian blobs at the eyes and an ellipse along the mouth."
