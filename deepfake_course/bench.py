@@ -256,8 +256,8 @@ def report_figures(scores: pd.DataFrame, sets: dict, models: dict, cfg: dict) ->
         idx = list(np.flatnonzero(lab == 0)[:3]) + list(np.flatnonzero(lab == 1)[:3])
         x = fs.x[idx].float() / 255
         layer = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)][-1]
-        cams = grad_cam(m.cpu().eval(), x, layer)
-        fig = show_cam(x, cams, titles=['real'] * 3 + ['fake'] * 3)
+        cams = grad_cam(m.cpu().eval(), x, layer, target=torch.as_tensor(lab[idx]))  # evidence for each face's true class
+        fig = show_cam(x, cams, titles=['real: evidence for real'] * 3 + ['fake: evidence for fake'] * 3)
         fig = fig if hasattr(fig, 'savefig') else plt.gcf()
         figs['gradcam'] = _fig_png(fig)
     return figs
