@@ -229,20 +229,9 @@ def read_manifest_csv(path: str | os.PathLike) -> pd.DataFrame:
 
 # %% ../../nbs/29_detect_core.ipynb #cell-18
 def similarity_from_landmarks(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    "Batched least-squares similarity (Umeyama) taking points `src` (N×K×2) onto `dst`; returns N×2×3."
-    src, dst = src.double(), dst.double()
-    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
-    s0, d0 = src - ms, dst - md
-    cov = d0.transpose(1, 2) @ s0 / src.shape[1]
-    U, Sg, Vh = torch.linalg.svd(cov)
-    D = torch.ones(src.shape[0], 2, dtype=src.dtype)
-    D[:, 1] = torch.sign(torch.det(U @ Vh))
-    R = U @ torch.diag_embed(D) @ Vh
-    var = (s0 ** 2).sum((1, 2)) / src.shape[1]
-    scale = (Sg * D).sum(1) / var.clamp_min(1e-12)
-    A = scale[:, None, None] * R
-    t = md.squeeze(1) - (A @ ms.transpose(1, 2)).squeeze(-1)
-    return torch.cat([A, t[..., None]], 2).float()
+    "Batched least-squares similarity (Umeyama, `faces.umeyama`) taking points `src` (N×K×2) onto `dst`; returns N×2×3."
+    from deepfake_course.faces import umeyama
+    return umeyama(src, dst)[..., :2, :].float()
 
 def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.05, colour: bool = True) -> torch.Tensor:
     """Blend donor faces onto target faces (dicts with images N×3×H×W, landmarks5 N×5×2, mask N×1×H×W).
