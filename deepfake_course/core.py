@@ -15,7 +15,7 @@ import torch
 __all__ = ['DEVICES', 'available_devices', 'get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'get_data_root',
            'cfg_hash', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir',
            'record', 'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast',
-           'to_numpy_image', 'show_images', 'save_images']
+           'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
 
 # %% ../nbs/00_core.ipynb #cell-7
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
@@ -256,3 +256,53 @@ def save_images(images, path: str | os.PathLike, **kwargs) -> Path:
     fig = show_images(images, **kwargs)
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100); plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+# %% ../nbs/00_core.ipynb #cell-29
+def _frames_u8(frames) -> np.ndarray:
+    "Frames as a T×H×W×3 uint8 array (from uint8 or [0,1] float, T×H×W×3 or T×3×H×W, array or tensor)."
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3: frames = frames.permute(0, 2, 3, 1)
+        frames = frames.numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3: frames = frames.transpose(0, 2, 3, 1)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"write_mp4: frames must be T×H×W×3 (or T×3×H×W) with T ≥ 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8: frames = (np.clip(frames.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(frames)
+
+def write_mp4(path, frames, fps: float = 25, audio=None, sample_rate: int = 16000, metadata: dict | None = None,
+              crf: int = 18) -> Path:
+    "Write frames as H.264 (odd sides padded) with optional mono AAC `audio` (float in [-1,1] or int16) and metadata tags, atomically."
+    import av
+    fr = _frames_u8(frames)
+    H, W = fr.shape[1:3]
+    if H % 2 or W % 2: fr = np.pad(fr, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode='edge')
+    a = None
+    if audio is not None:
+        a = np.asarray(audio.detach().cpu() if isinstance(audio, torch.Tensor) else audio).reshape(-1)
+        a = a.astype(np.float32) / 32768 if a.dtype == np.int16 else a.astype(np.float32)
+        if np.abs(a).max(initial=0) > 1.0 + 1e-6: raise ValueError("write_mp4: audio must be float in [-1, 1] (or int16)")
+        if not len(a): a = None
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}.', suffix=path.suffix or '.mp4'); os.close(fd)
+    opts = {'movflags': 'use_metadata_tags'} if path.suffix.lower() in ('.mp4', '.mov', '.m4v') else {}
+    try:
+        with av.open(tmp, 'w', options=opts) as c:
+            for k, v in (metadata or {}).items(): c.metadata[str(k)] = str(v)
+            vs = c.add_stream('libx264', rate=int(round(fps)))
+            vs.width, vs.height, vs.pix_fmt = fr.shape[2], fr.shape[1], 'yuv420p'
+            vs.options = {'crf': str(crf), 'preset': 'veryfast'}
+            if a is not None: aus = c.add_stream('aac', rate=int(sample_rate)); aus.layout = 'mono'
+            for f in fr:
+                for pkt in vs.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(pkt)
+            for pkt in vs.encode(): c.mux(pkt)
+            if a is not None:
+                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(a[None]), format='flt', layout='mono'); af.sample_rate = int(sample_rate)
+                for pkt in aus.encode(af): c.mux(pkt)
+                for pkt in aus.encode(): c.mux(pkt)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError): os.unlink(tmp)
+        raise
+    return path

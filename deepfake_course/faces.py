@@ -480,20 +480,11 @@ def read_frames(path, every: int | None = None, count: int | None = None):
     return np.stack(frames), np.array(idx), fps
 
 def write_video(path, frames, fps: float = 25) -> Path:
-    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as an H.264 mp4 with PyAV (odd sides are padded by one pixel)."
-    import av
+    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as an H.264 mp4 (`core.write_mp4`; odd sides are padded by one pixel)."
+    from deepfake_course.core import write_mp4
     fr = np.stack([to_rgb_uint8(f) for f in frames]) if len(frames) else None
     if fr is None: raise ValueError("write_video: no frames to write")
-    H, W = fr.shape[1:3]
-    fr = np.pad(fr, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode='edge')
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), 'w') as c:
-        s = c.add_stream('libx264', rate=int(round(fps))); s.width, s.height, s.pix_fmt = fr.shape[2], fr.shape[1], 'yuv420p'
-        s.options = {'crf': '18'}
-        for f in fr:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(pkt)
-        for pkt in s.encode(): c.mux(pkt)
-    return path
+    return write_mp4(path, fr, fps)
 
 # %% ../nbs/12_faces.ipynb #cell-50
 def box_iou(a, b) -> np.ndarray:

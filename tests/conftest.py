@@ -12,6 +12,15 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # two workers on two cores: one threa
 NOTEBOOK_TIMES: dict[str, float] = {}
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "One intra-op torch thread for a test module (small convolutions gain nothing from more, and lose much on a busy machine)."
+    import torch
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope='session')
 def session_data_root(tmp_path_factory):
     "A data root shared by every test of this run (and by xdist workers), so built data is reused."

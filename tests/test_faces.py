@@ -9,12 +9,7 @@ import torch
 from deepfake_course import faces as F
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "MTCNN's small convolutions gain nothing from more threads, and lose a lot on a busy shared machine."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -13,12 +13,7 @@ from deepfake_course.train import (Callback, CheckpointError, FitResult, Interru
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "The machines running the suite are small and shared: one intra-op thread is faster and keeps runs comparable."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

@@ -308,36 +308,14 @@ SAMPLE_RATE = 16000
 AAC_PRIMING = 1024   # samples of silence FFmpeg's AAC encoder puts first; PyAV-written mp4s do not mark them
 
 def write_video(path, frames, fps: float = 25, audio=None, sample_rate: int = SAMPLE_RATE, crf: int = 18):
-    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as H.264 mp4, with AAC sound if `audio` is given."
-    import av
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu()
-        if frames.is_floating_point(): frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
-        if frames.shape[1] == 3 and frames.shape[-1] != 3: frames = frames.permute(0, 2, 3, 1)
-        frames = frames.numpy()
-    frames = np.ascontiguousarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_video: frames must be T×H×W×3 uint8 (or T×3×H×W float), got {frames.shape} {frames.dtype}")
-    T, H, W, _ = frames.shape
+    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as H.264 mp4, with AAC sound if `audio` is given (`core.write_mp4`; even sides only)."
+    from deepfake_course.core import write_mp4, _frames_u8
+    try: frames = _frames_u8(frames)
+    except ValueError as e: raise ValueError(f"write_video: frames must be T×H×W×3 uint8 (or T×3×H×W float): {e}") from None
+    H, W = frames.shape[1:3]
     if H % 2 or W % 2: raise ValueError(f"write_video: H.264 needs even height and width, got {H}×{W}")
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), 'w') as c:
-        v = c.add_stream('libx264', rate=int(round(fps)))
-        v.width, v.height, v.pix_fmt = W, H, 'yuv420p'
-        v.options = {'crf': str(crf)}
-        a = None
-        if audio is not None:
-            a = c.add_stream('aac', rate=sample_rate); a.layout = 'mono'
-        for f in frames:
-            for pk in v.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(pk)
-        for pk in v.encode(): c.mux(pk)
-        if a is not None:
-            x = np.asarray(audio.detach().cpu() if isinstance(audio, torch.Tensor) else audio, dtype=np.float32).reshape(1, -1)
-            if x.dtype.kind != 'f' or np.abs(x).max(initial=0) > 1.0 + 1e-6: raise ValueError("write_video: audio must be float in [-1, 1]")
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format='flt', layout='mono'); af.sample_rate = sample_rate
-            for pk in a.encode(af): c.mux(pk)
-            for pk in a.encode(): c.mux(pk)
-    return path
+    if audio is not None and np.asarray(audio).dtype.kind != 'f': raise ValueError("write_video: audio must be float in [-1, 1]")
+    return write_mp4(path, frames, fps, audio, sample_rate, crf=crf)
 
 def read_video(path, start: int = 0, n_frames: int | None = None, audio: bool = True):
     "Decode frames [start, start+n_frames) as T×H×W×3 uint8 and the whole sound track (16 kHz mono float32 or None)."

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 __all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'SR', 'FPS', 'VOWELS',
            'SYNTH_VERSION', 'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project',
            'landmarks', 'jpeg_approx', 'render', 'render_faces', 'mtcnn_agreement', 'render_face', 'syllable_envelope',
-           'synth_voice', 'mel_filterbank', 'log_mel', 'clip_params', 'render_clip', 'write_clip_mp4',
-           'make_synthfaces']
+           'synth_voice', 'mel_filterbank', 'log_mel', 'clip_params', 'render_clip', 'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
 SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
@@ -902,36 +901,6 @@ def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0
 # %% ../../nbs/10_synthfaces.ipynb #cell-46
 SYNTH_VERSION = 2   # bump when the renderer changes what it draws: builds are keyed by it
 
-
-def write_clip_mp4(path, frames, audio=None, fps: int = FPS, sr: int = SR, metadata: dict | None = None) -> Path:
-    "Write frames (T×3×H×W float in [0,1]) as H.264 mp4 with optional AAC mono audio (PyAV), atomically."
-    import av, tempfile
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    u8 = (frames.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.mp4'); os.close(fd)
-    try:
-        with av.open(tmp, 'w') as c:
-            for k, v in (metadata or {}).items(): c.metadata[k] = str(v)
-            vs = c.add_stream('libx264', rate=fps)
-            vs.width, vs.height, vs.pix_fmt = u8.shape[2], u8.shape[1], 'yuv420p'
-            vs.options = {'crf': '18', 'preset': 'veryfast'}
-            if audio is not None:
-                aus = c.add_stream('aac', rate=sr); aus.layout = 'mono'
-            for fr in u8:
-                for pkt in vs.encode(av.VideoFrame.from_ndarray(fr, format='rgb24')): c.mux(pkt)
-            for pkt in vs.encode(): c.mux(pkt)
-            if audio is not None:
-                a = np.asarray(audio, np.float32).reshape(1, -1)
-                af = av.AudioFrame.from_ndarray(a, format='flt', layout='mono'); af.sample_rate = sr
-                for pkt in aus.encode(af): c.mux(pkt)
-                for pkt in aus.encode(): c.mux(pkt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
-
 def _splits(n: int, rng: np.random.Generator, frac=(0.7, 0.15, 0.15)) -> list[str]:
     "Assign n items to train/val/test in proportion `frac` (at least one in val and test when n >= 3), shuffled."
     n_val = max(1 if n >= 3 else 0, int(round(n * frac[1]))); n_test = max(1 if n >= 3 else 0, int(round(n * frac[2])))
@@ -951,7 +920,7 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
     (`clips/<clip_id>.npz` canonical + `.mp4` with AAC sound), `manifest.csv`, `landmarks.npz` and `card.json`."""
     import pandas as pd
     from PIL import Image
-    from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress
+    from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress, write_mp4
     _check_count('n_identities', n_identities); _check_count('images_per_identity', images_per_identity, 0)
     _check_count('clips_per_identity', clips_per_identity, 0); _check_size(size); _check_count('clip_frames', clip_frames)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -1000,7 +969,7 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
                     np.savez_compressed(tmp / 'clips' / f'{cid}.npz', frames=fr, audio=a16, mel=clip['mel'].numpy(),
                                         landmarks5=clip['landmarks5'].cpu().numpy(), landmarks68=clip['landmarks68'].cpu().numpy(),
                                         fps=np.int64(FPS), sr=np.int64(SR), identity=np.int64(i))
-                    write_clip_mp4(tmp / 'clips' / f'{cid}.mp4', clip['frames'], clip['audio'].numpy(),
+                    write_mp4(tmp / 'clips' / f'{cid}.mp4', clip['frames'], FPS, clip['audio'].numpy(), SR,
                                    metadata={'comment': 'synthetic: SynthFaces render (deepfake-course)'})
                     rows.append(dict(path=f'clips/{cid}.npz', label=0, source='synthfaces', identity=i, target_identity=-1,
                                      split='', clip_id=cid, frame=-1, kind='clip', id_split=id_split[i]))

@@ -30,8 +30,8 @@ __all__ = ['ARCHIS', 'COLOR_TRANSFERS', 'CKPT_FORMAT', 'SYNTHETIC_TAG', 'MANIFES
            'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'SmallCNN',
            'train_identity_classifier', 'predict_identity', 'train_landmark_regressor', 'predict_landmarks',
            'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops', 'evaluate_swap', 'refine_mask',
-           'seamless_clone', 'merge_face', 'swap_frames', 'write_mp4', 'read_mp4', 'detect_landmarks5', 'swap_clip',
-           'face_ellipse', 'temporal_flicker', 'save_png', 'make_faceswap_set']
+           'seamless_clone', 'merge_face', 'swap_frames', 'read_mp4', 'detect_landmarks5', 'swap_clip', 'face_ellipse',
+           'temporal_flicker', 'save_png', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
 def _lrelu(x, a=0.1): return F.leaky_relu(x, a)
@@ -738,43 +738,7 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
 # %% ../../nbs/20_faceswap.ipynb #cell-58
 SYNTHETIC_TAG = 'synthetic: made by deepfake-course'
 
-def write_mp4(path, frames, fps=25, audio=None, sample_rate=16000, metadata=None):
-    "Write T x H x W x 3 frames (uint8 or [0,1]) as H.264 and optional mono audio as AAC to an mp4, atomically, with metadata tags."
-    import av
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8: frames = (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames): raise ValueError(f"write_mp4 expects T x H x W x 3 frames, got {frames.shape}")
-    H, W = frames.shape[1:3]
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}.', suffix='.mp4'); os.close(fd)
-    try:
-        with av.open(tmp, 'w', format='mp4', options={'movflags': 'use_metadata_tags'}) as c:
-            for k, v in (metadata or {}).items(): c.metadata[str(k)] = str(v)
-            vs = c.add_stream('libx264', rate=int(round(fps)))
-            vs.width, vs.height, vs.pix_fmt = W + W % 2, H + H % 2, 'yuv420p'
-            vs.options = {'crf': '18', 'preset': 'veryfast'}
-            a_s = None
-            if audio is not None and len(audio):
-                a_s = c.add_stream('aac', rate=int(sample_rate)); a_s.layout = 'mono'
-            for f in frames:
-                if W % 2 or H % 2: f = np.pad(f, ((0, H % 2), (0, W % 2), (0, 0)), mode='edge')
-                for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')): c.mux(p)
-            for p in vs.encode(): c.mux(p)
-            if a_s is not None:
-                a = np.asarray(audio)
-                a = a.astype(np.float32) / 32768 if a.dtype == np.int16 else a.astype(np.float32).reshape(-1)
-                for s in range(0, len(a), 1024):
-                    chunk = a[s:s + 1024]
-                    if len(chunk) < 1024: chunk = np.pad(chunk, (0, 1024 - len(chunk)))
-                    af = av.AudioFrame.from_ndarray(chunk[None], format='fltp', layout='mono')
-                    af.sample_rate, af.pts = int(sample_rate), s
-                    for p in a_s.encode(af): c.mux(p)
-                for p in a_s.encode(): c.mux(p)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
+from ..core import write_mp4  # the course's one mp4 writer (notebook 00): H.264 + AAC + metadata tags
 
 def read_mp4(path):
     "Read an mp4: dict(frames uint8 T x H x W x 3, audio float32 mono, sample_rate, fps, metadata)."
