@@ -22,11 +22,11 @@ __all__ = ['GAN_RANGES', 'ATTRS', 'GENERATORS', 'MANIFEST_COLUMNS', 'check_image
            'synth_faces', 'synth_attribute_faces', 'synth_counterfactual', 'to_uint8_hwc', 'mtcnn_face_found',
            'mtcnn_rate', 'FaceFeatureNet', 'train_feature_net', 'frechet_distance', 'knn_precision_recall', 'EqLinear',
            'EqConv2d', 'PixelNorm', 'minibatch_stddev', 'is_pow2', 'check_resolution', 'DCGANGenerator',
-           'DCGANDiscriminator', 'n_params', 'CheckpointError', 'GANTrainer', 'DCGANTrainer', 'pg_schedule',
-           'pg_total_steps', 'PGGenerator', 'PGDiscriminator', 'gradient_penalty', 'PGGANTrainer', 'ModConv2d',
-           'StyleLayer', 'ToRGB', 'StyleGenerator', 'StyleDiscriminator', 'StyleGANTrainer', 'StarGenerator',
-           'StarDiscriminator', 'StarGANTrainer', 'build_generator', 'gan_quality', 'interpolate_latents', 'png_bytes',
-           'make_fake_set', 'read_png_text']
+           'DCGANDiscriminator', 'n_params', 'GANTrainer', 'DCGANTrainer', 'pg_schedule', 'pg_total_steps',
+           'PGGenerator', 'PGDiscriminator', 'gradient_penalty', 'PGGANTrainer', 'ModConv2d', 'StyleLayer', 'ToRGB',
+           'StyleGenerator', 'StyleDiscriminator', 'StyleGANTrainer', 'StarGenerator', 'StarDiscriminator',
+           'StarGANTrainer', 'build_generator', 'gan_quality', 'interpolate_latents', 'png_bytes', 'make_fake_set',
+           'read_png_text']
 
 # %% ../../nbs/21_gans.ipynb #cell-8
 def check_images(images, what: str = 'images', min_n: int = 2) -> torch.Tensor:
@@ -291,8 +291,7 @@ class DCGANDiscriminator(nn.Module):
 def n_params(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
 # %% ../../nbs/21_gans.ipynb #cell-28
-class CheckpointError(RuntimeError):
-    "A checkpoint that does not belong to this trainer (another generator, configuration or dataset)."
+from ..train import CheckpointError  # the course's one checkpoint error (notebook 01)
 
 def _tensor_sha1(x: torch.Tensor) -> str:
     return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
