@@ -490,7 +490,7 @@ def preview_grid(model, src, dst, n=4):
     return torch.cat(rows).cpu()
 
 def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0.5, 0.999), random_warp=True,
-                   random_flip=True, ct_mode=None, eyes_mouth_prio=True, masked=True, preview_every=100, preview_n=4,
+                   warp_fraction=1.0, lr_final=None, random_flip=True, ct_mode=None, eyes_mouth_prio=True, masked=True, preview_every=100, preview_n=4,
                    ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, on_step=None,
                    min_images=16) -> SwapTrainResult:
     "Train DF/LIAE on src and dst FaceSets with DFL's recipe; checkpoints every `ckpt_every` steps and resumes exactly."
@@ -499,6 +499,14 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
         if len(fs) < max(min_images, 2):
             raise ValueError(f"{name} identity {fs.identity}: only {len(fs)} faces; training needs at least {max(min_images, 2)}")
         if fs.size != model.resolution: raise ValueError(f"{name} faces are {fs.size} px but the model is {model.resolution} px")
+    if isinstance(warp_fraction, bool) or not isinstance(warp_fraction, (int, float)) or not 0 <= warp_fraction <= 1:
+        raise ValueError(f"warp_fraction must be a number in [0, 1] (the share of steps trained with random warp), got {warp_fraction!r}")
+    warp_until = round(warp_fraction * steps) if random_warp else 0
+    if lr_final is not None and not (isinstance(lr_final, (int, float)) and 0 <= lr_final <= lr):
+        raise ValueError(f"lr_final must be None or a number in [0, lr={lr}], got {lr_final!r}")
+    def lr_at(i):  # constant while warping, then (with lr_final) a cosine down to lr_final over the sharpening steps
+        if lr_final is None or i < warp_until: return lr
+        return lr_final + (lr - lr_final) * 0.5 * (1 + math.cos(math.pi * (i - warp_until) / max(1, steps - warp_until)))
     if ct_mode and ct_mode not in COLOR_TRANSFERS: raise ValueError(f"Unknown ct_mode {ct_mode!r}: use one of {', '.join(COLOR_TRANSFERS)} or None")
     dev = get_device(device); model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=1e-7)
@@ -523,8 +531,10 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     for step_i in progress(range(step, steps), verbose=verbose, total=steps, initial=step, desc=f'{model.archi} training'):
         t0 = time.perf_counter()
         bs, bd = rng.integers(0, len(src), batch_size), rng.integers(0, len(dst), batch_size)
-        ws, ts, tms, tems = _augment(src, bs, rng, random_warp, random_flip, dev, ct)
-        wd, td, tmd, temd = _augment(dst, bd, rng, random_warp, random_flip, dev)
+        warp = step_i < warp_until   # DFL: random warp while the faces are learnt, then off to sharpen them
+        for g in opt.param_groups: g['lr'] = lr_at(step_i)
+        ws, ts, tms, tems = _augment(src, bs, rng, warp, random_flip, dev, ct)
+        wd, td, tmd, temd = _augment(dst, bd, rng, warp, random_flip, dev)
         ps, pms = model.autoencode(ws, 'src'); pd_, pmd = model.autoencode(wd, 'dst')
         ls = swap_loss(ps, pms, ts, tms, tems if eyes_mouth_prio else None, masked)
         ld = swap_loss(pd_, pmd, td, tmd, temd if eyes_mouth_prio else None, masked)
@@ -533,7 +543,7 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
         step = step_i + 1; seconds += time.perf_counter() - t0
         hist.append(dict(step=step, loss=loss.item(), src_loss=ls['total'].item(), dst_loss=ld['total'].item(),
                          dssim=(ls['dssim'] + ld['dssim']).item() / 2, mse=(ls['mse'] + ld['mse']).item() / 2,
-                         mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, seconds=seconds))
+                         mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, warp=warp, lr=lr_at(step_i), seconds=seconds))
         if preview_every and step % preview_every == 0: snap()
         if ckpt_every and step % ckpt_every == 0: save()
         if on_step is not None: on_step(step, hist[-1])
@@ -572,15 +582,23 @@ def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device
             opt.zero_grad(); loss.backward(); opt.step()
     return net.eval()
 
-def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, lr=2e-3, seed=0, device='auto', width=16, verbose=None):
-    "A small CNN naming the identity of a face from the face region only (image x mask), trained on real faces."
+def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, lr=2e-3, seed=0, device='auto', width=16,
+                              max_blur=1.5, verbose=None):
+    """A small CNN naming the identity of a face from the face region only (image x mask), trained on real faces.
+    Training faces are blurred at random (Gaussian sigma up to `max_blur` px, 0: never) so that the judge names *who*
+    is shown, not how sharp the picture is: a generated face is softer than a photograph, as after a face recogniser."""
     labels = torch.as_tensor(np.asarray(labels)).long(); classes = torch.unique(labels)
     if len(classes) < 2: raise ValueError("train_identity_classifier needs faces of at least 2 identities")
     y = torch.searchsorted(classes, labels)
     x = torch.as_tensor(images).float() * (torch.as_tensor(masks).float() > 0.5)
     def aug(xb, yb, rng):
         p = gen_warp_params(len(xb), xb.shape[-1], rng, rotation=5, scale=0.05, shift=0.03, flip_p=0.5, warp=False)
-        return apply_warp(xb, p, warp=False, padding='zeros'), yb
+        xb = apply_warp(xb, p, warp=False, padding='zeros')
+        if max_blur > 0:   # half the batch blurred, each face by its own sigma
+            sig = torch.as_tensor(rng.uniform(0.3, max_blur, len(xb)), dtype=torch.float32) * torch.as_tensor(rng.random(len(xb)) < 0.5)
+            k = _blur_kernel(max_blur)
+            xb = torch.where((sig > 0)[:, None, None, None], gaussian_blur2d(xb, (k, k), torch.stack([sig.clamp_min(0.3)] * 2, 1)), xb)
+        return xb, yb
     torch.manual_seed(seed)
     net = _fit_small(SmallCNN(len(classes), width), x, y, F.cross_entropy, epochs, batch_size, lr, seed, aug, device, 'identity classifier', verbose)
     net.classes = classes
