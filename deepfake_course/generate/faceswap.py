@@ -683,7 +683,7 @@ def evaluate_swap(model, src_ho, dst_ho, id_net, lm_net):
                 identity_kept_dst=(ids == dst_ho.identity).float().mean().item(), landmark_nme=nme.mean().item(),
                 landmark_nme_other_face=landmark_nme(other, drive).mean().item())
 
-# %% ../../nbs/20_faceswap.ipynb #cell-50
+# %% ../../nbs/20_faceswap.ipynb #cell-52
 def refine_mask(mask, erode=0, blur=0):
     "DFL mask refinement of an S x S mask: erode (>0) / dilate (<0) with an elliptical kernel, zero a border band, Gaussian blur."
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, np.float32).squeeze().copy()
@@ -753,7 +753,7 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
     return dict(frames=out, swapped=torch.as_tensor(ok), faces=faces_out, masks=masks_out, crops=crops_out,
                 n_swapped=int(ok.sum()), n_passed=int((~ok).sum()))
 
-# %% ../../nbs/20_faceswap.ipynb #cell-58
+# %% ../../nbs/20_faceswap.ipynb #cell-60
 SYNTHETIC_TAG = 'synthetic: made by deepfake-course'
 
 from ..core import write_mp4  # the course's one mp4 writer (notebook 00): H.264 + AAC + metadata tags
@@ -826,7 +826,7 @@ def temporal_flicker(frames, masks=None, valid=None):
         v = torch.as_tensor(np.asarray(valid), dtype=torch.bool); m = m * (v[1:] & v[:-1]).float()[:, None, None, None]
     return ((d * m).sum() / m.sum().clamp_min(1)).item()
 
-# %% ../../nbs/20_faceswap.ipynb #cell-66
+# %% ../../nbs/20_faceswap.ipynb #cell-68
 MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
 
 def save_png(path, img, text=None):

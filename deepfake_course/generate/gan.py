@@ -896,7 +896,7 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, n: int = 8, spherica
     so = torch.sin(omega)
     return (torch.sin((1 - t) * omega) / so) * z0[None] + (torch.sin(t * omega) / so) * z1[None]
 
-# %% ../../nbs/21_gans.ipynb #cell-74
+# %% ../../nbs/21_gans.ipynb #cell-76
 MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
 
 def png_bytes(image: torch.Tensor, text: dict) -> bytes:
