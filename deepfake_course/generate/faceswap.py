@@ -27,10 +27,10 @@ __all__ = ['ARCHIS', 'COLOR_TRANSFERS', 'CKPT_FORMAT', 'SYNTHETIC_TAG', 'MANIFES
            'align_faces', 'eyes_mouth_mask', 'FaceSet', 'make_faceset', 'blurred_mask', 'ssim_window', 'swap_loss',
            'warp_grid', 'gen_warp_params', 'apply_warp', 'rct', 'lct', 'mkl', 'idt', 'sot', 'color_transfer',
            'CheckpointMismatchError', 'save_swap_checkpoint', 'load_swap_checkpoint', 'load_swap_model',
-           'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'SmallCNN',
+           'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'SmallCNN', 'face_ellipse',
            'train_identity_classifier', 'predict_identity', 'train_landmark_regressor', 'predict_landmarks',
            'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops', 'evaluate_swap', 'refine_mask',
-           'seamless_clone', 'merge_face', 'swap_frames', 'read_mp4', 'detect_landmarks5', 'swap_clip', 'face_ellipse',
+           'seamless_clone', 'merge_face', 'swap_frames', 'read_mp4', 'detect_landmarks5', 'swap_clip',
            'temporal_flicker', 'save_png', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
@@ -582,15 +582,30 @@ def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device
             opt.zero_grad(); loss.backward(); opt.step()
     return net.eval()
 
+def face_ellipse(size, face_type='full'):
+    "A fixed 1 x S x S ellipse around the template's eyes, nose and mouth: the inner face of an aligned crop."
+    t = _template(size, face_type); c = t.mean(0); iod = t[1, 0] - t[0, 0]; h = t[3:, 1].mean() - t[:2, 1].mean()
+    yy, xx = np.mgrid[0:size, 0:size]
+    return torch.from_numpy((((xx - c[0]) / (0.95 * iod)) ** 2 + ((yy - c[1]) / (1.1 * h)) ** 2 <= 1).astype(np.float32))[None]
+
+def _judge_input(images, masks, region):
+    x = torch.as_tensor(images).float() * (torch.as_tensor(masks).float() > 0.5)
+    if region is not None:
+        r = torch.as_tensor(region).float()
+        if r.shape[-2:] != x.shape[-2:]: raise ValueError(f"region is {tuple(r.shape[-2:])} px but the faces are {tuple(x.shape[-2:])} px")
+        x = x * r
+    return x
+
 def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, lr=2e-3, seed=0, device='auto', width=16,
-                              max_blur=1.5, verbose=None):
+                              max_blur=1.5, region=None, verbose=None):
     """A small CNN naming the identity of a face from the face region only (image x mask), trained on real faces.
-    Training faces are blurred at random (Gaussian sigma up to `max_blur` px, 0: never) so that the judge names *who*
-    is shown, not how sharp the picture is: a generated face is softer than a photograph, as after a face recogniser."""
+    `region` (1 x S x S, e.g. `face_ellipse(S)`) narrows what it sees further, to the inner face that a swap replaces;
+    `predict_identity` applies the same. Training faces are blurred at random (Gaussian sigma up to `max_blur` px,
+    0: never) so that the judge names *who* is shown, not how sharp the picture is: generated faces are softer."""
     labels = torch.as_tensor(np.asarray(labels)).long(); classes = torch.unique(labels)
     if len(classes) < 2: raise ValueError("train_identity_classifier needs faces of at least 2 identities")
     y = torch.searchsorted(classes, labels)
-    x = torch.as_tensor(images).float() * (torch.as_tensor(masks).float() > 0.5)
+    x = _judge_input(images, masks, region)
     def aug(xb, yb, rng):
         p = gen_warp_params(len(xb), xb.shape[-1], rng, rotation=5, scale=0.05, shift=0.03, flip_p=0.5, warp=False)
         xb = apply_warp(xb, p, warp=False, padding='zeros')
@@ -601,14 +616,14 @@ def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, l
         return xb, yb
     torch.manual_seed(seed)
     net = _fit_small(SmallCNN(len(classes), width), x, y, F.cross_entropy, epochs, batch_size, lr, seed, aug, device, 'identity classifier', verbose)
-    net.classes = classes
+    net.classes, net.region = classes, None if region is None else torch.as_tensor(region).float()
     return net
 
 @torch.no_grad()
 def predict_identity(net, images, masks):
-    "Identity ids predicted by a `train_identity_classifier` net (faces masked the same way)."
+    "Identity ids predicted by a `train_identity_classifier` net (faces masked, and cut to its region, the same way)."
     dev = next(net.parameters()).device
-    x = torch.as_tensor(images).float() * (torch.as_tensor(masks).float() > 0.5)
+    x = _judge_input(images, masks, getattr(net, 'region', None))
     logits = torch.cat([net(x[s:s + 256].to(dev)).cpu() for s in range(0, len(x), 256)])
     return net.classes[logits.argmax(1)]
 
@@ -809,12 +824,6 @@ def swap_clip(model, clip, out_path=None, landmarks5=None, detector=None, mode='
         r['path'] = write_mp4(out_path, r['frames'].permute(0, 2, 3, 1).numpy(), r['fps'], clip.get('audio'),
                               int(clip.get('sample_rate', clip.get('sr', 16000))), meta)
     return r
-
-def face_ellipse(size, face_type='full'):
-    "A fixed 1 x S x S ellipse around the template's eyes, nose and mouth: the inner face of an aligned crop."
-    t = _template(size, face_type); c = t.mean(0); iod = t[1, 0] - t[0, 0]; h = t[3:, 1].mean() - t[:2, 1].mean()
-    yy, xx = np.mgrid[0:size, 0:size]
-    return torch.from_numpy((((xx - c[0]) / (0.95 * iod)) ** 2 + ((yy - c[1]) / (1.1 * h)) ** 2 <= 1).astype(np.float32))[None]
 
 def temporal_flicker(frames, masks=None, valid=None):
     "Mean absolute frame-to-frame change of T x 3 x H x W frames in [0,1], inside the masks, over pairs of valid frames."
