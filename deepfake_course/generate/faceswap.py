@@ -572,6 +572,8 @@ def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device
     dev = get_device(device); net.to(dev).train()
     g = torch.Generator().manual_seed(seed); rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    per_epoch = sum(1 for s in range(0, len(x), batch_size) if len(x) - s >= 2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * per_epoch))  # a cosine to 0: a stable last epoch
     for _ in progress(range(epochs), verbose=verbose, desc=desc):
         perm = torch.randperm(len(x), generator=g)
         for s in range(0, len(x), batch_size):
@@ -579,7 +581,7 @@ def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device
             if len(b) < 2: continue
             xb, yb = augment(x[b], y[b], rng)
             loss = loss_fn(net(xb.to(dev)), yb.to(dev))
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return net.eval()
 
 def face_ellipse(size, face_type='full'):
