@@ -4,7 +4,7 @@
 
 # %% ../../nbs/21_gans.ipynb #cell-5
 from __future__ import annotations
-import copy, hashlib, io, json, math, time
+import copy, hashlib, io, json, math, time, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -194,7 +194,9 @@ def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
     if len(a) < 2 or len(b) < 2: raise ValueError(f"frechet_distance: need at least 2 samples per set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(ca @ cb, disp=False)
+    with warnings.catch_warnings():   # a near-singular product is expected with few samples; it is handled below
+        warnings.simplefilter('ignore', linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(ca @ cb)   # (scipy deprecates the old `disp` argument)
     if not np.isfinite(covmean).all():  # nearly singular product: regularise (as the reference FID code does)
         off = np.eye(len(ca)) * 1e-6; covmean = linalg.sqrtm((ca + off) @ (cb + off))
     covmean = covmean.real
