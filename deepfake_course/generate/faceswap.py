@@ -493,7 +493,9 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
                    warp_fraction=1.0, lr_final=None, random_flip=True, ct_mode=None, eyes_mouth_prio=True, masked=True, preview_every=100, preview_n=4,
                    ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, on_step=None,
                    min_images=16) -> SwapTrainResult:
-    "Train DF/LIAE on src and dst FaceSets with DFL's recipe; checkpoints every `ckpt_every` steps and resumes exactly."
+    """Train DF/LIAE on src and dst FaceSets with DFL's recipe; checkpoints every `ckpt_every` steps and resumes exactly.
+    The first `warp_fraction` of the steps use random warp, the rest sharpen without it; with `lr_final` the learning
+    rate falls from `lr` to `lr_final` by a cosine over those sharpening steps."""
     for fs, name in ((src, 'src'), (dst, 'dst')):
         if not isinstance(fs, FaceSet): raise TypeError(f"{name} must be a FaceSet (see make_faceset), got {type(fs).__name__}")
         if len(fs) < max(min_images, 2):
@@ -611,10 +613,11 @@ def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, l
     def aug(xb, yb, rng):
         p = gen_warp_params(len(xb), xb.shape[-1], rng, rotation=5, scale=0.05, shift=0.03, flip_p=0.5, warp=False)
         xb = apply_warp(xb, p, warp=False, padding='zeros')
-        if max_blur > 0:   # half the batch blurred, each face by its own sigma
-            sig = torch.as_tensor(rng.uniform(0.3, max_blur, len(xb)), dtype=torch.float32) * torch.as_tensor(rng.random(len(xb)) < 0.5)
+        sel = torch.as_tensor(rng.random(len(xb)) < 0.5)   # half the batch blurred, each face by its own sigma
+        if max_blur > 0 and sel.any():
+            sig = torch.as_tensor(rng.uniform(0.3, max_blur, int(sel.sum())), dtype=torch.float32)
             k = _blur_kernel(max_blur)
-            xb = torch.where((sig > 0)[:, None, None, None], gaussian_blur2d(xb, (k, k), torch.stack([sig.clamp_min(0.3)] * 2, 1)), xb)
+            xb = xb.clone(); xb[sel] = gaussian_blur2d(xb[sel], (k, k), torch.stack([sig, sig], 1))
         return xb, yb
     torch.manual_seed(seed)
     net = _fit_small(SmallCNN(len(classes), width), x, y, F.cross_entropy, epochs, batch_size, lr, seed, aug, device, 'identity classifier', verbose)
