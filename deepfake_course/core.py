@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #cell-4
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, random, shutil, sys, tempfile, time, uuid
+import contextlib, hashlib, json, math, os, random, re, shutil, sys, tempfile, time, uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEVICES', 'available_devices', 'get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'get_data_root',
-           'cfg_hash', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir',
-           'record', 'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast',
-           'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
+__all__ = ['DEVICES', 'available_devices', 'get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'course_checkout',
+           'get_data_root', 'cfg_hash', 'n_params', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'atomic_dir', 'set_out_dir', 'record', 'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer',
+           'is_quiet', 'progress', 'autocast', 'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
 
 # %% ../nbs/00_core.ipynb #cell-7
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
@@ -67,7 +67,10 @@ def set_rng_state(st: dict) -> None:
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
 # %% ../nbs/00_core.ipynb #cell-13
+_WRITABLE: set[Path] = set()   # folders already probed in this process: a data root is checked once, not in every builder
+
 def _check_writable(p: Path, what: str) -> Path:
+    if p in _WRITABLE and p.is_dir(): return p
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f'.write-test-{uuid.uuid4().hex}'
@@ -75,11 +78,30 @@ def _check_writable(p: Path, what: str) -> Path:
     except OSError as e:
         raise PermissionError(f"{what} {str(p)!r} is not writable ({e.strerror or e}). "
                               f"Pass another folder, or set the environment variable DFC_DATA.") from None
+    _WRITABLE.add(p)
     return p
 
-def get_data_root(root: str | os.PathLike | None = None, create: bool = True) -> Path:
-    "The data root: `root` if given, else `$DFC_DATA`, else `./data`; created and checked writable."
-    p = Path(root if root not in (None, '') else os.environ.get('DFC_DATA') or 'data').expanduser().resolve()
+def course_checkout(start: str | os.PathLike | None = None) -> Path | None:
+    "The deepfake-course checkout that holds `start` (default: the working folder), found by its `settings.ini`; None outside one."
+    here = Path(start if start is not None else os.getcwd()).expanduser().resolve()
+    for d in (here, *here.parents):
+        s = d / 'settings.ini'
+        if s.is_file():
+            try: text = s.read_text(errors='replace')
+            except OSError: continue
+            if re.search(r'^\s*lib_name\s*=\s*deepfake-course\s*$', text, re.M): return d
+    return None
+
+def get_data_root(data_root: str | os.PathLike | None = None, create: bool = True) -> Path:
+    """The data root, resolved once at an entry point and passed down as a `Path`:
+    `data_root` if given, else `$DFC_DATA`, else `<checkout>/data` inside the course checkout, else `./data`."""
+    if isinstance(data_root, Path) and create and data_root in _WRITABLE: return data_root   # already resolved upstream
+    if data_root not in (None, ''): p = Path(data_root)
+    elif os.environ.get('DFC_DATA'): p = Path(os.environ['DFC_DATA'])
+    else:
+        top = course_checkout()
+        p = top / 'data' if top is not None else Path('data')
+    p = p.expanduser().resolve()
     if p.exists() and not p.is_dir(): raise NotADirectoryError(f"Data root {str(p)!r} exists and is not a folder.")
     return _check_writable(p, 'Data root') if create else p
 
@@ -87,6 +109,11 @@ def cfg_hash(cfg: dict, n: int = 10) -> str:
     "A short stable hash of a JSON-able configuration (key order does not matter)."
     blob = json.dumps(cfg, sort_keys=True, default=str, separators=(',', ':'))
     return hashlib.sha1(blob.encode()).hexdigest()[:n]
+
+def n_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    "Number of parameters of a model (only the trainable ones with `trainable_only`)."
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
 
 # %% ../nbs/00_core.ipynb #cell-14
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
