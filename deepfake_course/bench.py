@@ -4,23 +4,21 @@
 
 # %% ../nbs/60_benchmark.ipynb #cell-4
 from __future__ import annotations
-import base64, html, io, json, math, os, time, warnings
+import base64, html, io, json, time, warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .core import (get_data_root, get_device, seed_everything, cfg_hash, atomic_write_text,
-                                  atomic_write_json, atomic_write_bytes, progress, Timer, record)
+                                  atomic_write_json, atomic_write_bytes, progress)
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'main_config', 'Stages', 'run_dir_for', 'build_real', 'real_faces', 'identity_splits',
-           'build_faceswap_fakes', 'build_gan_fakes', 'fake_manifest', 'match_real', 'source_data',
-           'train_main_detectors', 'evaluation_sets', 'score_all', 'results_table', 'md_table', 'pretty_table',
-           'report_figures', 'write_report', 'main_job']
+__all__ = ['QUICK', 'FULL', 'main_config', 'Stages', 'build_real', 'real_faces', 'identity_splits', 'build_faceswap_fakes',
+           'build_gan_fakes', 'fake_manifest', 'match_real', 'source_data', 'train_main_detectors', 'evaluation_sets',
+           'score_all', 'results_table', 'md_table', 'pretty_table', 'report_figures', 'write_report', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
 QUICK = dict(n_identities=12, images_per_identity=24, size=64, fs_steps=600, fs_batch=16, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
@@ -30,11 +28,12 @@ FULL = dict(QUICK, n_identities=24, images_per_identity=64, fs_steps=4000, fs_di
             gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
 
 def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
-    "The main job's configuration: `QUICK` or `FULL`, with `overrides` (unknown keys are an error)."
+    """The main job's configuration: `QUICK` or `FULL`, with `overrides` (unknown keys are an error).
+    An override that is None keeps the configuration's value: a parameter left at its default overrides nothing."""
     base = dict(QUICK if quick else FULL)
     unknown = set(overrides) - set(base)
     if unknown: raise ValueError(f"main_config: unknown setting(s) {sorted(unknown)}; known: {sorted(base)}")
-    cfg = {**base, **overrides, 'seed': int(seed), 'quick': bool(quick)}
+    cfg = {**base, **{k: v for k, v in overrides.items() if v is not None}, 'seed': int(seed), 'quick': bool(quick)}
     if cfg['n_identities'] < 6: raise ValueError(f"n_identities={cfg['n_identities']}: the main job needs at least 6 (train/val/test by identity)")
     bad = [d for d in cfg['detectors'] if d not in ('shallownet_v3', 'meso4', 'fdftnet')]
     if bad: raise ValueError(f"main job detectors must be among shallownet_v3, meso4, fdftnet; got {bad}")
@@ -60,10 +59,6 @@ class Stages:
         info = dict(fn() or {}); info['seconds'] = round(time.time() - t0, 1)
         log(f"[{name}] finished in {info['seconds']:.0f} s")
         return self.save(name, info)
-
-def run_dir_for(cfg: dict, data_root=None) -> Path:
-    "`<data_root>/runs/main/<cfg hash>`: the same configuration always lands in the same folder."
-    return get_data_root(data_root)/'runs'/'main'/cfg_hash(cfg)
 
 # %% ../nbs/60_benchmark.ipynb #cell-13
 def build_real(cfg: dict, data_root=None) -> Path:
@@ -295,7 +290,13 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     "`deepfake-course run`: data → fakes → detectors → evaluation → report, resumable; returns the Markdown report's path."
     dev = get_device(device); root = get_data_root(data_root)
     cfg = main_config(quick, seed, **overrides)
-    run_dir = root/'runs'/'main'/(name or cfg_hash(cfg)); st = Stages(run_dir)
+    run_dir = root/'runs'/'main'/(name or cfg_hash(cfg))
+    if (run_dir/'config.json').exists():  # a named folder is reused only by the same configuration
+        prev, now = json.loads((run_dir/'config.json').read_text()), json.loads(json.dumps(cfg))
+        diff = sorted(k for k in set(prev) | set(now) if prev.get(k) != now.get(k))
+        if diff: raise ValueError(f"run folder {run_dir} holds a run with another configuration (differs in {diff}); "
+                                  "choose another name or delete that folder")
+    st = Stages(run_dir)
     atomic_write_json(run_dir/'config.json', cfg)
     log(f"deepfake-course run: {'quick' if quick else 'full'} configuration on {dev}; run folder {run_dir}")
     seed_everything(seed)

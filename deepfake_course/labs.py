@@ -6,21 +6,21 @@
 from __future__ import annotations
 import argparse, itertools, json, os, sys, time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
-from .core import get_data_root, load_metrics, progress, atomic_write_text, Timer
+from .core import get_data_root, course_checkout, load_metrics, progress, atomic_write_text, Timer
 
 # %% auto #0
-__all__ = ['course_notebooks_dir', 'notebook_path', 'lab_parameters', 'run_lab', 'run_grid', 'build_parser', 'main']
+__all__ = ['course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError', 'run_lab', 'run_grid', 'build_parser', 'main']
 
 # %% ../nbs/61_labs.ipynb #cell-8
 def course_notebooks_dir() -> Path | None:
-    "The `nbs/` folder of a source checkout (None when only the library is installed)."
-    here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
-    for p in [Path.cwd(), *Path.cwd().parents, here, *here.parents]:
-        if (p/'settings.ini').exists() and (p/'nbs').is_dir(): return p/'nbs'
+    "The `nbs/` folder of the course checkout holding the working folder or this package (None when only the library is installed)."
+    for start in (None, Path(__file__).resolve().parent if '__file__' in globals() else None):
+        top = course_checkout(start)
+        if top is not None and (top/'nbs').is_dir(): return top/'nbs'
     return None
 
 def notebook_path(nb: str | os.PathLike) -> Path:
@@ -41,23 +41,71 @@ def lab_parameters(nb) -> pd.DataFrame:
                           'help': v.get('help')} for k, v in params.items()])
 
 # %% ../nbs/61_labs.ipynb #cell-12
-def _coerce(value: str):
-    "Read a command-line parameter value as JSON when it parses (numbers, lists, true/false/null), else as a string."
-    try: return json.loads(value)
-    except (json.JSONDecodeError, TypeError): return value
+_PY = {'None': None, 'True': True, 'False': False}
 
-def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, kernel_name: str = 'python3',
+def _coerce(value):
+    """Read a command-line value the way papermill reads parameters: `None`/`True`/`False` as in Python,
+    then JSON (numbers, lists, true/false/null), then YAML for unquoted lists and dicts (`[a, b]`); else the string."""
+    if not isinstance(value, str): return value
+    v = value.strip()
+    if v in _PY: return _PY[v]
+    try: return json.loads(v)
+    except json.JSONDecodeError: pass
+    if v[:1] in ('[', '{'):
+        import yaml
+        try: return yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{value!r} looks like a list or dict but does not parse: {str(e).splitlines()[0]}") from None
+    return value
+
+class LabError(RuntimeError):
+    "A lab notebook failed: which cell, what error, and where the executed copy (with the full traceback) was saved."
+    def __init__(self, notebook, executed, where: str, source: str, ename: str, evalue: str, cell_index: int | None = None):
+        self.notebook, self.executed, self.cell_index = Path(notebook), Path(executed), cell_index
+        self.source, self.ename, self.evalue = source or '', ename, evalue or ''
+        lines = [l for l in self.source.splitlines() if l.strip()]
+        head = [f"    {l if len(l) <= 100 else l[:97] + '...'}" for l in lines[:4]] + (['    ...'] if len(lines) > 4 else [])
+        msg = ' / '.join(self.evalue.strip().splitlines()[:3])
+        msg = msg if len(msg) <= 300 else msg[:297] + '...'
+        super().__init__('\n'.join([f"lab {self.notebook.name} failed in {where}:", *head, f"  {ename}: {msg}",
+                                    f"  executed notebook (full traceback): {self.executed}"]))
+
+def _lab_error(e: Exception, nb: Path, executed: Path, timeout) -> LabError:
+    "Turn papermill's execution error (or nbclient's timeout) into a short `LabError` about the lab's own cells."
+    import nbformat, papermill as pm
+    cells = nbformat.read(str(nb), as_version=4).cells
+    p = next((i for i, c in enumerate(cells) if 'parameters' in c.metadata.get('tags', [])), -1)
+    injected = p + 1  # papermill inserts its parameters cell right after the tagged one (at the top without one)
+    if isinstance(e, pm.PapermillExecutionError):
+        if e.cell_index == injected: return LabError(nb, executed, 'the injected parameters cell', e.source, e.ename, e.evalue)
+        i = e.cell_index - (e.cell_index > injected)
+        return LabError(nb, executed, f"cell {i + 1} of {len(cells)} (In [{e.exec_count}] in the executed copy)",
+                        e.source, e.ename, e.evalue, cell_index=i)
+    # a timeout: nbclient's message carries a preview of the cell between two dashed lines
+    parts = str(e).split('-------------------\n')
+    preview = parts[1].rstrip('\n') if len(parts) >= 3 else ''
+    first = next((l for l in preview.splitlines() if l.strip()), None)
+    i = next((j for j, c in enumerate(cells) if first is not None and c.cell_type == 'code' and first in c.source), None)
+    where = f"cell {i + 1} of {len(cells)}" if i is not None else 'a cell'
+    return LabError(nb, executed, where, preview, type(e).__name__, f"the cell ran longer than timeout={timeout} s", cell_index=i)
+
+def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data_root=None, kernel_name: str = 'python3',
             timeout: int | None = 1800, quiet: bool = True, log_output: bool = False) -> dict:
-    "Execute notebook `nb` with papermill and `parameters`; return the figures it recorded in `out_dir`."
+    """Execute notebook `nb` with papermill and `parameters`; return the figures it recorded in `out_dir`.
+    The lab's `data_root` is the parameter if given, else `data_root`, else the default root. Failure raises `LabError`."""
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
     nb = notebook_path(nb)
     declared = set(pm.inspect_notebook(str(nb)))
     parameters = dict(parameters or {})
     unknown = set(parameters) - declared
     if unknown: raise ValueError(f"{nb.name} has no parameter(s) {sorted(unknown)}; it declares {sorted(declared)}")
+    given = parameters.get('data_root')
+    if given not in (None, '') and data_root is not None and Path(given).expanduser().resolve() != Path(data_root).expanduser().resolve():
+        raise ValueError(f"run_lab: two data roots, data_root={str(data_root)!r} and the parameter data_root={given!r}")
+    parameters['data_root'] = str(get_data_root(given if given not in (None, '') else data_root))
     out = Path(out_dir).expanduser().resolve(); out.mkdir(parents=True, exist_ok=True)
     parameters['out_dir'] = str(out)
-    if parameters.get('data_root') is None: parameters['data_root'] = str(get_data_root())
     old = os.environ.get('DFC_QUIET')
     if quiet: os.environ['DFC_QUIET'] = '1'
     try:
@@ -65,6 +113,8 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, kern
             pm.execute_notebook(str(nb), str(out/nb.name), parameters=parameters, kernel_name=kernel_name,
                                 cwd=str(nb.parent), progress_bar=False, log_output=log_output,
                                 execution_timeout=timeout)
+    except (pm.PapermillExecutionError, CellTimeoutError) as e:
+        raise _lab_error(e, nb, out/nb.name, timeout) from None
     finally:
         if quiet:
             if old is None: os.environ.pop('DFC_QUIET', None)
@@ -76,7 +126,9 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, kern
 
 # %% ../nbs/61_labs.ipynb #cell-14
 def _run_name(params: dict) -> str:
-    return '_'.join(f"{k}={v}" for k, v in params.items()).replace('/', '-') or 'default'
+    "A run folder name from a grid point: `seed=0_sizes=[32,64]`."
+    val = lambda v: v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))
+    return '_'.join(f"{k}={val(v)}" for k, v in params.items()).replace('/', '-') or 'default'
 
 def run_grid(nb, out_root: str | os.PathLike, grid: dict[str, Sequence], fixed: dict | None = None,
              resume: bool = True, **kwargs) -> pd.DataFrame:
@@ -95,27 +147,70 @@ def run_grid(nb, out_root: str | os.PathLike, grid: dict[str, Sequence], fixed: 
     return pd.DataFrame(rows)
 
 # %% ../nbs/61_labs.ipynb #cell-18
+def _split_values(text: str) -> list[str]:
+    "Split `text` at the commas outside brackets, braces and quotes: `'[32,64],[64]'` -> `['[32,64]', '[64]']`."
+    parts, cur, depth, quote = [], '', 0, None
+    for ch in text:
+        if quote:
+            if ch == quote: quote = None
+        elif ch in '\'"': quote = ch
+        elif ch in '[{(': depth += 1
+        elif ch in ']})':
+            depth -= 1
+            if depth < 0: raise ValueError(f"unbalanced brackets in {text!r}")
+        elif ch == ',' and depth == 0:
+            parts.append(cur); cur = ''; continue
+        cur += ch
+    if depth or quote: raise ValueError(f"unbalanced brackets or quotes in {text!r}")
+    return parts + [cur]
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    k, sep, v = item.partition('=')
+    if not sep or not k.strip(): raise ValueError(f"{flag} expects NAME=VALUE, got {item!r}")
+    return k.strip(), v
+
 def _parse_grid(items: Sequence[str]) -> dict:
+    "`--grid` items -> name -> list of values; commas outside brackets separate values, a bracketed list is one value."
     grid = {}
     for it in items or []:
-        if '=' not in it: raise SystemExit(f"--grid expects name=v1,v2,... got {it!r}")
-        k, vs = it.split('=', 1); grid[k] = [_coerce(v) for v in vs.split(',') if v != '']
+        k, vs = _key_value(it, '--grid')
+        if k in grid: raise ValueError(f"--grid names {k!r} twice")
+        vals = [_coerce(v) for v in _split_values(vs) if v.strip() != '']
+        if not vals: raise ValueError(f"--grid {k}= has no values")
+        grid[k] = vals
     return grid
+
+def _parse_settings(items: Sequence[str], known) -> dict:
+    "`--set KEY=VALUE` items -> overrides; a key outside `known` is an error that lists the known ones."
+    out = {}
+    for it in items or []:
+        k, v = _key_value(it, '--set')
+        if k not in known:
+            hint = f" (it has its own option, --{k})" if k in ('seed', 'quick') else ''
+            raise ValueError(f"--set {k}: unknown setting{hint}; known settings: {', '.join(sorted(known))}")
+        out[k] = _coerce(v)
+    return out
 
 def build_parser() -> argparse.ArgumentParser:
     "The `deepfake-course` argument parser."
     ap = argparse.ArgumentParser(prog='deepfake-course', description='Make and catch deepfakes: the course toolkit.')
     sub = ap.add_subparsers(dest='command', required=True)
+    root_help = 'data root (default: $DFC_DATA, else <course checkout>/data, else ./data)'
     r = sub.add_parser('run', help='the main job: build data, make fakes, train detectors, write a report')
-    r.add_argument('--quick', action='store_true', help='small sizes (about 15 minutes on 2 CPU cores)')
-    r.add_argument('--data-root', default=None, help='data root (default: $DFC_DATA, else ./data)')
+    r.add_argument('--quick', action='store_true', help='the small configuration (about 15 minutes on 2 CPU cores); default: the full one')
+    r.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override one setting of the configuration (repeatable), e.g. --set n_boot=500 --set detectors=[shallownet_v3,meso4]')
+    r.add_argument('--data-root', default=None, help=root_help)
     r.add_argument('--device', default='auto', help='auto, cpu, cuda or mps')
     r.add_argument('--seed', type=int, default=0)
-    r.add_argument('--name', default=None, help='run folder name under <data root>/runs/main (default: quick or full)')
+    r.add_argument('--name', default=None, help='run folder <data root>/runs/main/NAME (default: a hash of the configuration, '
+                                                'so the same configuration resumes in the same folder)')
     l = sub.add_parser('lab', help='run a notebook as a parameterized lab (papermill)')
     l.add_argument('notebook'); l.add_argument('-p', '--param', nargs=2, action='append', metavar=('NAME', 'VALUE'), default=[])
+    l.add_argument('--data-root', default=None, help=root_help)
     l.add_argument('--out', default=None, help='output folder (default: <data root>/runs/labs/<notebook>)')
-    l.add_argument('--grid', nargs='*', default=[], help='name=v1,v2 ... : run every combination')
+    l.add_argument('--grid', nargs='*', default=[], metavar='NAME=V1,V2',
+                   help='run every combination; commas outside brackets separate values (sizes=[32,64],[64] is two values)')
     l.add_argument('--timeout', type=int, default=1800, help='seconds per cell')
     p = sub.add_parser('params', help="list a notebook's parameters"); p.add_argument('notebook')
     return ap
@@ -127,20 +222,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == 'params':
             print(lab_parameters(args.notebook).to_string(index=False)); return 0
         if args.command == 'lab':
+            nb = notebook_path(args.notebook)
             params = {k: _coerce(v) for k, v in args.param}
-            out = Path(args.out) if args.out else get_data_root(params.get('data_root'))/'runs'/'labs'/notebook_path(args.notebook).stem
+            given = params.pop('data_root', None)
+            if given not in (None, '') and args.data_root and Path(given).expanduser().resolve() != Path(args.data_root).expanduser().resolve():
+                raise ValueError(f"two data roots: --data-root {args.data_root} and -p data_root {given}")
+            root = get_data_root(args.data_root or given)
+            out = Path(args.out) if args.out else root/'runs'/'labs'/nb.stem
             if args.grid:
-                df = run_grid(args.notebook, out, _parse_grid(args.grid), fixed=params, timeout=args.timeout)
+                df = run_grid(nb, out, _parse_grid(args.grid), fixed=params, data_root=root, timeout=args.timeout)
                 atomic_write_text(out/'grid.csv', df.to_csv(index=False)); print(df.to_string(index=False))
                 print(f"\ngrid table: {out/'grid.csv'}")
             else:
-                m = run_lab(args.notebook, out, params, timeout=args.timeout)
+                m = run_lab(nb, out, params, data_root=root, timeout=args.timeout)
                 print(json.dumps(m, indent=2)); print(f"\nexecuted notebook and metrics.json in {out}")
             return 0
         if args.command == 'run':
-            from deepfake_course.bench import main_job
-            report = main_job(quick=args.quick, data_root=args.data_root, device=args.device, seed=args.seed, name=args.name)
+            from deepfake_course.bench import main_config, main_job
+            overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
+            main_config(args.quick, args.seed, **overrides)  # a bad value stops here, before any work
+            root = get_data_root(args.data_root)
+            report = main_job(quick=args.quick, data_root=root, device=args.device, seed=args.seed, name=args.name, **overrides)
             print(f"report: {report}"); return 0
+    except LabError as e:
+        print(f"deepfake-course {args.command}: {e}", file=sys.stderr); return 1
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"deepfake-course {args.command}: error: {e}", file=sys.stderr); return 2
     return 1

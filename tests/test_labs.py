@@ -1,0 +1,195 @@
+"""The `deepfake-course` command line (deepfake_course.labs.main, called in-process) and the main job's configuration
+as the notebook and the CLI build it (deepfake_course.bench.main_config; no job is run here)."""
+import json, pathlib
+
+import nbformat
+import pytest
+
+from deepfake_course import bench, labs
+from deepfake_course.bench import FULL, QUICK, main_config
+from deepfake_course.labs import LabError, _coerce, _parse_grid, _split_values, main, run_lab
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH_NB = ROOT / 'nbs' / '60_benchmark.ipynb'
+KERNEL = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}
+
+
+def as_config(base, quick, seed=0):
+    "What main_config returns for an untouched QUICK/FULL (tuples become lists, seed and quick added)."
+    return {**base, 'detectors': list(base['detectors']), 'jpeg': list(base['jpeg']), 'seed': seed, 'quick': quick}
+
+
+def notebook_overrides(nb_path):
+    "The settings 60_benchmark's parameters cell passes to main_config, at their defaults (as papermill reads them)."
+    import papermill as pm, ast
+    params = pm.inspect_notebook(str(nb_path))
+    return {k: ast.literal_eval(v['default']) for k, v in params.items() if k in QUICK}
+
+
+# ---- the main job's configuration (bug: quick=False still got the quick sizes from the parameters cell) ----
+
+def test_notebook_defaults_with_quick_false_are_full():
+    over = notebook_overrides(BENCH_NB)
+    assert set(over) >= {'n_identities', 'images_per_identity', 'fs_steps', 'det_epochs', 'n_boot'}, over
+    assert main_config(False, 0, **over) == as_config(FULL, False)
+    assert main_config(True, 0, **over) == as_config(QUICK, True)
+
+
+def test_none_overrides_nothing_and_a_set_value_overrides():
+    assert main_config(False, n_identities=None, jpeg=None) == as_config(FULL, False)
+    cfg = main_config(False, n_identities=8, jpeg=[50])
+    assert (cfg['n_identities'], cfg['jpeg'], cfg['fs_steps']) == (8, [50], FULL['fs_steps'])
+    with pytest.raises(ValueError, match='unknown setting'): main_config(False, epochz=3)
+
+
+def test_named_run_folder_refuses_another_configuration(tmp_path, monkeypatch):
+    run_dir = tmp_path / 'runs' / 'main' / 'mine'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'config.json').write_text(json.dumps(main_config(True, 0)))
+    def no_work(*a, **k): raise AssertionError('main_job started working in a folder that holds another configuration')
+    monkeypatch.setattr(bench, 'build_real', no_work)
+    with pytest.raises(ValueError, match=r"another configuration.*n_boot"):
+        bench.main_job(quick=True, data_root=tmp_path, device='cpu', name='mine', log=lambda *a: None, n_boot=10)
+
+
+# ---- deepfake-course run ----
+
+@pytest.fixture
+def fake_job(monkeypatch):
+    "Replace the main job by a recorder: the CLI's arguments are checked without running anything."
+    calls = []
+    def main_job(**kwargs):
+        calls.append(kwargs); return pathlib.Path(kwargs['data_root']) / 'report.md'
+    monkeypatch.setattr(bench, 'main_job', main_job)
+    return calls
+
+
+def test_run_without_quick_is_full(fake_job, tmp_path):
+    assert main(['run', '--data-root', str(tmp_path / 'd')]) == 0
+    (kw,) = fake_job
+    assert kw['quick'] is False
+    over = {k: v for k, v in kw.items() if k not in ('quick', 'data_root', 'device', 'seed', 'name')}
+    assert main_config(kw['quick'], kw['seed'], **over) == as_config(FULL, False)
+
+
+def test_run_set_passes_overrides_and_a_resolved_data_root(fake_job, tmp_path):
+    rc = main(['run', '--quick', '--data-root', str(tmp_path / 'd'), '--seed', '3', '--name', 'x',
+               '--set', 'n_boot=50', '--set', 'detectors=[shallownet_v3,meso4]', '--set', 'det_lr=1e-4', '--set', 'jpeg=[90, 50]'])
+    assert rc == 0
+    (kw,) = fake_job
+    assert kw['data_root'] == (tmp_path / 'd').resolve() and isinstance(kw['data_root'], pathlib.Path)
+    assert (kw['quick'], kw['seed'], kw['name']) == (True, 3, 'x')
+    assert {k: kw[k] for k in ('n_boot', 'detectors', 'det_lr', 'jpeg')} == \
+        {'n_boot': 50, 'detectors': ['shallownet_v3', 'meso4'], 'det_lr': 1e-4, 'jpeg': [90, 50]}
+
+
+def test_run_set_unknown_key_names_it_and_lists_the_known(fake_job, tmp_path, capsys):
+    assert main(['run', '--data-root', str(tmp_path), '--set', 'epochz=3']) == 2
+    err = capsys.readouterr().err
+    assert 'epochz' in err and 'unknown setting' in err
+    for k in ('n_identities', 'det_epochs', 'n_boot', 'jpeg'): assert k in err
+    assert main(['run', '--data-root', str(tmp_path), '--set', 'seed=3']) == 2
+    assert '--seed' in capsys.readouterr().err
+    assert fake_job == []
+
+
+def test_run_set_bad_value_stops_before_the_job(fake_job, tmp_path, capsys):
+    assert main(['run', '--data-root', str(tmp_path), '--set', 'jpeg=[120]']) == 2
+    assert 'JPEG quality' in capsys.readouterr().err
+    assert main(['run', '--data-root', str(tmp_path), '--set', 'n_boot']) == 2
+    assert 'NAME=VALUE' in capsys.readouterr().err
+    assert fake_job == []
+
+
+def test_run_name_help_says_where_the_folder_is(capsys):
+    with pytest.raises(SystemExit): main(['run', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert 'runs/main/NAME' in out and 'hash of the configuration' in out
+
+
+# ---- values and grids ----
+
+def test_coerce_reads_values_like_papermill():
+    assert [_coerce(v) for v in ['3', '0.5', '1e-3', 'true', 'True', 'False', 'None', 'null', 'cpu']] == \
+        [3, 0.5, 1e-3, True, True, False, None, None, 'cpu']
+    assert _coerce('[32, 64]') == [32, 64] and _coerce('[meso4, fdftnet]') == ['meso4', 'fdftnet']
+    assert _coerce('{e_dims: 8}') == {'e_dims': 8}
+    with pytest.raises(ValueError, match='does not parse'): _coerce('[1, 2')
+
+
+def test_parse_grid_brackets_are_one_value():
+    assert _parse_grid(['sizes=[32,64],[64]', 'seed=0,1']) == {'sizes': [[32, 64], [64]], 'seed': [0, 1]}
+    assert _parse_grid(['seed=0,1', 'device=cpu']) == {'seed': [0, 1], 'device': ['cpu']}
+    assert _parse_grid(['names="a,b",c']) == {'names': ['a,b', 'c']}
+    assert _split_values('[1,[2,3]],{"a":1,"b":2}') == ['[1,[2,3]]', '{"a":1,"b":2}']
+    for bad, msg in [(['sizes=[32,64'], 'unbalanced'), (['seed'], 'NAME=VALUE'), (['seed=0', 'seed=1'], 'twice'),
+                     (['seed='], 'no values')]:
+        with pytest.raises(ValueError, match=msg): _parse_grid(bad)
+
+
+# ---- labs on tiny notebooks ----
+
+def write_nb(path, params_src, *cells):
+    nb = nbformat.v4.new_notebook(metadata=KERNEL)
+    p = nbformat.v4.new_code_cell(params_src); p.metadata['tags'] = ['parameters']
+    nb.cells = [p, *[nbformat.v4.new_code_cell(c) for c in cells]]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture(scope='module')
+def sizes_nb(tmp_path_factory):
+    "A lab that records what it received (plain json: no torch import, so a run takes a kernel start)."
+    d = tmp_path_factory.mktemp('nbs')
+    return write_nb(d / 'sizes_lab.ipynb',
+                    'data_root = None\nout_dir = None\ndevice = "auto"\nseed = 0\nsizes = [32]',
+                    'import json, pathlib\n'
+                    'pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)\n'
+                    'm = {"n_sizes": len(sizes), "size_sum": sum(sizes), "got_seed": seed, "got_root": data_root}\n'
+                    '(pathlib.Path(out_dir) / "metrics.json").write_text(json.dumps(m))')
+
+
+def test_lab_grid_list_values(sizes_nb, tmp_path, capsys):
+    out = tmp_path / 'grid'
+    rc = main(['lab', str(sizes_nb), '--data-root', str(tmp_path / 'd'), '--out', str(out),
+               '--grid', 'sizes=[32,64],[64]', 'seed=0,1', '--timeout', '120'])
+    assert rc == 0, capsys.readouterr().err
+    import pandas as pd
+    df = pd.read_csv(out / 'grid.csv')
+    assert len(df) == 4
+    assert sorted(zip(df.n_sizes, df.size_sum, df.got_seed)) == [(1, 64, 0), (1, 64, 1), (2, 96, 0), (2, 96, 1)]
+    assert set(df.got_root) == {str((tmp_path / 'd').resolve())}
+    assert (out / 'sizes=[32,64]_seed=1' / 'lab.json').exists()
+
+
+def test_lab_data_root_conflict_is_an_error(sizes_nb, tmp_path, capsys):
+    rc = main(['lab', str(sizes_nb), '--data-root', str(tmp_path / 'a'), '-p', 'data_root', str(tmp_path / 'b'),
+               '--out', str(tmp_path / 'o')])
+    assert rc == 2 and 'two data roots' in capsys.readouterr().err
+
+
+def test_failing_lab_prints_cell_and_error_briefly(tmp_path, capsys):
+    nb = write_nb(tmp_path / 'broken.ipynb', 'data_root = None\nout_dir = None\nn_students = 0',
+                  'scores = [0.9, 0.8]',
+                  'def mean(xs):\n    return sum(xs) / n_students\n\nprint(mean(scores))')
+    out = tmp_path / 'run'
+    rc = main(['lab', str(nb), '--data-root', str(tmp_path / 'd'), '--out', str(out), '--timeout', '120'])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert 'cell 3 of 3' in err and 'def mean(xs):' in err and 'return sum(xs) / n_students' in err
+    assert 'ZeroDivisionError: float division by zero' in err
+    assert str(out.resolve() / 'broken.ipynb') in err and (out / 'broken.ipynb').exists()
+    assert 'Traceback' not in err and len(err.strip().splitlines()) <= 10, err
+
+    with pytest.raises(LabError) as e:
+        run_lab(nb, tmp_path / 'run2', data_root=tmp_path / 'd', timeout=120)
+    assert (e.value.cell_index, e.value.ename) == (2, 'ZeroDivisionError')
+    assert e.value.executed == (tmp_path / 'run2' / 'broken.ipynb').resolve()
+
+
+def test_lab_timeout_is_a_lab_error(tmp_path):
+    nb = write_nb(tmp_path / 'slow.ipynb', 'data_root = None\nout_dir = None', 'x = 1', 'import time\ntime.sleep(30)')
+    with pytest.raises(LabError) as e:
+        run_lab(nb, tmp_path / 'run', data_root=tmp_path / 'd', timeout=2)
+    msg = str(e.value)
+    assert 'cell 3 of 3' in msg and 'time.sleep(30)' in msg and 'timeout=2' in msg, msg
