@@ -4,31 +4,29 @@
 
 # %% ../nbs/12_faces.ipynb #cell-4
 from __future__ import annotations
-import io, math, os, time
+import math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from .core import (get_device, get_data_root, cfg_hash, atomic_dir, atomic_write_json,
-                                  progress)
+from .core import get_device, get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress
+from .media import BadFileError, ImageLoadError, load_image, read_frames
+from .data.manifest import MANIFEST_COLUMNS, SPLITS, check_no_leak
+
 
 # %% auto #0
-__all__ = ['MEAN_FACE_5', 'FACE_TYPES', 'MANIFEST_COLUMNS', 'ImageLoadError', 'to_rgb_uint8', 'load_image', 'real_photos',
-           'Detections', 'NoiseFilter', 'filter_noise', 'as_image_list', 'FaceExtractor', 'umeyama', 'face_template',
-           'align_faces', 'align_face', 'transform_points', 'landmark_nme', 'draw_detections', 'face_collage',
-           'paste_back', 'VideoError', 'sample_indices', 'video_info', 'read_frames', 'write_video', 'box_iou',
+__all__ = ['MEAN_FACE_5', 'FACE_TYPES', 'to_rgb_uint8', 'real_photos', 'Detections', 'NoiseFilter', 'filter_noise',
+           'as_image_list', 'get_mtcnn', 'FaceExtractor', 'umeyama', 'face_template', 'align_faces', 'align_face',
+           'transform_points', 'landmark_nme', 'draw_detections', 'face_collage', 'paste_back', 'box_iou',
            'link_tracks', 'extract_videos']
 
 # %% ../nbs/12_faces.ipynb #cell-8
-class ImageLoadError(ValueError):
-    "A file or array that is not a readable picture."
-
 def _composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha[..., None].astype(np.float32) / 255
-    return (rgb.astype(np.float32) * a + 255 * (1 - a)).round().astype(np.uint8)
+    "Composite over black, the course's one rule (as `media.load_image` does)."
+    return (rgb.astype(np.float32) * (alpha[..., None].astype(np.float32) / 255)).round().astype(np.uint8)
 
 def _to_uint8_values(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8: return a
@@ -65,25 +63,6 @@ def to_rgb_uint8(img) -> np.ndarray:
     if c == 4: return _composite_alpha(a[..., :3], a[..., 3])
     return np.ascontiguousarray(a)
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    "Read an image file as H×W×3 uint8 RGB (grayscale, RGBA, palette and 16-bit files are converted)."
-    import cv2
-    from PIL import Image, UnidentifiedImageError
-    p = Path(path)
-    if not p.exists(): raise FileNotFoundError(f"image file {str(p)!r} does not exist")
-    if p.is_dir(): raise ImageLoadError(f"{str(p)!r} is a folder, not an image file")
-    raw = np.frombuffer(p.read_bytes(), np.uint8)
-    a = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
-    if a is not None:
-        if a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
-            a = cv2.imdecode(raw, cv2.IMREAD_COLOR)                              # this flag applies a photo's EXIF orientation
-        if a.ndim == 3 and a.shape[-1] == 3: a = a[..., ::-1]                 # BGR -> RGB
-        elif a.ndim == 3 and a.shape[-1] == 4: a = a[..., [2, 1, 0, 3]]       # BGRA -> RGBA
-        return to_rgb_uint8(np.ascontiguousarray(a))
-    try:
-        with Image.open(p) as im: im.load(); return to_rgb_uint8(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageLoadError(f"{str(p)!r} is not an image file (or is corrupt): {e}") from None
 
 # %% ../nbs/12_faces.ipynb #cell-10
 def real_photos() -> dict:
@@ -91,7 +70,8 @@ def real_photos() -> dict:
     import matplotlib
     from skimage import data
     gh = Path(matplotlib.get_data_path())/'sample_data'/'grace_hopper.jpg'
-    return dict(astronaut=to_rgb_uint8(data.astronaut()), grace_hopper=load_image(gh), lfw=data.lfw_subset())
+    return dict(astronaut=to_rgb_uint8(data.astronaut()), grace_hopper=load_image(gh, dtype='uint8', hwc=True), lfw=data.lfw_subset())
+
 
 # %% ../nbs/12_faces.ipynb #cell-14
 @dataclass
@@ -187,7 +167,7 @@ def as_image_list(images) -> list[np.ndarray]:
         if images.dtype == np.uint8 and images.shape[-1] == 3: return list(np.ascontiguousarray(images))
         images = list(images)
     elif not isinstance(images, (list, tuple)): raise ImageLoadError(f"cannot read images from a {type(images).__name__}")
-    return [load_image(im) if isinstance(im, (str, os.PathLike)) else to_rgb_uint8(im) for im in images]
+    return [load_image(im, dtype='uint8', hwc=True) if isinstance(im, (str, os.PathLike)) else to_rgb_uint8(im) for im in images]
 
 class _Chunked(torch.nn.Module):
     "Run a network on chunks of its input batch and concatenate the outputs (tuples of tensors)."
@@ -197,29 +177,44 @@ class _Chunked(torch.nn.Module):
         outs = [self.net(x[i:i + self.chunk]) for i in range(0, len(x), self.chunk)]
         return tuple(torch.cat(o, 0) for o in zip(*outs))
 
+_MTCNN: dict = {}   # (device, min_face_size, thresholds, factor, select_largest) -> the shared MTCNN
+
+def get_mtcnn(device='cpu', min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
+              select_largest: bool = False):
+    """The course's one MTCNN handle: facenet-pytorch's `MTCNN(keep_all=True, post_process=False)` (weights ship in the wheel),
+    built once per device and settings and then shared by every caller (`FaceExtractor`, the SynthFaces and GAN quality
+    checks, `detect`). Use `.detect(images, landmarks=True)`; boxes come by probability (by area with `select_largest`).
+    Treat it as read-only: it is the same object for everyone. On CPU its networks run channels-last and in chunks."""
+    from facenet_pytorch import MTCNN
+    if int(min_face_size) < 1: raise ValueError(f"min_face_size must be at least 1 px, got {min_face_size}")
+    if len(thresholds) != 3 or not all(0 < t < 1 for t in thresholds):
+        raise ValueError(f"thresholds must be three probabilities (P-Net, R-Net, O-Net), got {thresholds}")
+    if not 0 < factor < 1: raise ValueError(f"factor (pyramid scale step) must be in (0, 1), got {factor}")
+    dev = get_device(device)
+    key = (str(dev), int(min_face_size), tuple(float(t) for t in thresholds), float(factor), bool(select_largest))
+    if key not in _MTCNN:
+        m = MTCNN(keep_all=True, min_face_size=int(min_face_size), thresholds=list(thresholds), factor=factor,
+                  select_largest=bool(select_largest), post_process=False, device=dev).eval()
+        # channels-last weights: the 3-channel first convolutions and the poolings run 2-3x faster on CPU (same results)
+        for net in (m.pnet, m.rnet, m.onet): net.to(memory_format=torch.channels_last)
+        if dev.type == 'cpu':   # on CPU, cache-sized chunks beat one huge batch (measured: O-Net 2x faster at 32 windows)
+            m.pnet, m.rnet, m.onet = _Chunked(m.pnet, 8), _Chunked(m.rnet, 32), _Chunked(m.onet, 32)
+        _MTCNN[key] = m
+    return _MTCNN[key]
+
 class FaceExtractor:
-    "MTCNN (facenet-pytorch, keep_all) on batches of same-size frames, followed by the noise filter."
+    "MTCNN (the shared `get_mtcnn` handle) on batches of same-size frames, followed by the noise filter."
     def __init__(self, device='auto', min_prob: float = 0.9, min_size: int = 20, thresholds=(0.6, 0.7, 0.7),
                  factor: float = 0.709, noise_ratio: float | None = math.sqrt(3), batch_size: int = 32):
-        from facenet_pytorch import MTCNN
         if not 0 <= min_prob <= 1: raise ValueError(f"min_prob must be in [0, 1], got {min_prob}")
         if min_size < 1: raise ValueError(f"min_size must be at least 1 px, got {min_size}")
-        if len(thresholds) != 3 or not all(0 < t < 1 for t in thresholds):
-            raise ValueError(f"thresholds must be three probabilities (P-Net, R-Net, O-Net), got {thresholds}")
-        if not 0 < factor < 1: raise ValueError(f"factor (pyramid scale step) must be in (0, 1), got {factor}")
         if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = get_device(device)
         self.min_prob, self.min_size, self.noise_ratio, self.batch_size = min_prob, min_size, noise_ratio, batch_size
         self.thresholds, self.factor = tuple(thresholds), factor
         # MTCNN searches faces down to max(12, min_size) px: P-Net's window is 12 px
         self.min_face_size = max(12, int(min_size))
-        self.mtcnn = MTCNN(keep_all=True, min_face_size=self.min_face_size, thresholds=list(thresholds),
-                           factor=factor, select_largest=False, post_process=False, device=self.device).eval()
-        # channels-last weights: the 3-channel first convolutions and the poolings run 2-3x faster on CPU (same results)
-        for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet): net.to(memory_format=torch.channels_last)
-        if self.device.type == 'cpu':   # on CPU, cache-sized chunks beat one huge batch (measured: O-Net 2x faster at 32 windows)
-            self.mtcnn.pnet = _Chunked(self.mtcnn.pnet, 8)
-            self.mtcnn.rnet, self.mtcnn.onet = _Chunked(self.mtcnn.rnet, 32), _Chunked(self.mtcnn.onet, 32)
+        self.mtcnn = get_mtcnn(self.device, self.min_face_size, thresholds, factor)
 
     def config(self) -> dict:
         "The settings that change the detections (for cache keys and cards)."
@@ -419,73 +414,6 @@ def paste_back(frame, crop, M_inv, mask=None, erode: int = 0, blur: int = 0, mod
     out = frame * (1 - alpha) + face.to(frame.device) * alpha
     return out[0] if single else out
 
-# %% ../nbs/12_faces.ipynb #cell-47
-class VideoError(ValueError):
-    "A file that cannot be read as a video, or holds no frames."
-
-def sample_indices(n_frames: int, every: int | None = None, count: int | None = None) -> np.ndarray:
-    "Frame indices to keep: every `every`-th frame, or `count` evenly spaced frames (first and last included), or all."
-    if n_frames < 0: raise ValueError(f"n_frames must be >= 0, got {n_frames}")
-    if every is not None and count is not None: raise ValueError("give `every` or `count`, not both")
-    if every is not None:
-        if int(every) < 1: raise ValueError(f"every must be >= 1, got {every}")
-        return np.arange(0, n_frames, int(every))
-    if count is not None:
-        if int(count) < 1: raise ValueError(f"count must be >= 1, got {count}")
-        if count >= n_frames: return np.arange(n_frames)
-        return np.unique(np.linspace(0, n_frames - 1, int(count)).round().astype(int))
-    return np.arange(n_frames)
-
-def _open_video(path):
-    import av
-    p = Path(path)
-    if not p.exists(): raise FileNotFoundError(f"video file {str(p)!r} does not exist")
-    try: c = av.open(str(p))
-    except av.FFmpegError as e: raise VideoError(f"{str(p)!r} cannot be read as a video: {e}") from None
-    if not c.streams.video:
-        c.close(); raise VideoError(f"{str(p)!r} has no video stream")
-    return c
-
-def video_info(path) -> dict:
-    "Frames (from the container, or counted by decoding when it does not say), fps, width and height of a video."
-    c = _open_video(path)
-    try:
-        s = c.streams.video[0]; n = s.frames
-        if not n: n = sum(1 for _ in c.decode(video=0))
-        fps = float(s.average_rate) if s.average_rate else float('nan')
-        return dict(n_frames=int(n), fps=fps, width=s.codec_context.width, height=s.codec_context.height)
-    except Exception as e:
-        if isinstance(e, VideoError): raise
-        raise VideoError(f"{str(path)!r} cannot be decoded: {e}") from None
-    finally: c.close()
-
-def read_frames(path, every: int | None = None, count: int | None = None):
-    "Decode a video with PyAV, keeping every n-th or `count` evenly spaced frames: (frames T×H×W×3 uint8, indices, fps)."
-    import av
-    n = video_info(path)['n_frames'] if count is not None else None
-    if n == 0: raise VideoError(f"{str(path)!r} has no frames")
-    want = set(sample_indices(n, count=count).tolist()) if count is not None else None
-    frames, idx = [], []
-    c = _open_video(path)
-    try:
-        s = c.streams.video[0]; fps = float(s.average_rate) if s.average_rate else float('nan')
-        for i, fr in enumerate(c.decode(video=0)):
-            if (want is not None and i in want) or (want is None and (every is None or i % int(every) == 0)):
-                frames.append(fr.to_ndarray(format='rgb24')); idx.append(i)
-            if want is not None and i >= max(want): break
-    except av.FFmpegError as e: raise VideoError(f"{str(path)!r} cannot be decoded: {e}") from None
-    finally: c.close()
-    if every is not None and int(every) < 1: raise ValueError(f"every must be >= 1, got {every}")
-    if not frames: raise VideoError(f"{str(path)!r} has no frames")
-    return np.stack(frames), np.array(idx), fps
-
-def write_video(path, frames, fps: float = 25) -> Path:
-    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as an H.264 mp4 (`core.write_mp4`; odd sides are padded by one pixel)."
-    from deepfake_course.core import write_mp4
-    fr = np.stack([to_rgb_uint8(f) for f in frames]) if len(frames) else None
-    if fr is None: raise ValueError("write_video: no frames to write")
-    return write_mp4(path, fr, fps)
-
 # %% ../nbs/12_faces.ipynb #cell-50
 def box_iou(a, b) -> np.ndarray:
     "IoU matrix between boxes a (N×4) and b (M×4), (x1, y1, x2, y2)."
@@ -512,8 +440,6 @@ def link_tracks(dets: Sequence[Detections], iou_threshold: float = 0.3, max_gap:
     return out
 
 # %% ../nbs/12_faces.ipynb #cell-53
-MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
-
 def _video_rows(videos, base=None):
     import pandas as pd
     if isinstance(videos, (str, os.PathLike)): videos = [videos]
@@ -534,19 +460,27 @@ def _video_rows(videos, base=None):
     if len(set(ids)) != len(ids): raise ValueError("extract_videos: clip ids must be unique; pass a manifest with distinct clip_id values")
     return rows
 
-def extract_videos(videos, extractor: FaceExtractor | None = None, root=None, size: int = 64, face_type: str = 'full',
+def _check_split(df, what: str):
+    "No person (shown or changed) and no clip in two splits, nor in two `id_split`s when that copy is filled in."
+    check_no_leak(df, ('identity', 'clip_id'), where=what)
+    if 'id_split' in df.columns and df['id_split'].isin(SPLITS).any():
+        check_no_leak(df[df['id_split'].isin(SPLITS)], ('identity', 'clip_id'), column='id_split', where=what)
+
+def extract_videos(videos, extractor: FaceExtractor | None = None, data_root=None, size: int = 64, face_type: str = 'full',
                    every: int | None = None, count: int | None = None, base=None, on_error: str = 'raise',
                    iou_threshold: float = 0.3, verbose: bool | None = None) -> Path:
-    "Detect, track and align the faces of videos (paths or manifest clip rows); write PNG crops + manifest.csv + frames.csv under `<root>/faces/<hash>/`."
+    """Detect, track and align the faces of videos (paths or manifest clip rows); write PNG crops + manifest.csv + frames.csv
+    under `<data_root>/faces/<hash>/`. Clip rows whose splits leak (a person or a clip in two splits) are refused with a `LeakError`."""
     import pandas as pd
     from PIL import Image
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     face_template(size, face_type)                                      # checks size and face type early
     rows = _video_rows(videos, base)
+    _check_split(pd.DataFrame(rows, columns=['identity', 'target_identity', 'split', 'clip_id', 'id_split']).fillna(''), 'extract_videos: the clips given')
     fx = extractor or FaceExtractor()
     cfg = dict(videos=[(str(r['path'].resolve()), r['path'].stat().st_size, r['path'].stat().st_mtime_ns, str(r['clip_id'])) for r in rows],
                size=size, face_type=face_type, every=every, count=count, iou=iou_threshold, detector=fx.config(), v=1)
-    final = get_data_root(root)/'faces'/cfg_hash(cfg)
+    final = get_data_root(data_root)/'faces'/cfg_hash(cfg)
     if (final/'manifest.csv').exists(): return final
     crops_rows, frame_rows = [], []
     try:
@@ -554,8 +488,8 @@ def extract_videos(videos, extractor: FaceExtractor | None = None, root=None, si
             bar = progress(total=len(rows), desc='videos', verbose=verbose)
             for r in rows:
                 cid = str(r['clip_id'])
-                try: frames, idx, fps = read_frames(r['path'], every=every, count=count)
-                except (VideoError, FileNotFoundError) as e:
+                try: frames, idx, _ = read_frames(r['path'], every=every, count=count)
+                except (BadFileError, FileNotFoundError) as e:
                     if on_error == 'raise': raise
                     frame_rows.append(dict(clip_id=cid, frame=-1, n_faces=0, n_ignored=0, reason=f'video unreadable: {e}')); bar.update(1); continue
                 dets = fx.detect(frames)
@@ -581,7 +515,9 @@ def extract_videos(videos, extractor: FaceExtractor | None = None, root=None, si
                 bar.update(1)
             bar.close()
             extra = ['track', 'prob', 'x1', 'y1', 'x2', 'y2', 'face_type', 'size', 'id_split']
-            pd.DataFrame(crops_rows, columns=MANIFEST_COLUMNS + extra).to_csv(tmp/'manifest.csv', index=False)
+            crops_df = pd.DataFrame(crops_rows, columns=list(MANIFEST_COLUMNS) + extra)
+            _check_split(crops_df, 'extract_videos: the crops')
+            crops_df.to_csv(tmp/'manifest.csv', index=False)
             fdf = pd.DataFrame(frame_rows, columns=['clip_id', 'frame', 'n_faces', 'n_ignored', 'reason'])
             fdf.to_csv(tmp/'frames.csv', index=False)
             import deepfake_course

@@ -10,12 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from deepfake_course.data.manifest import (MANIFEST_COLUMNS, SPLITS, BadFileError, LeakError, ManifestError, assign_splits,
-                                           check_image, check_no_leak, check_video, concat_manifests, load_celeba, load_celebdf,
-                                           load_ffhq, load_ffpp, load_folder_tree, load_lrw, make_manifest, read_manifest,
-                                           read_video, split_groups, split_summary, tiny_image, tiny_video, validate_manifest,
-                                           video_length, write_manifest, write_video)
-from deepfake_course.data.datasets import (N_MELS, ClipDataset, FaceDataset, load_image, make_real_samples, real_samples)
+from deepfake_course.core import write_mp4
+from deepfake_course.data import manifest as manifest_module
+from deepfake_course.data.audio import N_MELS
+from deepfake_course.data.manifest import (MANIFEST_COLUMNS, SPLITS, LeakError, ManifestError, assign_splits, check_no_leak,
+                                           concat_manifests, load_celeba, load_celebdf, load_ffhq, load_ffpp, load_folder_tree,
+                                           load_lrw, make_manifest, read_manifest, split_groups, split_summary, tiny_image,
+                                           tiny_video, validate_manifest, write_manifest)
+from deepfake_course.data.datasets import ClipDataset, FaceDataset, make_real_samples, real_samples
+from deepfake_course.media import BadFileError, check_image, check_video, load_image, read_video, video_info
 
 
 def row(path, label=0, split='train', **kw):
@@ -114,6 +117,20 @@ def test_leak_check_names_leaking_groups():
     assert summ.rows.sum() == len(toy()) and list(summ.columns) == ['rows', 'real', 'fake', 'identities', 'clips']
 
 
+def test_leak_check_counts_target_identity_and_every_pair_of_splits():
+    # a test fake whose target (identity 3) is a training person
+    swap = make_manifest([row('r3.png', identity=3), row('f.png', 1, 'test', identity=8, target_identity=3)])
+    with pytest.raises(LeakError, match=r'1 identity in more than one split: 3 \(test, train\)'): check_no_leak(swap, 'identity')
+    # only val and test share a person (a fake's target): caught too, and so is train/val
+    vt = make_manifest([row('a.png', identity=1), row('b.png', split='val', identity=2), row('c.png', 1, 'test', identity=9, target_identity=2)])
+    with pytest.raises(LeakError, match=r'1 identity in more than one split: 2 \(test, val\)'): check_no_leak(vt, 'identity')
+    with pytest.raises(LeakError, match=r'1 identity in more than one split: 1 \(train, val\)'): check_no_leak(vt.assign(identity=[1, 1, 9]), 'identity')
+    # several keys at once, with what was checked first in the message
+    with pytest.raises(LeakError, match=r'^here: 1 identity'): check_no_leak(vt, ('clip_id', 'identity'), where='here')
+    assert check_no_leak(vt.assign(split=['train', 'test', 'test']), ('identity', 'clip_id'))
+    with pytest.raises(ValueError, match="no column 'id_split'"): check_no_leak(vt, column='id_split')
+
+
 # ---------------------------------------------------------------- files and video
 def test_video_roundtrip_and_truncation(tmp_path):
     p = tiny_video(tmp_path / 'v.mp4', n_frames=7, size=32)
@@ -122,14 +139,14 @@ def test_video_roundtrip_and_truncation(tmp_path):
     frames, fps, wav = read_video(p)
     assert frames.shape == (7, 32, 32, 3) and frames.dtype == np.uint8 and wav.dtype == np.float32
     assert abs(len(wav) - 7 * 640) < 2048
-    assert video_length(p) == 7 and read_video(p, start=5)[0].shape[0] == 2
+    assert video_info(p)['n_frames'] == 7 and read_video(p, start=5)[0].shape[0] == 2
     truncate(p)
     with pytest.raises(BadFileError, match='v.mp4'): check_video(p)
     (tmp_path / 'x.mp4').write_bytes(b'\x00' * 100)
     with pytest.raises(BadFileError, match='x.mp4'): read_video(tmp_path / 'x.mp4')
-    with pytest.raises(ValueError, match='T×H×W×3'): write_video(tmp_path / 'y.mp4', np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match='T×H×W×3'): write_mp4(tmp_path / 'y.mp4', np.zeros((2, 8, 8), np.uint8))
     # float T×3×H×W tensors are accepted
-    write_video(tmp_path / 't.mp4', torch.rand(3, 3, 16, 16))
+    write_mp4(tmp_path / 't.mp4', torch.rand(3, 3, 16, 16))
     assert read_video(tmp_path / 't.mp4', audio=False)[0].shape == (3, 16, 16, 3)
 
 
@@ -176,6 +193,26 @@ def test_face_dataset_exif_orientation_and_bad_file(tmp_path):
     with pytest.raises(BadFileError, match='cut.png'): ds[0]
 
 
+def test_face_and_clip_datasets_refuse_leaky_manifests(tmp_path):
+    a, b = tiny_image(tmp_path / 'a.png'), tiny_image(tmp_path / 'b.png', seed=1)
+    leaky = make_manifest([row(a, identity=4), row(b, 1, 'test', identity=6, target_identity=4)])
+    for split in (None, 'train', 'test'):     # every split is checked before one is chosen
+        with pytest.raises(LeakError, match=r'FaceDataset on a DataFrame: 1 identity in more than one split: 4 \(test, train\)'):
+            FaceDataset(leaky, split=split)
+    write_manifest(leaky, tmp_path / 'm')
+    with pytest.raises(LeakError, match=r'FaceDataset on .*m: 1 identity'): FaceDataset(tmp_path / 'm')
+    # a person split over two manifests (the real one in one, the fake in the other) is found too
+    with pytest.raises(LeakError, match=r'4 \(test, train\)'): FaceDataset([leaky.iloc[:1], leaky.iloc[1:]], split='train')
+    assert len(FaceDataset(leaky.assign(split='test'), split='test')) == 2
+    v = tiny_video(tmp_path / 'v.mp4', n_frames=3, size=16, audio=False)
+    clips = make_manifest([row(v, split='val', kind='clip', clip_id='v', identity=2),
+                           row(v, 1, 'test', kind='clip', clip_id='w', identity=5, target_identity=2)])
+    with pytest.raises(LeakError, match=r'ClipDataset on a DataFrame: 1 identity in more than one split: 2 \(test, val\)'):
+        ClipDataset(clips, split='val')
+    frame_leak = make_manifest([row(v, kind='clip', clip_id='v'), row(a, split='test', clip_id='v', frame=0)])
+    with pytest.raises(LeakError, match=r'1 clip_id group\(s\) in more than one split: v \(test, train\)'): ClipDataset(frame_leak, split='train')
+
+
 # ---------------------------------------------------------------- ClipDataset
 def test_clip_dataset_npz_and_video(tmp_path):
     T = 12
@@ -209,14 +246,14 @@ def test_clip_dataset_npz_and_video(tmp_path):
 
 def test_mp4_sound_stays_in_sync(tmp_path):
     "AAC priming is dropped: sound read from an mp4 lines up with the frames, and its mel with the npz mel."
-    from deepfake_course.data.synth import log_mel
+    from deepfake_course.data.audio import log_mel
     sr, T = 16000, 25
     rng = np.random.default_rng(0)
     wav = np.zeros(sr, np.float32); wav[6000:12000] = 0.5 * np.sin(2 * np.pi * 300 * np.arange(6000) / sr) * rng.uniform(0.5, 1, 6000)
     ramp = np.linspace(0, 1, 16)[None, :, None, None] * np.array([200, 120, 60])      # smooth frames H.264 keeps well
     frames = (ramp + 40 * np.arange(T)[:, None, None, None] / T).clip(0, 255).astype(np.uint8).repeat(16, 2)
     frames = np.ascontiguousarray(frames.transpose(0, 2, 1, 3))
-    write_video(tmp_path / 'c.mp4', frames, audio=wav)
+    write_mp4(tmp_path / 'c.mp4', frames, audio=wav)
     back = read_video(tmp_path / 'c.mp4')[2]
     assert abs(int(np.argmax(np.abs(back) > 0.1)) - int(np.argmax(np.abs(wav) > 0.1))) < 80
     np.savez(tmp_path / 'c.npz', frames=frames, audio=(wav * 32767).astype(np.int16), mel=log_mel(wav).numpy(), fps=25)
@@ -327,7 +364,7 @@ def test_ffpp(tmp_path):
     with pytest.raises(FileNotFoundError, match='val.json'): load_ffpp(root)
     (root / 'splits' / 'val.json').write_text(json.dumps([['004', '005']]))
     (root / 'splits' / 'test.json').write_text(json.dumps([['006', '005']]))
-    with pytest.raises(ValueError, match="video 005 is listed in both val.json and test.json"): load_ffpp(root)
+    with pytest.raises(LeakError, match="video 005 is listed in both val.json and test.json"): load_ffpp(root)
     (root / 'splits' / 'test.json').write_text(json.dumps([['006', '007']]))
     truncate(root / 'manipulated_sequences/Deepfakes/c23/videos/006_007.mp4')
     with pytest.raises(BadFileError, match='006_007.mp4'): load_ffpp(root)
@@ -345,15 +382,21 @@ def make_celebdf(root, youtube='YouTube-real'):
 def test_celebdf(tmp_path):
     root = tmp_path / 'Celeb-DF-v2'
     make_celebdf(root, youtube='Youtube-real')      # a common variant spelling is accepted
-    df = load_celebdf(root)
-    assert len(df) == 9 and int(df.label.sum()) == 3
-    assert df.groupby('split').size().to_dict() == {'test': 3, 'train': 6}
-    r = df.set_index('clip_id').loc['celebdf/Celeb-synthesis/id0_id1_0000']
-    assert (r.identity, r.target_identity, r.label) == (1, 0, 1)
-    with pytest.raises(LeakError, match='celebdf:1'): check_no_leak(df, 'identity')     # the official test set shares people
-    assert check_no_leak(df, 'clip_id')
+    # the official test list shares people with other clips: refused by name, or the training clips that show them dropped
+    with pytest.raises(LeakError, match=r'official split: 1 identity in more than one split: celebdf:1 \(test, train\)'):
+        load_celebdf(root, on_leak='raise')
+    with pytest.warns(UserWarning, match=r'3 training clip\(s\) show or change people of the official test list \(identities 1\)'):
+        df = load_celebdf(root)
+    dropped = df.attrs['dropped']
+    assert len(df) + len(dropped) == 9 and int(df.label.sum()) == 1
+    assert dropped == ['celebdf/Celeb-real/id1_0000', 'celebdf/Celeb-synthesis/id0_id1_0000', 'celebdf/Celeb-synthesis/id1_id0_0000']
+    assert df.groupby('split').size().to_dict() == {'test': 3, 'train': 3}
+    r = df.set_index('clip_id').loc['celebdf/Celeb-synthesis/id2_id1_0000']
+    assert (r.identity, r.target_identity, r.label) == (1, 2, 1)
+    assert check_no_leak(df, 'identity') and check_no_leak(df, 'clip_id')
     v = load_celebdf(root, val_fraction=0.4, seed=0)
-    assert set(v.split) == set(SPLITS) and (v.split == 'test').sum() == 3
+    assert set(v.split) == set(SPLITS) and (v.split == 'test').sum() == 3 and check_no_leak(v, 'identity')
+    with pytest.raises(ValueError, match='on_leak must be'): load_celebdf(root, on_leak='keep')
     (root / 'Celeb-synthesis').rename(root / 'Celeb_synthesis_videos')
     with pytest.raises(FileNotFoundError, match="found 'Celeb_synthesis_videos': rename it to 'Celeb-synthesis'"): load_celebdf(root)
     (root / 'Celeb_synthesis_videos').rename(root / 'Celeb-synthesis')
@@ -378,6 +421,30 @@ def test_lrw(tmp_path):
     for s in SPLITS: (root / 'ABOUT' / s).rename(root / 'ABOUT' / f'{s}_set')
     with pytest.raises(FileNotFoundError, match="ABOUT/train'"): load_lrw(root)
     with pytest.raises(FileNotFoundError, match='expected word folders'): load_lrw(tmp_path)
+
+
+def test_loaders_refuse_leaky_splits(tmp_path, monkeypatch):
+    # CelebA: a person in the train and the test partition
+    make_celeba(tmp_path / 'c')
+    ids = tmp_path / 'c' / 'Anno' / 'identity_CelebA.txt'
+    ids.write_text(ids.read_text().replace('000009.jpg 12', '000009.jpg 10'))
+    with pytest.raises(LeakError, match=r"CelebA at .*: 1 identity in more than one split: celeba:10 \(test, train\)"): load_celeba(tmp_path / 'c')
+    # FaceForensics++: a fake joining a train video and a val video
+    ff = tmp_path / 'FF'
+    make_ffpp(ff, methods=('Deepfakes',))
+    tiny_video(ff / 'manipulated_sequences/Deepfakes/c23/videos/000_004.mp4', n_frames=3, size=16, audio=False)
+    with pytest.raises(LeakError, match=r'1 fake video\(s\) join people of two splits: 000_004.mp4 \(identity 0 in train, identity 4 in val\)'):
+        load_ffpp(ff)
+    # folder trees and LRW carry no identities and put the split in every clip id: their last check is shown on a tampered read
+    sp, lrw = tmp_path / 'split', tmp_path / 'lipread_mp4'
+    for s in SPLITS:
+        for lab in ('real', 'fake'): tiny_image(sp / s / lab / 'x.png')
+        tiny_video(lrw / 'ABOUT' / s / 'ABOUT_00001.mp4', n_frames=3, size=16, audio=False)
+    assert check_no_leak(load_folder_tree(sp), 'identity') and check_no_leak(load_lrw(lrw), 'clip_id')
+    real_finish = manifest_module._finish
+    monkeypatch.setattr(manifest_module, '_finish', lambda *a: real_finish(*a).assign(identity=7))
+    with pytest.raises(LeakError, match=r"real/fake folder tree .*: 1 identity in more than one split: split:7 \(test, train, val\)"): load_folder_tree(sp)
+    with pytest.raises(LeakError, match=r"LRW at .*: 1 identity in more than one split: lrw:7 \(test, train, val\)"): load_lrw(lrw)
 
 
 # ---------------------------------------------------------------- real samples

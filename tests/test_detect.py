@@ -1,5 +1,6 @@
 """Unit tests of deepfake_course.detect: ShallowNet, MesoNet and timm baselines, FDFtNet, the registry,
-checkpoints, evaluate/score_table and detect's errors. Small tensors only: runs in seconds on a CPU."""
+checkpoints, score_faces, detect's errors, and the data spine (detection_data reads a NAMED fake set, the blend-swap
+set is named by its settings alone, no identity crosses splits). Small tensors and tiny renders: runs on a CPU."""
 import math
 import numpy as np
 import pandas as pd
@@ -7,9 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+from deepfake_course.core import n_params
+from deepfake_course.media import read_frames
+from deepfake_course.train import save_checkpoint, CheckpointError
+from deepfake_course.data.manifest import LeakError
+from deepfake_course.data.fakes import FakeSetWriter, FakeSetNotFound, list_fake_sets
 from deepfake_course.detect.core import (DETECTORS, build_detector, list_detectors, fake_prob, detector_loss, save_detector,
-                                         load_detector, FaceSet, DetectionData, evaluate, detect, blend_swap,
-                                         similarity_from_landmarks, n_params, Augment, resize_faces, read_frames)
+                                         load_detector, FaceTensorSet, DetectionData, score_faces, detect, blend_swap,
+                                         similarity_from_landmarks, Augment, detection_data, make_blendswap, blendswap_set,
+                                         real_faces)
 from deepfake_course.detect.shallownet import ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2
 from deepfake_course.detect.baselines import MesoNet, load_weights_file
 from deepfake_course.detect.fdftnet import SelfAttention, FineTuneTransformer, MBBlockV3, MBStack, FDFtNet, Cutout
@@ -116,16 +123,34 @@ def test_ftt_widths_and_output():
 
 def test_mbblock_canonical_and_code_faithful():
     x = torch.randn(2, 32, 12, 12)
-    for faithful in (False, True):
+    # the released graph keeps the input's resolution in block 1 (its stride-2 depthwise output only feeds the SE squeeze)
+    for faithful, hw in ((False, (6, 6)), (True, (12, 12))):
         b = MBBlockV3(32, 96, 48, 3, 2, 24, faithful_to_code=faithful)
-        assert b(x).shape == (2, 48, 6, 6) and not b.residual
+        assert b(x).shape == (2, 48, *hw) and not b.residual
     assert MBBlockV3(48, 96, 48, 5, 1, 24).residual
     assert len(MBStack(32, N=4, expand=96, cout=48, se=24, out=64).blocks) == 4
 
 
-def _tiny_fdft(frozen):
+def test_mbstack_faithful_path_block_shapes():
+    # cutz-j/FDFtNet fdft/mb_block.py: block 1's main path is expand1 × SE gates (the stride-2 depthwise output only
+    # feeds the SE squeeze), so every block of the released graph keeps the backbone's 12×12 map; the canonical
+    # MobileNetV3 stack halves it in block 1. Before the fix the faithful path subsampled block 1 to 6×6.
+    x = torch.randn(2, 32, 12, 12)
+    for faithful, hw in ((True, (12, 12)), (False, (6, 6))):
+        st = MBStack(32, N=3, expand=48, cout=16, se=8, out=24, faithful_to_code=faithful).eval()
+        h, shapes = x, []
+        with torch.no_grad():
+            for b in st.blocks: h = b(h); shapes.append(tuple(h.shape))
+        assert shapes == [(2, 16, *hw)] * 3, (faithful, shapes)
+        assert not st.blocks[0].residual and all(b.residual for b in st.blocks[1:])
+        assert st(x).shape == (2, 24)
+    net = _tiny_fdft(True, faithful_to_code=True).eval()
+    with torch.no_grad(): assert net(_x(2)).shape == (2, 2)
+
+
+def _tiny_fdft(frozen, **kw):
     return build_detector('fdftnet', backbone='shallownet_v3', M=3, N=2, ftt_widths=(8, 16, 24), expand=32, mb_out=16,
-                          se=8, feat=32, freeze_backbone=frozen)
+                          se=8, feat=32, freeze_backbone=frozen, **kw)
 
 
 def test_fdftnet_frozen_backbone_does_not_change():
@@ -169,11 +194,30 @@ def test_checkpoint_roundtrip_and_wrong_detector(tmp_path):
     m2 = load_detector(p, expect='shallownet_v3')
     x = _x(2, 32)
     with torch.no_grad(): torch.testing.assert_close(m(x), m2(x))
-    with pytest.raises(ValueError, match="holds a 'shallownet_v3' detector, not 'meso4'"): load_detector(p, expect='meso4')
-    torch.save(m.state_dict(), tmp_path / 'plain.pt')
-    with pytest.raises(ValueError, match='does not hold'): load_detector(tmp_path / 'plain.pt', expect='meso4')
+    with pytest.raises(CheckpointError, match="holds a 'shallownet_v3' detector, not 'meso4'"): load_detector(p, expect='meso4')
+    # a checkpoint in the one format that does not name its model (fit's, of a plain model) loads only where every tensor fits
+    save_checkpoint(tmp_path / 'plain.pt', m, rng=False)
+    with pytest.raises(CheckpointError, match='does not hold'): load_detector(tmp_path / 'plain.pt', expect='meso4')
     load_detector(tmp_path / 'plain.pt', expect='shallownet_v3', input_size=32)
+    with pytest.raises(CheckpointError, match='does not say which detector'): load_detector(tmp_path / 'plain.pt')
     with pytest.raises(FileNotFoundError): load_detector(tmp_path / 'missing.pt')
+    torch.save(m.state_dict(), tmp_path / 'foreign.pt')                  # not the course's format
+    with pytest.raises(CheckpointError, match='not a deepfake_course checkpoint'): load_detector(tmp_path / 'foreign.pt', expect='shallownet_v3')
+    other = nn.Linear(2, 1); save_checkpoint(tmp_path / 'gan.pt', other, name='dcgan', config={'ngf': 8}, rng=False)
+    with pytest.raises(CheckpointError, match="holds a 'dcgan' detector, not 'meso4'"): load_detector(tmp_path / 'gan.pt', expect='meso4')
+    with pytest.raises(CheckpointError, match="not a registered detector"): load_detector(tmp_path / 'gan.pt')
+
+
+def test_fit_checkpoints_of_a_detector_load_by_name(tmp_path):
+    from deepfake_course.train import fit
+    torch.manual_seed(0)
+    m = build_detector('thumbnail_logreg', thumb=4, input_size=16)
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0., 1.] * 4)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    fit(m, dl, dl, loss_fn=detector_loss(), epochs=1, device='cpu', ckpt_dir=tmp_path / 'ck')
+    m2 = load_detector(tmp_path / 'ck' / 'best.pt', expect='thumbnail_logreg')
+    assert m2.thumb == 4
+    with torch.no_grad(): torch.testing.assert_close(m.eval()(x), m2(x))
 
 
 def test_fdftnet_checkpoint_rebuilds_without_backbone_file(tmp_path):
@@ -187,20 +231,20 @@ def test_fdftnet_checkpoint_rebuilds_without_backbone_file(tmp_path):
 
 
 # ---------------------------------------------------------------- data, evaluate, detect
-def _faceset(n=8, s=32):
+def _face_tensors(n=8, s=32):
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(n, 3, s, s, generator=g) * 255).byte()
     df = pd.DataFrame({'path': [''] * n, 'label': [0, 1] * (n // 2), 'source': ['synthfaces', 'blend-swap'] * (n // 2),
                        'identity': range(n), 'target_identity': -1, 'split': 'test', 'clip_id': '', 'frame': -1, 'kind': 'image'})
-    return FaceSet(x, df)
+    return FaceTensorSet(x, df)
 
 
-def test_faceset_and_evaluate():
-    fs = _faceset()
+def test_face_tensor_set_and_score_faces():
+    fs = _face_tensors()
     x, y = fs[1]; assert x.dtype == torch.float32 and y.item() == 1.0 and x.max() <= 1
     assert fs.resized(16).x.shape == (8, 3, 16, 16)
     m = build_detector('shallownet_v3', input_size=32)
-    sc = evaluate(m, fs, device='cpu')
+    sc = score_faces(m, fs, device='cpu')
     assert list(sc.columns[:9]) == ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
     assert len(sc) == 8 and sc['score'].between(0, 1).all() and (sc['detector'] == 'shallownet_v3').all()
 
@@ -246,7 +290,7 @@ def test_detect_errors_and_crop_mode(tmp_path):
     with pytest.raises(FileNotFoundError, match='does not exist'): detect(tmp_path / 'nothing.png', m)
     with pytest.raises(IsADirectoryError): detect(tmp_path, m)
     p = save_detector(m, tmp_path / 'v3.pt')
-    with pytest.raises(ValueError, match="not 'meso4'"): detect(tmp_path / 'face.png', p, faces='none', expect='meso4')
+    with pytest.raises(CheckpointError, match="not 'meso4'"): detect(tmp_path / 'face.png', p, faces='none', expect='meso4')
     with pytest.raises(ValueError, match="faces must be"): detect(img, m, faces='maybe')
     r2 = detect([img, img], m, faces='none', device='cpu')
     assert list(r2['frame']) == [0, 1]
@@ -261,8 +305,8 @@ def test_detect_reads_video_frames(tmp_path):
             fr = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * i, np.uint8), format='rgb24')
             for pk in st.encode(fr): c.mux(pk)
         for pk in st.encode(): c.mux(pk)
-    frames, idx = read_frames(path, every=2)
-    assert idx == [0, 2, 4] and frames[0].shape == (32, 32, 3)
+    frames, idx, fps = read_frames(path, every=2)
+    assert list(idx) == [0, 2, 4] and frames[0].shape == (32, 32, 3) and fps == 5
     r = detect(path, build_detector('shallownet_v3', input_size=32), faces='none', every=3, device='cpu')
     assert list(r['frame']) == [0, 3]
 
@@ -271,3 +315,77 @@ def test_detect_says_when_no_face():
     pytest.importorskip('deepfake_course.faces')
     m = build_detector('shallownet_v3', input_size=32)
     with pytest.raises(ValueError, match='no face found'): detect(np.full((96, 96, 3), 127, np.uint8), m)
+
+
+# ---------------------------------------------------------------- the data spine: named fake sets, no leaks
+TINY = dict(n_identities=3, images_per_identity=2, size=32, seed=0)   # 3 identities: one per split
+
+
+@pytest.fixture(scope='module')
+def spine_root(tmp_path_factory):
+    "A data root with the tiny SynthFaces build and the blend-swap set made for it."
+    root = tmp_path_factory.mktemp('spine')
+    name = blendswap_set(root, **TINY, verbose=False)
+    return root, name
+
+
+def _id_split(root):
+    real = real_faces(root, TINY['n_identities'], TINY['images_per_identity'], TINY['size'], TINY['seed'])
+    return real.groupby('identity')['split'].first().to_dict()
+
+
+def test_blendswap_set_is_named_by_its_settings_alone(spine_root, tmp_path):
+    root, name = spine_root
+    assert name.startswith('blend-swap/')
+    split = _id_split(root)
+    # other fake sets appear in the same root: a face-swap set and a blend swap built with other settings
+    with FakeSetWriter('faceswap-df', {'steps': 1}, root) as w:
+        for i, s in split.items(): w.add_image(np.zeros((32, 32, 3), np.uint8), split=s, identity=i, target_identity=i)
+    other = make_blendswap(root, split, per_identity=1, size=32, seed=5, verbose=False)
+    assert other != name and len(list_fake_sets(root)) == 3
+    assert blendswap_set(root, **TINY, verbose=False) == name                  # the same set, not the newest one
+    data = detection_data(root, name, 32, TINY['n_identities'], TINY['images_per_identity'], TINY['seed'])
+    assert data.fake_set == name and set(data.test.df.query('label == 1')['source']) == {'blend-swap'}
+    assert detection_data(root, 'faceswap-df/' + list_fake_sets(root, 'faceswap-df').name[0].split('/')[1], 32,
+                          TINY['n_identities'], TINY['images_per_identity'], TINY['seed']).fake_set.startswith('faceswap-df/')
+    fresh = tmp_path / 'fresh'                                                # a fresh data root: the same name
+    assert blendswap_set(fresh, **TINY, verbose=False) == name
+
+
+def test_blendswap_keeps_donor_and_target_in_one_split(spine_root):
+    root, name = spine_root
+    from deepfake_course.data.fakes import read_fake_set
+    df = read_fake_set(name, root)
+    split = _id_split(root)
+    assert (df['split'] == df['identity'].map(split)).all() and (df['split'] == df['target_identity'].map(split)).all()
+    assert len(df) == TINY['n_identities'] * TINY['images_per_identity'] and (df['label'] == 1).all()
+    card = df.attrs['card']
+    assert card['method'] == 'blend-swap' and card['config']['per_identity'] == TINY['images_per_identity']
+
+
+def test_detection_data_reads_only_the_named_set(spine_root):
+    root, name = spine_root
+    args = (32, TINY['n_identities'], TINY['images_per_identity'], TINY['seed'])
+    with pytest.raises(FakeSetNotFound, match=f"the sets that exist: .*{name}"): detection_data(root, 'faceswap-df/0123456789', *args)
+    with pytest.raises(TypeError, match='name the fake set'): detection_data(root, None, *args)
+    data = detection_data(root, name, *args)
+    assert isinstance(data, DetectionData) and data.fake_set == name and 'fake_source' not in vars(data)
+    for s in ('train', 'val', 'test'):
+        part = data[s].df
+        assert set(part['label']) == {0, 1} and set(part['split']) == {s}
+    assert data.resized(16).fake_set == name and data.resized(16).train.x.shape[-1] == 16
+
+
+def test_a_fake_whose_target_is_a_training_identity_cannot_sit_in_test(spine_root):
+    root, _ = spine_root
+    split = _id_split(root)
+    tr = next(i for i, s in split.items() if s == 'train'); te = next(i for i, s in split.items() if s == 'test')
+    with FakeSetWriter('leaky', {'target': 'train identity in test'}, root) as w:   # leak-free on its own: one row
+        w.add_image(np.zeros((32, 32, 3), np.uint8), split='test', identity=te, target_identity=tr)
+    with pytest.raises(LeakError, match=rf"{tr} \(test, train\)"):
+        detection_data(root, w.name, 32, TINY['n_identities'], TINY['images_per_identity'], TINY['seed'])
+
+
+def test_make_blendswap_refuses_a_bad_split(tmp_path):
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"): make_blendswap(tmp_path, {0: 'training'})
+    with pytest.raises(ValueError, match='is empty'): make_blendswap(tmp_path, {})

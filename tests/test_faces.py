@@ -1,4 +1,5 @@
-"""Unit tests of deepfake_course.faces: loading, MTCNN detection, the noise filter, alignment, paste-back, video."""
+"""Unit tests of deepfake_course.faces: loading (through deepfake_course.media), MTCNN detection, the noise filter,
+alignment, paste-back, video."""
 import math
 
 import numpy as np
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 from deepfake_course import faces as F
+from deepfake_course import media as M
+from deepfake_course.core import write_mp4
+from deepfake_course.data.manifest import MANIFEST_COLUMNS, LeakError
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
@@ -33,6 +37,11 @@ def _smooth(h, w, k=1):
     return torch.stack([(k * yy).sin(), xx.cos(), (yy + k * xx).sin()]) * 0.4 + 0.5
 
 
+def load_rgb(p):
+    "A file as the detector reads it: the course's one loader, H×W×3 uint8."
+    return M.load_image(p, dtype='uint8', hwc=True)
+
+
 # ---------------------------------------------------------------- loading
 def test_load_image_converts_gray_rgba_16bit_palette(tmp_path, photos):
     import cv2
@@ -45,12 +54,13 @@ def test_load_image_converts_gray_rgba_16bit_palette(tmp_path, photos):
     cv2.imwrite(str(tmp_path/'deepgray.png'), cv2.cvtColor(g, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257)
     Image.fromarray(g).convert('P').save(tmp_path/'pal.gif')
     for n in ['gray.png', 'rgba.png', 'deep.png', 'deepgray.png', 'pal.gif']:
-        im = F.load_image(tmp_path/n)
+        im = load_rgb(tmp_path/n)
         assert im.shape == g.shape and im.dtype == np.uint8, n
-    assert np.array_equal(F.load_image(tmp_path/'deep.png'), g)
-    rg = F.load_image(tmp_path/'rgba.png')
-    assert (rg[:10, :10] == 255).all() and np.array_equal(rg[20:], g[20:])     # transparent -> white, opaque unchanged
-    gray = F.load_image(tmp_path/'gray.png')
+    assert np.array_equal(load_rgb(tmp_path/'deep.png'), g)
+    rg = load_rgb(tmp_path/'rgba.png')
+    assert (rg[:10, :10] == 0).all() and np.array_equal(rg[20:], g[20:])       # transparent -> black (the course's rule), opaque unchanged
+    assert np.array_equal(F.as_image_list(tmp_path/'rgba.png')[0], rg)          # the detector reads files the same way
+    gray = load_rgb(tmp_path/'gray.png')
     assert np.array_equal(gray[..., 0], gray[..., 2])
 
 
@@ -59,16 +69,16 @@ def test_load_image_applies_exif_orientation(tmp_path):
     im = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
     ex = Image.Exif(); ex[0x0112] = 6                                  # "rotate 90° clockwise to display"
     im.save(tmp_path/'rot.jpg', exif=ex)
-    assert F.load_image(tmp_path/'rot.jpg').shape == (50, 30, 3)
+    assert load_rgb(tmp_path/'rot.jpg').shape == (50, 30, 3)
 
 
 def test_load_image_errors(tmp_path):
     (tmp_path/'x.jpg').write_text('not an image')
-    with pytest.raises(F.ImageLoadError, match='not an image file'): F.load_image(tmp_path/'x.jpg')
+    with pytest.raises(M.ImageLoadError, match='not an image file'): load_rgb(tmp_path/'x.jpg')
     (tmp_path/'e.png').write_bytes(b'')
-    with pytest.raises(F.ImageLoadError, match='not an image file'): F.load_image(tmp_path/'e.png')
-    with pytest.raises(FileNotFoundError, match='does not exist'): F.load_image(tmp_path/'nope.png')
-    with pytest.raises(F.ImageLoadError, match='folder'): F.load_image(tmp_path)
+    with pytest.raises(M.ImageLoadError, match='not an image file'): load_rgb(tmp_path/'e.png')
+    with pytest.raises(FileNotFoundError, match='does not exist'): load_rgb(tmp_path/'nope.png')
+    with pytest.raises(M.ImageLoadError, match='folder'): load_rgb(tmp_path)
 
 
 def test_to_rgb_uint8_arrays():
@@ -76,9 +86,11 @@ def test_to_rgb_uint8_arrays():
     assert F.to_rgb_uint8(np.ones((8, 9), np.float32)).max() == 255
     assert F.to_rgb_uint8(np.full((4, 4), 65535, np.uint16)).max() == 255
     assert F.to_rgb_uint8(np.full((4, 4, 1), 200.0)).max() == 200          # floats above 1 are taken as 0..255
-    with pytest.raises(F.ImageLoadError, match='shape'): F.to_rgb_uint8(np.zeros((9, 9, 7)))
-    with pytest.raises(F.ImageLoadError, match='NaN'): F.to_rgb_uint8(np.full((4, 4), np.nan))
-    with pytest.raises(F.ImageLoadError, match='zero size'): F.to_rgb_uint8(np.zeros((0, 4, 3)))
+    with pytest.raises(M.ImageLoadError, match='shape'): F.to_rgb_uint8(np.zeros((9, 9, 7)))
+    with pytest.raises(M.ImageLoadError, match='NaN'): F.to_rgb_uint8(np.full((4, 4), np.nan))
+    with pytest.raises(M.ImageLoadError, match='zero size'): F.to_rgb_uint8(np.zeros((0, 4, 3)))
+    rgba = np.full((2, 2, 4), 200, np.uint8); rgba[..., 3] = 255; rgba[0, 0, 3] = 0
+    assert F.to_rgb_uint8(rgba)[0, 0].tolist() == [0, 0, 0] and F.to_rgb_uint8(rgba)[1, 1].tolist() == [200] * 3   # alpha over black
 
 
 # ---------------------------------------------------------------- noise filter
@@ -129,7 +141,7 @@ def test_detect_accepts_tensors_and_paths(fx, photos, tmp_path):
     assert len(d1) == len(d2) == len(d3) == 1
     assert np.abs(d1.boxes - d2.boxes).max() <= 1
     (tmp_path/'notes.txt').write_text('x')
-    with pytest.raises(F.ImageLoadError, match='notes.txt'): fx.detect([tmp_path/'notes.txt'])
+    with pytest.raises(M.ImageLoadError, match='notes.txt'): fx.detect([tmp_path/'notes.txt'])
 
 
 def test_lfw_faces_and_nonfaces(fx, photos):
@@ -207,21 +219,22 @@ def test_paste_back_restores_frame_and_blends():
 
 # ---------------------------------------------------------------- video
 def test_sample_indices():
-    assert F.sample_indices(10, every=4).tolist() == [0, 4, 8]
-    assert F.sample_indices(11, count=3).tolist() == [0, 5, 10]
-    assert F.sample_indices(2, count=5).tolist() == [0, 1]
-    with pytest.raises(ValueError, match='every'): F.sample_indices(5, every=0)
-    with pytest.raises(ValueError, match='not both'): F.sample_indices(5, every=1, count=1)
+    assert M.sample_indices(10, every=4).tolist() == [0, 4, 8]
+    assert M.sample_indices(11, count=3).tolist() == [0, 5, 10]
+    assert M.sample_indices(2, count=5).tolist() == [0, 1]
+    with pytest.raises(ValueError, match='every'): M.sample_indices(5, every=0)
+    with pytest.raises(ValueError, match='not both'): M.sample_indices(5, every=1, count=1)
 
 
 def test_video_errors(tmp_path):
     import av
     (tmp_path/'t.mp4').write_text('no video here')
-    with pytest.raises(F.VideoError, match='t.mp4'): F.read_frames(tmp_path/'t.mp4')
-    with pytest.raises(FileNotFoundError): F.read_frames(tmp_path/'missing.mp4')
+    # media.read_frames raises its BadFileError (the parent of VideoError) for a .mp4 that does not open as a video
+    with pytest.raises(M.BadFileError, match='t.mp4'): M.read_frames(tmp_path/'t.mp4')
+    with pytest.raises(FileNotFoundError): M.read_frames(tmp_path/'missing.mp4')
     with av.open(str(tmp_path/'nostream.mp4'), 'w') as c:     # a container without a video stream
         s = c.add_stream('libx264', rate=25); s.width = s.height = 32; s.pix_fmt = 'yuv420p'; c.start_encoding()
-    with pytest.raises(F.VideoError, match='nostream.mp4'): F.read_frames(tmp_path/'nostream.mp4')
+    with pytest.raises(M.BadFileError, match='nostream.mp4'): M.read_frames(tmp_path/'nostream.mp4')
     with av.open(str(tmp_path/'five.mkv'), 'w') as c:
         s = c.add_stream('libx264', rate=25); s.width = s.height = 32; s.pix_fmt = 'yuv420p'
         for f in [av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format='rgb24')] * 5 + [None]:
@@ -230,17 +243,17 @@ def test_video_errors(tmp_path):
     msgs = []
     for cut in range(100, len(whole), 100):       # every truncation is a VideoError (or still decodes), never a crash
         (tmp_path/'cut.mkv').write_bytes(whole[:cut])
-        try: F.read_frames(tmp_path/'cut.mkv', every=2)
-        except F.VideoError as e: msgs.append(str(e))
+        try: M.read_frames(tmp_path/'cut.mkv', every=2)
+        except M.BadFileError as e: msgs.append(str(e))
     assert any('no frames' in m for m in msgs) and all('cut.mkv' in m for m in msgs)
 
 
 def test_write_read_video_roundtrip(tmp_path):
     frames = np.stack([np.full((31, 40, 3), 20 * i, np.uint8) for i in range(9)])
-    p = F.write_video(tmp_path/'v.mp4', frames, fps=10)
-    info = F.video_info(p)
+    p = write_mp4(tmp_path/'v.mp4', frames, fps=10)
+    info = M.video_info(p)
     assert info['n_frames'] == 9 and info['width'] == 40 and info['height'] == 32 and info['fps'] == 10
-    fr, idx, fps = F.read_frames(p, count=3)
+    fr, idx, fps = M.read_frames(p, count=3)
     assert idx.tolist() == [0, 4, 8] and abs(int(fr[2, 4, 4, 0]) - 160) <= 3
 
 
@@ -258,25 +271,49 @@ def test_extract_videos_manifest_and_no_face_frames(tmp_path, fx, photos):
     for i in range(10):
         if i in (4, 5): continue                                  # two frames without a face
         frames[i, 10:106, 4 + 5 * i:100 + 5 * i] = f
-    v = F.write_video(tmp_path/'in'/'clip.mp4', frames)
+    write_mp4(tmp_path/'in'/'clip.mp4', frames)
     bad = tmp_path/'in'/'bad.mp4'; bad.write_text('x')
     rows = pd.DataFrame(dict(path=['clip.mp4', 'bad.mp4'], label=[1, 0], source=['test', 'test'], identity=[3, 4],
                              target_identity=[5, -1], split=['val', 'val'], clip_id=['c1', 'c2'], frame=[-1, -1], kind=['clip', 'clip']))
-    with pytest.raises(F.VideoError, match='bad.mp4'):
-        F.extract_videos(rows, fx, root=tmp_path/'data', base=tmp_path/'in', every=1, size=32)
+    with pytest.raises(M.BadFileError, match='bad.mp4'):
+        F.extract_videos(rows, fx, data_root=tmp_path/'data', base=tmp_path/'in', every=1, size=32)
     assert not (tmp_path/'data'/'faces').exists() or not any(p.name.endswith('.csv') for p in (tmp_path/'data'/'faces').rglob('*'))
-    out = F.extract_videos(rows, fx, root=tmp_path/'data', base=tmp_path/'in', every=1, size=32, on_error='skip')
+    out = F.extract_videos(rows, fx, data_root=tmp_path/'data', base=tmp_path/'in', every=1, size=32, on_error='skip')
     man, frm = pd.read_csv(out/'manifest.csv'), pd.read_csv(out/'frames.csv', keep_default_na=False)
-    assert list(man.columns[:9]) == F.MANIFEST_COLUMNS
+    assert list(man.columns[:9]) == list(MANIFEST_COLUMNS)
     assert len(man) == 8 and set(man['clip_id']) == {'c1'} and (man['label'] == 1).all() and (man['identity'] == 3).all()
     assert man['track'].nunique() == 1 or man['track'].value_counts().iloc[0] >= 4
     nf = frm[(frm['clip_id'] == 'c1') & (frm['n_faces'] == 0)]
     assert nf['frame'].tolist() == [4, 5] and (nf['reason'] == 'no face detected').all()
     assert frm[frm['clip_id'] == 'c2']['reason'].str.contains('unreadable').all()
     assert all((out/p).exists() for p in man['path'])
-    assert F.load_image(out/man['path'][0]).shape == (32, 32, 3)
-    assert F.extract_videos(rows, fx, root=tmp_path/'data', base=tmp_path/'in', every=1, size=32, on_error='skip') == out
+    assert load_rgb(out/man['path'][0]).shape == (32, 32, 3)
+    assert F.extract_videos(rows, fx, data_root=tmp_path/'data', base=tmp_path/'in', every=1, size=32, on_error='skip') == out
 
+
+
+def test_extract_videos_refuses_leaky_clips(tmp_path, fx):
+    clip = write_mp4(tmp_path/'a.mp4', np.full((2, 32, 32, 3), 90, np.uint8))
+    rows = pd.DataFrame(dict(path=[str(clip)] * 3, label=[0, 1, 0], source=['t'] * 3, identity=[3, 8, 6], target_identity=[-1, 3, -1],
+                             split=['train', 'test', 'val'], clip_id=['r3', 'f8', 'r6'], frame=[-1] * 3, kind=['clip'] * 3))
+    # the fake in test changes identity 3, whose real clip is in train: refused before any frame is decoded or any folder made
+    with pytest.raises(LeakError, match=r'extract_videos: the clips given: 1 identity in more than one split: 3 \(test, train\)'):
+        F.extract_videos(rows, fx, data_root=tmp_path/'data', every=1, size=32)
+    assert not (tmp_path/'data'/'faces').exists()
+    # the identity split copied by SynthFaces (`id_split`) is checked too
+    with pytest.raises(LeakError, match=r'1 identity in more than one id_split: 3 \(test, train\)'):
+        F.extract_videos(rows.assign(split='test', id_split=['train', 'test', 'val']), fx, data_root=tmp_path/'data', every=1, size=32)
+
+
+def test_one_shared_mtcnn(fx, photos):
+    m = F.get_mtcnn('cpu', fx.min_face_size)
+    assert fx.mtcnn is m and F.FaceExtractor('cpu').mtcnn is m and F.get_mtcnn('cpu', fx.min_face_size) is m
+    assert F.get_mtcnn('cpu', select_largest=True) is not F.get_mtcnn('cpu') and F.get_mtcnn('cpu', 40) is not m
+    boxes, probs, lms = m.detect(photos['astronaut'][None], landmarks=True)          # the raw facenet-pytorch API
+    assert len(boxes[0]) == 1 and probs[0][0] > 0.99 and lms[0].shape == (1, 5, 2)
+    assert np.abs(boxes[0] - fx.detect(photos['astronaut'])[0].boxes).max() < 1e-3   # the extractor's boxes are the handle's
+    with pytest.raises(ValueError, match='three probabilities'): F.get_mtcnn('cpu', thresholds=(0.6, 0.7))
+    with pytest.raises(ValueError, match='factor'): F.get_mtcnn('cpu', factor=1.2)
 
 def test_synthfaces_alignment_nme(fx):
     synth = pytest.importorskip('deepfake_course.data.synth')

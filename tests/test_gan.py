@@ -1,5 +1,6 @@
 """Unit tests of deepfake_course.generate.gan: shapes, the paper's DCGAN, progressive-growing schedule,
-modulated convolution, exact resume after an interruption, checkpoint checks, fake sets, quality measures."""
+modulated convolution, exact resume after an interruption, checkpoint checks (the course's one format), fake sets
+through FakeSetWriter, and the MTCNN face rate the GAN notebook judges samples with."""
 import json, math
 import numpy as np
 import pandas as pd
@@ -7,6 +8,11 @@ import pytest
 import torch
 
 from deepfake_course.generate import gan as G
+from deepfake_course import fidelity as FID
+from deepfake_course.core import n_params
+from deepfake_course.media import read_provenance, resize
+from deepfake_course.data.fakes import read_fake_set, resolve_fake_set, read_card
+from deepfake_course.data.manifest import MANIFEST_COLUMNS
 
 
 def _imgs(n=24, size=16, c=3, seed=0):
@@ -30,11 +36,13 @@ def _trainer(name, data=None, **kw):
 
 
 def test_bad_datasets():
-    with pytest.raises(ValueError, match='empty'): G.check_images(torch.zeros(0, 3, 16, 16))
+    with pytest.raises(ValueError, match='empty'): FID.check_images(torch.zeros(0, 3, 16, 16))
     with pytest.raises(ValueError, match='only 1 image'): G.DCGANTrainer(torch.rand(1, 3, 16, 16), size=16)
-    with pytest.raises(ValueError, match=r'\[0, 1\]'): G.check_images(torch.rand(4, 3, 8, 8) * 255)
-    with pytest.raises(ValueError, match='channels'): G.check_images(torch.rand(4, 2, 8, 8))
-    with pytest.raises(ValueError, match='N×C×H×W'): G.check_images(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): FID.check_images(torch.rand(4, 3, 8, 8) * 255)
+    with pytest.raises(ValueError, match='channels'): FID.check_images(torch.rand(4, 2, 8, 8))
+    with pytest.raises(ValueError, match='N×C×H×W'): FID.check_images(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match='empty'): G.DCGANTrainer(torch.zeros(0, 3, 16, 16), size=16)
+    with pytest.raises(ValueError, match='identities'): G.DCGANTrainer(_imgs(), identities=[0, 1], size=16)
     with pytest.raises(ValueError, match='unknown setting'): G.DCGANTrainer(_imgs(), size=16, ngff=3)
 
 
@@ -52,7 +60,7 @@ def test_other_resolution_errors():
 
 def test_dcgan_exact_paper_configuration():
     g, d = G.DCGANGenerator(100, 64, 3, 64), G.DCGANDiscriminator(64, 3, 64)
-    assert G.n_params(g) == 3576704 and G.n_params(d) == 2765568
+    assert n_params(g) == 3576704 and n_params(d) == 2765568
     assert g(torch.randn(2, 100)).shape == (2, 3, 64, 64) and d(torch.randn(2, 3, 64, 64)).shape == (2,)
     convs = [m for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [c.out_channels for c in convs] == [512, 256, 128, 64, 3] and all(c.bias is None for c in convs)
@@ -121,12 +129,12 @@ def test_interrupted_training_resumes_exactly(name, tmp_path):
 def test_checkpoint_of_another_generator_is_refused(tmp_path):
     _trainer('dcgan').fit(2, ckpt_dir=tmp_path, verbose=False)
     ck = tmp_path / 'checkpoint.pt'
-    with pytest.raises(G.CheckpointError, match="checkpoint of generator 'dcgan', not 'stylegan'"): _trainer('stylegan').load(ck)
-    with pytest.raises(G.CheckpointError, match="generator 'dcgan'"): _trainer('stylegan').fit(4, ckpt_dir=tmp_path, verbose=False)
-    with pytest.raises(G.CheckpointError, match='another dcgan configuration.*ngf'): _trainer('dcgan', ngf=4).load(ck)
-    with pytest.raises(G.CheckpointError, match='another dataset'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
+    with pytest.raises(G.CheckpointError, match="holds a 'dcgan' model, not 'stylegan'"): _trainer('stylegan').load(ck)
+    with pytest.raises(G.CheckpointError, match="'dcgan' model, not 'stylegan'"): _trainer('stylegan').fit(4, ckpt_dir=tmp_path, verbose=False)
+    with pytest.raises(G.CheckpointError, match="'dcgan' model built with another configuration.*ngf: checkpoint 8 vs now 4"): _trainer('dcgan', ngf=4).load(ck)
+    with pytest.raises(G.CheckpointError, match='another configuration.*data_sha1'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
     bad = tmp_path / 'bad.pt'; bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(G.CheckpointError, match='not a readable checkpoint'): _trainer('dcgan').load(bad)
+    with pytest.raises(G.CheckpointError, match='truncated or corrupt'): _trainer('dcgan').load(bad)
     # run_id names a checkpoint folder per configuration and dataset
     assert _trainer('dcgan').run_id == _trainer('dcgan').run_id != _trainer('dcgan', ngf=4).run_id
     assert _trainer('dcgan').run_id.startswith('dcgan-')
@@ -149,69 +157,91 @@ def test_stargan_edit_shapes():
     with pytest.raises(ValueError, match='2 attributes'): tr.edit(_imgs(3), torch.ones(3, 5))
 
 
+def test_checkpoint_is_the_course_format(tmp_path):
+    from deepfake_course.train import read_checkpoint, model_info
+    tr = _trainer('pggan').fit(4, ckpt_dir=tmp_path, ckpt_every=2, verbose=False)
+    ck = read_checkpoint(tmp_path / 'checkpoint.pt')  # G, D, the EMA copy and both optimisers: one file, one format
+    assert ck['name'] == 'pggan' and ck['parts']['model'] == ['G', 'D', 'G_ema'] and ck['parts']['optimizer'] == ['opt_g', 'opt_d']
+    assert ck['config']['data_sha1'] == tr.data_sha1 and ck['config']['fmap_max'] == 16 and ck['step'] == 4 and ck['rng'] is not None
+    assert model_info(tmp_path / 'checkpoint.pt')['name'] == 'pggan'
+    fresh = _trainer('pggan').load(tmp_path / 'checkpoint.pt')
+    assert fresh.step == 4 and fresh.level == tr.level and len(fresh.history) == 4
+    assert all(torch.equal(a, b) for a, b in zip(tr.G_ema.state_dict().values(), fresh.G_ema.state_dict().values()))
+
+
 @pytest.mark.parametrize('name', ['dcgan', 'stargan'])
 def test_fake_set(name, tmp_path):
     from PIL import Image
     tr = _trainer(name).fit(2, verbose=False)
-    folder = G.make_fake_set(tr, 20, tmp_path, seed=0)
-    assert folder.parent == tmp_path.resolve() / 'fakes' / name
+    on = {'split': 'train', 'identities': [0, 1]}
+    fs = G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0)
+    folder = resolve_fake_set(fs, tmp_path)
+    assert fs.startswith(f'{name}/') and folder.parent == tmp_path.resolve() / 'fakes' / name
     df = pd.read_csv(folder / 'manifest.csv', keep_default_na=False)
-    assert list(df.columns[:9]) == G.MANIFEST_COLUMNS and len(df) == 20
+    assert tuple(df.columns[:9]) == MANIFEST_COLUMNS and len(df) == 20
     assert set(df.label) == {1} and set(df.source) == {name} and set(df.kind) == {'image'} and set(df.frame) == {-1}
     assert set(df.split) == {'train', 'val', 'test'} and (df.split == 'train').sum() == 14
-    assert set(df.clip_id) == {''}
+    assert set(df.clip_id) == {''} and set(df.identity) == {-1} and set(df.target_identity) == {-1}  # GAN faces are nobody
     if name == 'stargan': assert {'edited_attr', 'new_value', 'source_index'} <= set(df.columns)
     png = folder / df.path[0]
-    text = G.read_png_text(png)
-    assert text['synthetic'] == 'true' and text['method'] == name and 'deepfake-course' in text['Software']
+    tags = read_provenance(png)
+    assert tags['synthetic'] == 'true' and tags['method'] == name and 'deepfake-course' in tags['software'] and tags['fake_set'] == fs
     with Image.open(png) as im: assert im.mode == 'RGB' and im.size == (16, 16)
-    card = json.loads((folder / 'card.json').read_text())
-    assert card['counts']['images'] == 20 and card['config']['generator'] == name and card['label'] == 1
-    assert G.make_fake_set(tr, 20, tmp_path, seed=0) == folder  # reused
-    assert G.make_fake_set(tr, 10, tmp_path, seed=0) != folder  # another request, another folder
+    card = read_card(folder)
+    assert card['total'] == 20 and card['config']['generator'] == name and card['method'] == name
+    assert card['sources']['trained_on']['split'] == 'train' and card['sources']['trained_on']['identities'] == [0, 1]
+    assert G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0) == fs  # reused
+    assert G.make_gan_fake_set(tr, 10, trained_on=on, data_root=tmp_path, seed=0) != fs  # another request, another set
     assert not [p for p in folder.parent.iterdir() if 'partial' in p.name]
-    with pytest.raises(ValueError, match='positive'): G.make_fake_set(tr, 0, tmp_path)
+    with pytest.raises(ValueError, match='positive'): G.make_gan_fake_set(tr, 0, trained_on=on, data_root=tmp_path)
+
+
+def test_fake_set_identities_splits_and_sources(tmp_path):
+    on = {'split': 'train'}
+    dc = _trainer('dcgan').fit(1, verbose=False)
+    with pytest.raises(ValueError, match='trained on'): G.make_gan_fake_set(dc, 4, data_root=tmp_path)  # the card must say
+    with pytest.raises(ValueError, match='unknown split'): G.make_gan_fake_set(dc, 4, split='holdout', trained_on=on, data_root=tmp_path)
+    with pytest.raises(ValueError, match='one per image'): G.make_gan_fake_set(dc, 4, split=['train', 'test'], trained_on=on, data_root=tmp_path)
+    with pytest.raises(ValueError, match='summing to 1'): G.make_gan_fake_set(dc, 4, split=(0.5, 0.5, 0.5), trained_on=on, data_root=tmp_path)
+    one = read_fake_set(G.make_gan_fake_set(dc, 4, split='test', trained_on=on, data_root=tmp_path), tmp_path)
+    assert set(one.split) == {'test'} and set(one.identity) == {-1}
+    per = read_fake_set(G.make_gan_fake_set(dc, 4, split=['train', 'val', 'test', 'test'], trained_on=on, data_root=tmp_path), tmp_path)
+    assert per.sort_values('path').split.tolist() == ['train', 'val', 'test', 'test']
+    # StarGAN edits keep their source face's identity: fractions are drawn per identity, so no person straddles two splits
+    data = _imgs(); ids = torch.arange(len(data)) // 4  # 6 identities
+    labels = (torch.arange(len(data))[:, None] % torch.tensor([2, 3]) == 0).float()
+    st = G.StarGANTrainer(data, labels=labels, identities=ids, device='cpu', **TINY['stargan']).fit(1, verbose=False)
+    name = G.make_gan_fake_set(st, 30, data_root=tmp_path)  # the trainer's identities fill trained_on
+    df = read_fake_set(name, tmp_path)
+    assert df.identity.min() >= 0 and (df.groupby('identity').split.nunique() == 1).all() and df.split.nunique() > 1
+    assert (df.identity.to_numpy() == ids[df.source_index.to_numpy()].numpy()).all()
+    assert read_card(resolve_fake_set(name, tmp_path))['sources']['trained_on']['identities'] == list(range(6))
 
 
 def test_fake_set_build_failure_leaves_nothing(tmp_path, monkeypatch):
+    import deepfake_course.data.fakes as fakes
     tr = _trainer('dcgan').fit(1, verbose=False)
     calls = {'n': 0}
-    real = G.png_bytes
+    real = fakes.write_png
     def boom(*a, **k):
         calls['n'] += 1
         if calls['n'] == 5: raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(G, 'png_bytes', boom)
-    with pytest.raises(KeyboardInterrupt): G.make_fake_set(tr, 10, tmp_path)
+    monkeypatch.setattr(fakes, 'write_png', boom)
+    with pytest.raises(KeyboardInterrupt): G.make_gan_fake_set(tr, 10, trained_on={'split': 'train'}, data_root=tmp_path)
     assert list((tmp_path / 'fakes' / 'dcgan').iterdir()) == []
-
-
-def test_quality_measures():
-    torch.manual_seed(0)
-    a, b = torch.randn(400, 6), torch.randn(400, 6)
-    assert G.frechet_distance(a, b) < 0.3
-    assert abs(G.frechet_distance(a, b + 3) - 54) < 5
-    p, r = G.knn_precision_recall(a, b); assert p > 0.8 and r > 0.8
-    p, r = G.knn_precision_recall(a, b * 0.05); assert p > 0.9 and r < 0.3
-    p, r = G.knn_precision_recall(a, b + 10); assert p == 0 and r == 0
-    with pytest.raises(ValueError, match='at least 2'): G.frechet_distance(a[:1], b)
 
 
 def test_mtcnn_rate_separates_faces_from_non_faces():
     from skimage import data
-    faces = G.lfw_faces(40, 32)
-    nonfaces = G.resize_images(torch.from_numpy(data.lfw_subset()[100:140].astype(np.float32))[:, None], 32)
-    assert G.mtcnn_rate(faces) >= 0.9 and G.mtcnn_rate(nonfaces) <= 0.1
-    found = G.mtcnn_face_found(faces[:4]); assert found.dtype == bool and found.shape == (4,)
-
-
-def test_feature_net_learns_labels():
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.rand(40, 3, 16, 16, generator=g) * 0.3, 0.7 + torch.rand(40, 3, 16, 16, generator=g) * 0.3])
-    y = torch.tensor([0] * 40 + [1] * 40)
-    net, acc = G.train_feature_net(x, y, epochs=4, batch=8, size=16, device="cpu")
-    assert acc['val_acc'] >= 0.9 and net.features(x[:5]).shape == (5, 128)
-    with pytest.raises(ValueError, match='labels'): G.train_feature_net(x, y[:3], epochs=1, device='cpu')
+    from deepfake_course.quality import mtcnn_rate, mtcnn_face_found
+    faces = FID.lfw_faces(40, 32)
+    nonfaces = resize(torch.from_numpy(data.lfw_subset()[100:140].astype(np.float32))[:, None], 32)
+    assert mtcnn_rate(faces) >= 0.9 and mtcnn_rate(nonfaces) <= 0.1
+    found = mtcnn_face_found(faces[:4]); assert found.dtype == bool and found.shape == (4,)
+    net = FID.FaceFeatureNet(2, 32, 1)  # gan_quality: the distribution judges and the face rate side by side
+    q = G.gan_quality(faces[:20], net.features(faces[20:]), net)
+    assert set(q) == {'fd', 'precision', 'recall', 'mtcnn_rate'} and q['mtcnn_rate'] >= 0.9
 
 
 def test_synth_faces_and_counterfactuals():
@@ -223,9 +253,3 @@ def test_synth_faces_and_counterfactuals():
     flipped = G.synth_counterfactual(f, torch.arange(4), 1 - f['labels'])
     assert (flipped - f['images']).abs().mean() > 1e-3
     with pytest.raises(ValueError, match='unknown attribute'): G.synth_attribute_faces(1, 1, attrs=('beard',))
-
-
-def test_lfw_faces():
-    x = G.lfw_faces(100, 32)
-    assert x.shape == (100, 1, 32, 32) and 0 <= x.min() and x.max() <= 1
-    with pytest.raises(ValueError, match='1..100'): G.lfw_faces(101)

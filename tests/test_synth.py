@@ -6,7 +6,9 @@ import torch
 
 from deepfake_course.data import synth
 from deepfake_course.data.synth import (identity_params, sample_params, render_faces, render_clip, make_synthfaces,
-                                        jpeg_approx, log_mel, mtcnn_agreement)
+                                        jpeg_approx, mtcnn_agreement)
+from deepfake_course.data.audio import log_mel
+from deepfake_course.data.manifest import LeakError, check_no_leak
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -49,6 +51,30 @@ def test_chunking_and_threads_change_no_pixel():
     b = synth.render(p, 32, workers=2, chunk=3)['images']
     assert a.numpy().tobytes() == b.numpy().tobytes()
     assert torch.get_num_threads() == 1                        # the caller's thread setting is restored
+
+
+def test_render_layers_trace():
+    "The painters each draw something, in painter's order, and the traced frame is the rendered one."
+    ip = identity_params(60)
+    pick = []
+    for has in (ip['glasses'] > 0, ip['beard'] > 0, (ip['hair_style'] == 3) | (ip['hair_style'] == 4)):
+        pick.append(next(int(i) for i in torch.nonzero(has).flatten() if int(i) not in pick))
+    p = sample_params(pick, 2, seed=1, mouth_open=(0.3, 1.0))
+    trace = []
+    img, mask = synth._render_chunk(p, 48, trace)
+    names = [n for n, _ in trace]
+    assert names == ['background', 'clothes', 'long hair', 'neck', 'back of the hair', 'ears', 'head, nose, skin', 'beard',
+                     'brows', 'eyes', 'nostrils', 'mouth', 'glasses', 'front of the hair', 'auto-exposure']
+    assert torch.equal(trace[-1][1], img)
+    img2, mask2 = synth._render_chunk(p, 48)
+    assert torch.equal(img2, img) and torch.equal(mask2, mask)
+    for (_, a), (n, b) in zip(trace, trace[1:]):
+        assert (a - b).abs().max() > 0.05, f'the {n} layer drew nothing'
+    # a layer that none of the chunk's faces has is skipped, and the frame is unchanged by it
+    q = {k: v[:1] for k, v in sample_params([pick[0]], 1, seed=1, mouth_open=0).items()}
+    q['beard'] = torch.zeros(1); q['hair_style'] = torch.ones(1, dtype=torch.long)
+    tr = []; synth._render_chunk(q, 48, tr); d = dict(tr)
+    assert torch.equal(d['long hair'], d['clothes']) and torch.equal(d['beard'], d['head, nose, skin'])
 
 
 def test_identity_params_stable_and_distinct():
@@ -139,10 +165,14 @@ def test_make_synthfaces_build_and_reuse(tmp_path, monkeypatch):
     assert b.parent == tmp_path.resolve() / 'synthfaces'
     df = pd.read_csv(b / 'manifest.csv', keep_default_na=False)
     assert list(df.columns[:9]) == ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
-    assert 'id_split' in df.columns and 'lm5' in df.columns
+    assert 'id_split' in df.columns and 'lm5' in df.columns and 'image_split' not in df.columns
     assert len(df) == 3 * 5 and (df.label == 0).all() and set(df.kind) == {'image', 'clip'}
     assert df[df.kind == 'clip'].clip_id.str.len().gt(0).all() and df[df.kind == 'image'].clip_id.eq('').all()
-    assert df.groupby('identity').id_split.nunique().eq(1).all()               # id_split is by identity
+    assert df.groupby('identity').split.nunique().eq(1).all()                  # split is by identity, clips too
+    assert check_no_leak(df) and (df.id_split == df.split).all()             # id_split: the old name, same column
+    assert set(df.split) == {'train', 'val', 'test'}
+    card_splits = json.loads((b / 'card.json').read_text())['splits']
+    assert {s: sorted(set(df.identity[df.split == s])) for s in ('train', 'val', 'test')} == card_splits
     assert all((b / p).exists() for p in df.path)
     lm = np.load(b / 'landmarks.npz')
     assert lm['landmarks5'].shape == (12, 5, 2) and (df.path.values[lm['row']] == lm['path']).all()
@@ -165,11 +195,33 @@ def test_make_synthfaces_build_and_reuse(tmp_path, monkeypatch):
         make_synthfaces(tmp_path, n_identities=2, images_per_identity=2, clips_per_identity=1, size=32, seed=5)
     assert sorted(p.name for p in (tmp_path / 'synthfaces').iterdir()) == [b.name]
     monkeypatch.undo()
+    # data_root by keyword, and a build of fewer than 3 identities (all of them train)
+    two = make_synthfaces(data_root=tmp_path, n_identities=2, images_per_identity=2, clips_per_identity=0, size=32, seed=1)
+    assert set(pd.read_csv(two / 'manifest.csv', keep_default_na=False).split) == {'train'}
     # a folder that is not a complete build is never reused
     cfg_dir = make_synthfaces(tmp_path, n_identities=1, images_per_identity=1, clips_per_identity=0, size=32, seed=9)
     (cfg_dir / 'card.json').unlink()
     with pytest.raises(RuntimeError, match='not a complete'):
         make_synthfaces(tmp_path, n_identities=1, images_per_identity=1, clips_per_identity=0, size=32, seed=9)
+
+
+def test_make_synthfaces_refuses_a_leaking_split(tmp_path, monkeypatch):
+    "If the split assignment ever put one person in two splits, the build fails and leaves nothing behind."
+    def leaky(df, seed):
+        df = df.copy(); df['split'] = ['train', 'val', 'test'] * (len(df) // 3) + ['train'] * (len(df) % 3)
+        return df
+    monkeypatch.setattr(synth, '_identity_splits', leaky)
+    with pytest.raises(LeakError, match='more than one split'):
+        make_synthfaces(tmp_path, n_identities=3, images_per_identity=3, clips_per_identity=0, size=32, seed=0)
+    assert not (tmp_path / 'synthfaces').exists() or not any((tmp_path / 'synthfaces').iterdir())
+
+
+def test_make_synthfaces_data_root_keyword(tmp_path, monkeypatch):
+    "data_root resolves through core.get_data_root: the argument, else $DFC_DATA."
+    monkeypatch.setenv('DFC_DATA', str(tmp_path / 'env'))
+    b = make_synthfaces(n_identities=1, images_per_identity=1, clips_per_identity=0, size=32)
+    assert b.parent == (tmp_path / 'env').resolve() / 'synthfaces'
+    with pytest.raises(TypeError): make_synthfaces(root=tmp_path, n_identities=1, images_per_identity=1, clips_per_identity=0)
 
 
 @pytest.mark.parametrize('kw,exc,msg', [

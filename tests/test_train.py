@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepfake_course.train import (Callback, CheckpointError, FitResult, InterruptAfter, default_loss, fit,
-                                   load_checkpoint, make_toy_images, predict, read_checkpoint, save_checkpoint, tiny_cnn)
+from deepfake_course.train import (AllReduceBatchNorm, Callback, CheckpointError, FitResult, InterruptAfter, StepLoop,
+                                   default_loss, fit, load_checkpoint, make_optimizer, make_toy_images, model_info, predict,
+                                   read_checkpoint, save_checkpoint, sync_batchnorm, tiny_cnn)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -280,6 +281,186 @@ def test_save_load_checkpoint_roundtrip(tmp_path):
         read_checkpoint(tmp_path / 'plain.pt')
 
 
+def test_checkpoint_name_config_expect_and_model_info(tmp_path):
+    torch.manual_seed(0); m = tiny_cnn(1, width=4)
+    p = save_checkpoint(tmp_path / 'x.pt', m, make_optimizer(m.parameters()), name='dcgan', config={'width': 4, 'sizes': (8, 16)},
+                        step=12, history=[{'loss': 1.0}])
+    with pytest.raises(CheckpointError, match=r"^Checkpoint '.*x\.pt' holds a 'dcgan' model, not 'faceswap-df'$"):
+        load_checkpoint(p, expect='faceswap-df')
+    m2 = tiny_cnn(1, width=4)
+    ck = load_checkpoint(p, m2, expect='dcgan')
+    assert ck['name'] == 'dcgan' and ck['config'] == {'width': 4, 'sizes': (8, 16)} and ck['step'] == 12
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    info = model_info(p)
+    assert {k: info[k] for k in ('name', 'config', 'format', 'modules', 'optimizer', 'rng', 'step')} == {
+        'name': 'dcgan', 'config': {'width': 4, 'sizes': (8, 16)}, 'format': 'deepfake_course.checkpoint/2', 'modules': None,
+        'optimizer': True, 'rng': True, 'step': 12}
+    assert info['n_weights'] == sum(v.numel() for v in m.state_dict().values()) and 'history' not in info  # scalars only
+    save_checkpoint(tmp_path / 'anon.pt', m)
+    with pytest.raises(CheckpointError, match="holds an unnamed model, not 'dcgan'"):
+        load_checkpoint(tmp_path / 'anon.pt', m2, expect='dcgan')
+    # what a safe load could not read back is refused at write time, naming the entry
+    with pytest.raises(TypeError, match=r"'auc' is a numpy\.float64"):
+        save_checkpoint(tmp_path / 'bad.pt', m, auc=np.float64(0.5))
+    with pytest.raises(TypeError, match=r"'history'\[0\]\['s'\] is a numpy\.ndarray"):
+        save_checkpoint(tmp_path / 'bad.pt', m, history=[{'s': np.zeros(2)}])
+    with pytest.raises(TypeError, match='JSON-able'):
+        save_checkpoint(tmp_path / 'bad.pt', m, config={'act': torch.nn.ReLU})
+    with pytest.raises(TypeError, match=r"clash with the format's own keys"):
+        save_checkpoint(tmp_path / 'bad.pt', m, parts=1)
+    with pytest.raises(TypeError, match='non-empty string'):
+        save_checkpoint(tmp_path / 'bad.pt', m, name=3)
+    assert not (tmp_path / 'bad.pt').exists()
+
+
+def test_several_modules_in_one_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    G, D = tiny_cnn(1, width=4), tiny_cnn(1, width=2, norm=False)
+    opts = {'G': make_optimizer(G.parameters()), 'D': make_optimizer(D.parameters(), 'sgd', lr=0.1)}
+    for net, o in ((G, opts['G']), (D, opts['D'])):
+        net(torch.rand(2, 3, 16, 16)).sum().backward(); o.step()
+    p = save_checkpoint(tmp_path / 'gan.pt', {'G': G, 'D': D}, opts, name='dcgan', step=3)
+    torch.manual_seed(1)
+    G2, D2 = tiny_cnn(1, width=4), tiny_cnn(1, width=2, norm=False)
+    opts2 = {'G': make_optimizer(G2.parameters()), 'D': make_optimizer(D2.parameters(), 'sgd', lr=0.1)}
+    load_checkpoint(p, {'G': G2, 'D': D2}, opts2, expect='dcgan')
+    for a, b in ((G, G2), (D, D2)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(opts2['G'].state_dict()['state'][0]['exp_avg'], opts['G'].state_dict()['state'][0]['exp_avg'])
+    assert torch.equal(opts2['D'].state_dict()['state'][0]['momentum_buffer'], opts['D'].state_dict()['state'][0]['momentum_buffer'])
+    G3 = tiny_cnn(1, width=4); load_checkpoint(p, {'G': G3})  # only the generator, to sample
+    assert torch.equal(G3.state_dict()['0.weight'], G.state_dict()['0.weight'])
+    assert model_info(p)['modules'] == ['G', 'D']
+    with pytest.raises(CheckpointError, match=r"holds several models \(G, D\); pass a dict"):
+        load_checkpoint(p, G3)
+    with pytest.raises(CheckpointError, match=r"has no model named \['EMA'\]; it holds \['G', 'D'\]"):
+        load_checkpoint(p, {'EMA': G3})
+    with pytest.raises(CheckpointError, match=r"\[model 'D'\] does not fit Sequential: .*mismatched shapes: 0\.weight"):
+        load_checkpoint(p, {'D': tiny_cnn(1, width=4, norm=False)})
+    with pytest.raises(CheckpointError, match=r"holds one model, not a dict"):
+        load_checkpoint(save_checkpoint(tmp_path / 'one.pt', G), {'G': G})
+
+
+def test_old_and_unsafe_checkpoints_are_refused(data, tmp_path):
+    m = tiny_cnn(1, width=4)
+    torch.save({'format': 'deepfake_course.train/1', 'model': m.state_dict(), 'epoch': 1}, tmp_path / 'old.pt')
+    with pytest.raises(CheckpointError, match=r"'.*old\.pt' was written by an older version .*; delete it or retrain"):
+        read_checkpoint(tmp_path / 'old.pt')
+    torch.save({'generator': 'dcgan', 'rng': np.random.get_state()}, tmp_path / 'gan_v1.pt')  # an old GAN checkpoint
+    with pytest.raises(CheckpointError, match=r"gan_v1\.pt' holds Python objects a safe load refuses.*delete it or retrain"):
+        load_checkpoint(tmp_path / 'gan_v1.pt', m)
+    ck = tmp_path / 'run'; ck.mkdir()
+    torch.save({'format': 'deepfake_course.train/1', 'model': m.state_dict(), 'epoch': 1}, ck / 'last.pt')
+    with pytest.raises(CheckpointError, match='older version'):
+        run(data, ck, epochs=2)
+
+
+def test_fit_names_its_checkpoints_and_refuses_another_model(data, tmp_path):
+    torch.manual_seed(0)
+    m = tiny_cnn(1, width=4)
+    m.checkpoint_name, m.checkpoint_config = 'tiny_cnn', {'n_out': 1, 'width': 4}
+    fit(m, data[0], data[1], epochs=1, lr=3e-3, device='cpu', seed=0, ckpt_dir=tmp_path / 'r', schedule=None)
+    for f in ('last.pt', 'best.pt'):
+        info = model_info(tmp_path / 'r' / f)
+        assert (info['name'], info['config'], info['epoch']) == ('tiny_cnn', {'n_out': 1, 'width': 4}, 1)
+    assert read_checkpoint(tmp_path / 'r' / 'last.pt')['fit_config']['opt'] == 'adamw'
+    other = tiny_cnn(1, width=4); other.checkpoint_name = 'shallownet_v3'  # same shapes, another model
+    with pytest.raises(CheckpointError, match=r"last\.pt' holds a 'tiny_cnn' model, not 'shallownet_v3'"):
+        fit(other, data[0], data[1], epochs=2, device='cpu', ckpt_dir=tmp_path / 'r', schedule=None)
+    with pytest.raises(CheckpointError, match=r"another configuration \(width: checkpoint 4 vs now 8\)"):
+        fit(tiny_cnn(1, width=4), data[0], data[1], epochs=2, device='cpu', ckpt_dir=tmp_path / 'r', schedule=None,
+            name='tiny_cnn', config={'n_out': 1, 'width': 8})
+    assert model_info(tmp_path / 'r' / 'last.pt')['epoch'] == 1  # nothing was trained or written by the refused calls
+    r = fit(tiny_cnn(1, width=4), data[0], data[1], epochs=2, lr=3e-3, device='cpu', ckpt_dir=tmp_path / 'r', schedule=None)
+    info = model_info(tmp_path / 'r' / 'last.pt')  # an unnamed call resuming the run keeps its name and config
+    assert r.epochs_run == 2 and (info['name'], info['config']) == ('tiny_cnn', {'n_out': 1, 'width': 4})
+    fit(m, data[0], epochs=1, device='cpu', ckpt_dir=tmp_path / 'k', schedule=None, name='judge', config={'w': 2})
+    assert (model_info(tmp_path / 'k' / 'best.pt')['name'], model_info(tmp_path / 'k' / 'best.pt')['config']) == ('judge', {'w': 2})
+
+
+def test_allreduce_batchnorm_is_plain_batchnorm_in_one_process():
+    torch.manual_seed(0)
+    m = tiny_cnn(1, width=4); ref = tiny_cnn(1, width=4); ref.load_state_dict(m.state_dict())
+    bn = m[1]
+    undo = sync_batchnorm(m, torch.device('cpu'))
+    assert isinstance(m[1], AllReduceBatchNorm) and m[1].weight is bn.weight and m[1].running_var is bn.running_var
+    x = torch.rand(6, 3, 16, 16)
+    m(x).sum().backward(); ref(x).sum().backward()
+    torch.testing.assert_close(m[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(bn.weight.grad, ref[1].weight.grad)
+    m.eval(); ref.eval(); torch.testing.assert_close(m(x), ref(x))
+    undo()
+    assert m[1] is bn and type(m[1]) is torch.nn.BatchNorm2d and not m.training  # the mode follows the model
+
+
+def toy_step_loop(ckpt, steps, crash_at=None, init_seed=0, every=2, name='toy-gan', config=None, resume=True):
+    "Two networks, two optimisers, dropout, batches drawn with a NumPy generator: a GAN-shaped hand-written loop."
+    torch.manual_seed(init_seed)
+    G = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 3 * 16 * 16),
+                            torch.nn.Unflatten(1, (3, 16, 16)))
+    D = tiny_cnn(1, width=4, dropout=0.2)
+    opt_g, opt_d = make_optimizer(G.parameters(), lr=2e-3), make_optimizer(D.parameters(), 'sgd', lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt_d, 3, 0.5)
+    x, _ = make_toy_images(32, size=16, seed=2)
+    pick = np.random.default_rng(0)
+    loop = StepLoop({'G': G, 'D': D}, {'G': opt_g, 'D': opt_d}, schedulers={'D': sched}, steps=steps, ckpt_path=ckpt,
+                    every=every, name=name, config=config or {'width': 4}, generators=[pick], device='cpu', resume=resume)
+    for step in loop:
+        if step == crash_at: raise KeyboardInterrupt(f'crash in step {step + 1}')
+        real, z = loop.to_device(x[pick.integers(0, len(x), 8)]), torch.randn(8, 4)
+        with loop.autocast():
+            loss_d = default_loss(D(real), torch.zeros(8)) + default_loss(D(G(z).detach()), torch.ones(8))
+        opt_d.zero_grad(); loss_d.backward(); opt_d.step(); sched.step()
+        loss_g = default_loss(D(G(z)), torch.zeros(8))
+        opt_g.zero_grad(); loss_g.backward(); opt_g.step()
+        loop.state.setdefault('seen', []).append(int(step))
+        loop.log(loss_d=loss_d, loss_g=loss_g, lr_d=sched.get_last_lr()[0])
+    return loop
+
+
+def test_step_loop_exact_resume(tmp_path):
+    straight = toy_step_loop(tmp_path / 'straight.pt', 9)
+    assert straight.step == 9 and [r['step'] for r in straight.history] == list(range(1, 10))
+    assert model_info(tmp_path / 'straight.pt')['step'] == 9 and model_info(tmp_path / 'straight.pt')['modules'] == ['G', 'D']
+    with pytest.raises(KeyboardInterrupt):
+        toy_step_loop(tmp_path / 'cut.pt', 9, crash_at=5)  # the crash is in step 6: the checkpoint of step 4 is on disk
+    assert model_info(tmp_path / 'cut.pt')['step'] == 4
+    torch.manual_seed(123); np.random.seed(5); torch.rand(7)  # the resumed process starts from other RNG states
+    resumed = toy_step_loop(tmp_path / 'cut.pt', 9, init_seed=7)  # and other initial weights
+    assert resumed.resumed_from == 4 and resumed.step == 9
+    for k in ('G', 'D'):
+        assert max_diff(straight.models[k], resumed.models[k]) == 0.0, k
+    assert resumed.history == straight.history and resumed.state == straight.state == {'seen': list(range(9))}
+    assert max_diff(straight.models['G'], toy_step_loop(None, 9, init_seed=7).models['G']) > 0  # the check can fail
+    # a finished run does nothing more; extending it continues exactly
+    again = toy_step_loop(tmp_path / 'straight.pt', 9, init_seed=3)
+    assert again.history == straight.history and max_diff(again.models['D'], straight.models['D']) == 0.0
+    toy_step_loop(tmp_path / 'ext.pt', 5)
+    assert max_diff(toy_step_loop(tmp_path / 'ext.pt', 9, init_seed=4).models['G'], straight.models['G']) == 0.0
+
+
+def test_step_loop_refuses_other_runs_and_bad_arguments(tmp_path):
+    toy_step_loop(tmp_path / 'a.pt', 2)
+    with pytest.raises(CheckpointError, match=r"a\.pt' holds a 'toy-gan' model, not 'faceswap-df'"):
+        toy_step_loop(tmp_path / 'a.pt', 4, name='faceswap-df')
+    with pytest.raises(CheckpointError, match=r"another configuration \(width: checkpoint 4 vs now 8\)"):
+        toy_step_loop(tmp_path / 'a.pt', 4, config={'width': 8})
+    fresh = toy_step_loop(tmp_path / 'a.pt', 1, config={'width': 8}, resume=False)  # starts afresh, replaces the file
+    assert fresh.resumed_from == 0 and model_info(tmp_path / 'a.pt')['config'] == {'width': 8}
+    save_checkpoint(tmp_path / 'plain.pt', tiny_cnn(1, width=4), name='toy-gan')
+    with pytest.raises(CheckpointError, match='not written by a StepLoop'):
+        StepLoop(tiny_cnn(1, width=4), steps=3, ckpt_path=tmp_path / 'plain.pt', name='toy-gan', device='cpu')
+    with pytest.raises(CheckpointError, match=r"holds 1 generator state\(s\), this loop has 0"):
+        toy_step_loop(tmp_path / 'b.pt', 2) and StepLoop(
+            {'G': torch.nn.Linear(1, 1)}, steps=3, ckpt_path=tmp_path / 'b.pt', name='toy-gan', device='cpu')
+    for kw, msg in [(dict(steps=-1), 'steps must be'), (dict(steps=3, every=0), 'every must be'),
+                    (dict(steps=3, generators=[np.random.RandomState(0)]), 'numpy.random.Generator or torch.Generator')]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            StepLoop(tiny_cnn(1, width=4), device='cpu', **kw)
+    with pytest.raises(TypeError, match='models must be an nn.Module'):
+        StepLoop({}, steps=2, device='cpu')
+
+
 DDP_SCRIPT = '''
 import os, sys, torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -289,10 +470,11 @@ out, batch = sys.argv[1], int(sys.argv[2])
 x, y = make_toy_images(64, size=16, strength=0.1, seed=0)
 xv, yv = make_toy_images(32, size=16, strength=0.1, seed=1)
 torch.manual_seed(0)
-model = tiny_cnn(1, width=4, norm=False)
+model = tiny_cnn(1, width=4, norm=True)  # BatchNorm: its statistics must be those of the global batch
 r = fit(model, DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True),
         DataLoader(TensorDataset(xv, yv), batch_size=32), epochs=3, lr=0.05, opt='sgd', schedule='cosine',
         device='cpu', seed=0, ckpt_dir=os.path.join(out, 'ckpt'), patience=5)
+assert type(r.model[1]) is torch.nn.BatchNorm2d, type(r.model[1])  # the model's own layers come back after fit
 if int(os.environ.get('RANK', '0')) == 0:
     torch.save({'state': r.model.state_dict(), 'history': r.history.drop(columns='time')}, os.path.join(out, 'result.pt'))
 print('rank', os.environ.get('RANK'), 'world', os.environ.get('WORLD_SIZE'), 'done')
@@ -300,6 +482,7 @@ print('rank', os.environ.get('RANK'), 'world', os.environ.get('WORLD_SIZE'), 'do
 
 
 def test_ddp_two_processes_equal_single_process(tmp_path):
+    "Two gloo processes with batch 8 each train a BatchNorm model exactly as one process with batch 16 (SyncBatchNorm's job)."
     script = tmp_path / 'ddp_fit.py'
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
@@ -316,7 +499,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     b = torch.load(tmp_path / 'two' / 'result.pt', weights_only=False)
     for k in a['state']:
         torch.testing.assert_close(b['state'][k], a['state'][k], rtol=0, atol=1e-5, msg=lambda m: f'{k}: {m}')
-    assert not torch.equal(a['state']['0.weight'], tiny_cnn(1, width=4, norm=False).state_dict()['0.weight'])
+    assert not torch.equal(a['state']['0.weight'], tiny_cnn(1, width=4, norm=True).state_dict()['0.weight'])
+    assert int(a['state']['1.num_batches_tracked']) == 12 and float(a['state']['1.running_var'].std()) > 0  # BN trained
     np.testing.assert_allclose(b['history'].to_numpy(float), a['history'].to_numpy(float), rtol=0, atol=1e-5)
     ck = read_checkpoint(tmp_path / 'two' / 'ckpt' / 'last.pt')
     assert ck['epoch'] == 3 and ck['world'] == 2  # written by rank 0, with the unwrapped model's keys

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11a_facedatasets.ipynb #cell-4
 from __future__ import annotations
-import zipfile
+import os, time, zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,51 +13,28 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .synth import log_mel
-from .manifest import (SPLITS, VIDEO_EXTS, BadFileError, SAMPLE_RATE, concat_manifests,
-                                           read_video, video_length)
+from ..core import get_data_root, cfg_hash, atomic_dir, atomic_write_json
+from .audio import N_MELS, HOP, log_mel
+from .manifest import SPLITS, concat_manifests, check_no_leak, make_manifest, write_manifest
+from ..media import VIDEO_EXTS, SAMPLE_RATE, BadFileError, load_image, resize, read_video, video_info, write_png
+
 
 # %% auto #0
-__all__ = ['N_MELS', 'HOP', 'load_image', 'resize', 'FaceDataset', 'ClipDataset', 'real_samples', 'make_real_samples']
+__all__ = ['FaceDataset', 'ClipDataset', 'real_samples', 'make_real_samples']
 
 # %% ../../nbs/11a_facedatasets.ipynb #cell-8
-def load_image(path, size: int | Sequence[int] | None = None) -> torch.Tensor:
-    "Read any image file as float 3×H×W in [0,1] (grayscale, alpha, palette, 16-bit and EXIF handled); optionally resize."
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
-                a = np.asarray(im).astype(np.float32)
-                if mode.startswith('I;16'): a = a / 65535.0
-                elif mode == 'I': a = a / (65535.0 if a.max(initial=0) > 255 else 255.0)
-                a = np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=-1)
-            else:
-                if mode == 'P' and 'transparency' in im.info: im = im.convert('RGBA')
-                if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-                    rgba = np.asarray(im.convert('RGBA')).astype(np.float32) / 255.0
-                    a = rgba[..., :3] * rgba[..., 3:]     # composite over black
-                else:
-                    a = np.asarray(im.convert('RGB')).astype(np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt, truncated or unreadable image ({e})") from None
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
-    return resize(x, size) if size is not None else x
+def _names(manifests) -> str:
+    "The manifests given, as files or 'a DataFrame', for error messages."
+    ms = [manifests] if isinstance(manifests, (str, os.PathLike, pd.DataFrame)) else list(manifests)
+    return ', '.join(m.attrs.get('manifest', 'a DataFrame') if isinstance(m, pd.DataFrame) else str(m) for m in ms)
 
-def resize(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
-    "Resize a C×H×W or N×C×H×W float tensor to `size` (int: square) with antialiasing; values stay in [0,1]."
-    hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(hw) != 2 or min(hw) < 1: raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
-    if tuple(x.shape[-2:]) == tuple(hw): return x
-    y = F.interpolate(x[None] if x.dim() == 3 else x, size=hw, mode='bilinear', antialias=True, align_corners=False)
-    return (y[0] if x.dim() == 3 else y).clamp(0, 1)
-
-def _load_rows(manifests, split, kind: str) -> pd.DataFrame:
+def _load_rows(manifests, split, kind: str, who: str) -> pd.DataFrame:
+    "The `kind` rows of one split; every split of the manifests is checked for leaks first (identity, target, clip)."
     df = concat_manifests(manifests)
+    check_no_leak(df, ('identity', 'clip_id'), where=f"{who} on {_names(manifests)}")
     if split is not None:
         splits = [split] if isinstance(split, str) else list(split)
-        if bad := [s for s in splits if s not in ('train', 'val', 'test')]: raise ValueError(f"split must be train, val or test (or a list), got {bad}")
+        if bad := [s for s in splits if s not in SPLITS]: raise ValueError(f"split must be train, val or test (or a list), got {bad}")
         df = df[df.split.isin(splits)]
     rows = df[df.kind == kind].reset_index(drop=True)
     if not len(rows):
@@ -69,7 +46,7 @@ def _load_rows(manifests, split, kind: str) -> pd.DataFrame:
 class FaceDataset(torch.utils.data.Dataset):
     "Image rows of one or more manifests as (float 3×H×W image in [0,1], label)."
     def __init__(self, manifests, split: str | Sequence[str] | None = None, transform=None, size: int | Sequence[int] | None = None):
-        self.df = _load_rows(manifests, split, 'image')
+        self.df = _load_rows(manifests, split, 'image', 'FaceDataset')
         self.transform, self.size, self.split = transform, size, split
         self.labels = torch.tensor(self.df.label.to_numpy(copy=True), dtype=torch.long)
     def __len__(self): return len(self.df)
@@ -81,9 +58,6 @@ class FaceDataset(torch.utils.data.Dataset):
         c = self.df.groupby(['source', 'label']).size().to_dict()
         return f"FaceDataset({len(self)} images, split={self.split!r}, size={self.size!r}, by (source, label): {c})"
 
-# %% ../../nbs/11a_facedatasets.ipynb #cell-12
-N_MELS, HOP = 80, 160   # mel bands; samples between mel columns at 16 kHz (100 columns per second)
-
 # %% ../../nbs/11a_facedatasets.ipynb #cell-15
 class ClipDataset(torch.utils.data.Dataset):
     "Clip rows of manifests as dict(frames T×C×H×W float [0,1], mel 80×4T, label, clip_id, has_audio), from npz (or video)."
@@ -94,7 +68,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if audio not in (True, False, 'auto'): raise ValueError(f"audio must be True, False or 'auto', got {audio!r}")
         if prefer not in ('npz', 'video'): raise ValueError(f"prefer must be 'npz' or 'video', got {prefer!r}")
         self.prefer = prefer
-        self.df = _load_rows(manifests, split, 'clip')
+        self.df = _load_rows(manifests, split, 'clip', 'ClipDataset')
         self.n_frames, self.size, self.start, self.audio, self.transform, self.split = int(n_frames), size, start, audio, transform, split
         self.seed, self.rng = seed, np.random.default_rng(seed)
         self.labels = torch.tensor(self.df.label.to_numpy(copy=True), dtype=torch.long)
@@ -127,7 +101,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if mel is not None: mel = torch.from_numpy(np.asarray(mel, np.float32))
             return frames, mel, s0, per
         if p.suffix.lower() not in VIDEO_EXTS: raise BadFileError(f"{p}: a clip must be an .npz or a video ({', '.join(VIDEO_EXTS)})")
-        s0 = self._first(video_length(p)) if self.start != 'first' else 0
+        s0 = self._first(video_info(p)['n_frames']) if self.start != 'first' else 0
         frames, fps, wav = read_video(p, s0, self.n_frames, audio=bool(self.audio))
         return frames, (log_mel(wav) if wav is not None and len(wav) else None), s0, SAMPLE_RATE / HOP / fps
     def __getitem__(self, i):
@@ -152,40 +126,32 @@ class ClipDataset(torch.utils.data.Dataset):
 # %% ../../nbs/11a_facedatasets.ipynb #cell-20
 def real_samples(size: int | Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     "Real faces from installed packages: LFW faces and non-faces (N×3×25×25), astronaut and Grace Hopper (3×H×W), float [0,1]."
-    import skimage.data
+    import matplotlib, skimage.data
     lfw = torch.from_numpy(np.asarray(skimage.data.lfw_subset(), dtype=np.float32))[:, None].expand(-1, 3, -1, -1).contiguous()
-    try:
-        from matplotlib import cbook
-        with cbook.get_sample_data('grace_hopper.jpg') as f: gh = load_image(f)
-    except (FileNotFoundError, OSError, ValueError):
-        import matplotlib
-        gh = load_image(Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg')
     out = dict(lfw_faces=lfw[:100], lfw_nonfaces=lfw[100:],
-               astronaut=torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255.0, grace_hopper=gh)
+               astronaut=torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255.0,
+               grace_hopper=load_image(Path(matplotlib.get_data_path()) / 'sample_data' / 'grace_hopper.jpg'))
     return {k: resize(v, size) for k, v in out.items()} if size is not None else out
 
+
 # %% ../../nbs/11a_facedatasets.ipynb #cell-22
-def make_real_samples(root=None, size: int | None = None) -> Path:
-    "Write the packaged real faces as PNGs + manifest.csv under `<root>/real-samples/<hash>/` (reused when present)."
-    import json, time
-    from PIL import Image
-    from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json
-    from deepfake_course.data.manifest import make_manifest, write_manifest
+def make_real_samples(data_root=None, size: int | None = None) -> Path:
+    "Write the packaged real faces as PNGs + manifest.csv under `<data_root>/real-samples/<hash>/` (reused when present)."
     if size is not None and (not isinstance(size, (int, np.integer)) or size < 8): raise ValueError(f"size must be None or an int >= 8, got {size!r}")
     cfg = dict(kind='real-samples', size=size, version=1)
-    final = get_data_root(root) / 'real-samples' / cfg_hash(cfg)
+    final = get_data_root(data_root) / 'real-samples' / cfg_hash(cfg)
     if (final / 'manifest.csv').exists(): return final
     R = real_samples(size)
     items = [('lfw', f'lfw_{i:03d}', x) for i, x in enumerate(R['lfw_faces'])] + [('astronaut', 'astronaut', R['astronaut']), ('grace-hopper', 'grace_hopper', R['grace_hopper'])]
     try:
         with atomic_dir(final) as tmp:
-            (tmp / 'images').mkdir()
             rows = []
             for source, name, x in items:
-                Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp / 'images' / f'{name}.png')
+                write_png(tmp / 'images' / f'{name}.png', x)
                 rows.append(dict(path=f'images/{name}.png', label=0, source=source, split='test', dataset='real-samples'))
             write_manifest(make_manifest(rows), tmp)
             atomic_write_json(tmp / 'card.json', dict(config=cfg, count=len(rows), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                                                       sources='scikit-image lfw_subset (faces) and astronaut; matplotlib grace_hopper.jpg'))
     except FileExistsError: pass     # another process finished the same build first
     return final
+

@@ -10,24 +10,22 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..core import atomic_write_text, progress
+from ..core import atomic_write_text, progress, write_mp4
+from ..media import IMAGE_EXTS, VIDEO_EXTS, SAMPLE_RATE, BadFileError, check_image, check_video
+
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'IMAGE_EXTS', 'VIDEO_EXTS', 'SAMPLE_RATE', 'AAC_PRIMING', 'FFHQ_FOLDERS',
-           'FFPP_METHODS', 'FFPP_COMPRESSIONS', 'CELEBDF_FOLDERS', 'ManifestError', 'validate_manifest',
-           'make_manifest', 'read_manifest', 'write_manifest', 'concat_manifests', 'LeakError', 'split_groups',
-           'assign_splits', 'check_no_leak', 'split_summary', 'BadFileError', 'check_image', 'check_video', 'find_dir',
-           'load_folder_tree', 'write_video', 'read_video', 'video_length', 'tiny_image', 'tiny_video', 'load_celeba',
-           'load_ffhq', 'load_ffpp', 'load_celebdf', 'load_lrw']
+__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'FFHQ_FOLDERS', 'FFPP_METHODS', 'FFPP_COMPRESSIONS', 'CELEBDF_FOLDERS',
+           'ManifestError', 'validate_manifest', 'make_manifest', 'read_manifest', 'write_manifest', 'concat_manifests',
+           'LeakError', 'split_groups', 'assign_splits', 'check_no_leak', 'split_summary', 'find_dir',
+           'load_folder_tree', 'tiny_image', 'tiny_video', 'load_celeba', 'load_ffhq', 'load_ffpp', 'load_celebdf',
+           'load_lrw']
 
 # %% ../../nbs/11_datasets.ipynb #cell-8
 MANIFEST_COLUMNS = ('path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind')
 SPLITS = ('train', 'val', 'test')
 KINDS = ('image', 'clip')
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
-VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm')
 _INT_COLS = ('label', 'identity', 'target_identity', 'frame')
 _STR_COLS = ('path', 'source', 'split', 'clip_id', 'kind')
 
@@ -66,6 +64,7 @@ def validate_manifest(df: pd.DataFrame, where: str | None = None) -> pd.DataFram
     if dup.any(): raise ManifestError(f"manifest{at}: clip_id must be unique per whole clip; repeated: {', '.join(sorted(set(whole.clip_id[dup]))[:5])}")
     free = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     return df[list(MANIFEST_COLUMNS) + free].reset_index(drop=True)
+
 
 # %% ../../nbs/11_datasets.ipynb #cell-10
 def make_manifest(rows: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -175,22 +174,29 @@ def assign_splits(df: pd.DataFrame, by: str = 'identity', fractions: Sequence[fl
     out = df.copy(); out[column] = groups.map(where).values
     return out
 
-def check_no_leak(df: pd.DataFrame, by: str = 'identity', column: str = 'split') -> bool:
-    "Raise `LeakError` naming every group (identity or clip) found in more than one split; True when clean."
-    if by == 'identity':  # a fake links its face to its target; both must sit in one split
-        ns = _namespace(df)
-        pairs = [(f"{n}:{a}" if n else str(a), s) for n, a, s in zip(ns, df.identity, df[column]) if a >= 0]
-        pairs += [(f"{n}:{b}" if n else str(b), s) for n, b, s in zip(ns, df.target_identity, df[column]) if b >= 0]
-        seen = pd.DataFrame(pairs, columns=['group', 'split']) if pairs else pd.DataFrame(columns=['group', 'split'])
+def _leaks(df: pd.DataFrame, by: str, column: str) -> list[str]:
+    "'group (split, split)' for every group of `by` that appears in more than one value of `column`."
+    if by != 'identity' and by not in df.columns: raise ValueError(f"cannot check leaks by {by!r}: not a column of the manifest")
+    ns = _namespace(df)
+    if by == 'identity':  # a fake ties the face it shows (identity) to the person it changed (target_identity): both count
+        pairs = [((n, int(v)), s) for c in ('identity', 'target_identity') for n, v, s in zip(ns, df[c], df[column]) if int(v) >= 0]
     else:
-        keep = ~split_groups(df, by).str.startswith('row:')
-        seen = pd.DataFrame({'group': df.loc[keep, by].astype(str), 'split': df.loc[keep, column]})
-    per = seen.groupby('group')['split'].agg(lambda s: sorted(set(s)))
-    bad = per[per.map(len) > 1]
-    if len(bad):
-        items = [f"{g} ({', '.join(s)})" for g, s in bad.items()]
-        raise LeakError(f"{len(bad)} {('identity' if len(bad) == 1 else 'identities') if by == 'identity' else by + ' group(s)'} in more than one split: "
-                        + ', '.join(items[:10]) + (f' and {len(items) - 10} more' if len(items) > 10 else ''))
+        pairs = [((n, v), s) for n, v, s in zip(ns, df[by].astype(str), df[column]) if v not in ('', '-1', 'nan')]
+    seen: dict = {}
+    for g, s in pairs: seen.setdefault(g, set()).add(str(s))
+    return [f"{f'{n}:{v}' if n else v} ({', '.join(sorted(s))})" for (n, v), s in sorted(seen.items()) if len(s) > 1]
+
+def check_no_leak(df: pd.DataFrame, by: str | Sequence[str] = 'identity', column: str = 'split', where: str | None = None) -> bool:
+    """Raise `LeakError` naming every group found in more than one split (train and val, train and test, val and test
+    alike); True when clean. `by='identity'` counts the face shown (`identity`) and the person changed (`target_identity`)
+    of every row; `by='clip_id'` the clips; a list checks each. `where` says what was checked (a file, a data set)."""
+    if column not in df.columns: raise ValueError(f"cannot check leaks: the manifest has no column {column!r}")
+    for b in ([by] if isinstance(by, str) else list(by)):
+        bad = _leaks(df, b, column)
+        if bad:
+            what = ('identity' if len(bad) == 1 else 'identities') if b == 'identity' else f'{b} group(s)'
+            raise LeakError((f"{where}: " if where else '') + f"{len(bad)} {what} in more than one {column}: " + ', '.join(bad[:10])
+                            + (f' and {len(bad) - 10} more' if len(bad) > 10 else '') + f"; split by group (assign_splits(df, {b!r}))")
     return True
 
 def split_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -202,40 +208,6 @@ def split_summary(df: pd.DataFrame) -> pd.DataFrame:
     return out.reindex([s for s in SPLITS if s in out.index])
 
 # %% ../../nbs/11_datasets.ipynb #cell-24
-class BadFileError(ValueError):
-    "A corrupt, truncated or unreadable image or video."
-
-def check_image(path) -> tuple[int, int]:
-    "Decode an image fully; return (width, height) or raise `BadFileError` naming the file."
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt, truncated or unreadable image ({e})") from None
-
-def check_video(path) -> dict:
-    "Open a video with PyAV, read all its packets and decode one frame; return basic facts or raise `BadFileError`."
-    import av
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video: raise BadFileError(f"{path}: no video stream")
-            st = c.streams.video[0]
-            declared = st.frames
-            n_packets = sum(1 for p in c.demux(st) if p.size)
-            c.seek(0)
-            frame = next(c.decode(video=0), None)
-            if frame is None: raise BadFileError(f"{path}: no decodable video frame")
-            has_audio = bool(c.streams.audio)
-            fps = float(st.average_rate or st.guessed_rate or 0)
-    except BadFileError: raise
-    except (av.error.FFmpegError, OSError, ValueError, StopIteration) as e:
-        raise BadFileError(f"{path}: corrupt, truncated or unreadable video ({e})") from None
-    if declared and n_packets < declared:
-        raise BadFileError(f"{path}: truncated video ({n_packets} of {declared} frames present)")
-    return dict(frames=declared or n_packets, width=frame.width, height=frame.height, fps=fps, has_audio=has_audio)
-
 def _check_files(paths, kind_of, skip_bad: bool, verify: bool, what: str):
     "Check files; return (good mask, bad list). Raise on the first bad file unless `skip_bad`."
     good, bad = [], []
@@ -258,6 +230,11 @@ def _finish(rows: list[dict], skip_bad: bool, verify: bool, what: str) -> pd.Dat
     if not len(df): raise BadFileError(f"{what}: every file was bad ({len(bad)} skipped)")
     df = make_manifest(df)
     df.attrs.update(n_bad=len(bad), bad_files=bad)
+    return df
+
+def _checked(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    "Every loader's last step: no identity (shown or changed) and no clip in two splits, else `LeakError` naming them."
+    check_no_leak(df, ('identity', 'clip_id'), where=what)
     return df
 
 def _norm(s: str) -> str: return re.sub(r'[^a-z0-9]', '', s.lower())
@@ -301,63 +278,7 @@ def load_folder_tree(root, skip_bad: bool = False, verify: bool = True, seed: in
                                  dataset=root.name))
     df = _finish(rows, skip_bad, verify, what)
     if not split_dirs: df = assign_splits(df, 'clip_id', fractions, seed)
-    return df
-
-# %% ../../nbs/11_datasets.ipynb #cell-28
-SAMPLE_RATE = 16000
-AAC_PRIMING = 1024   # samples of silence FFmpeg's AAC encoder puts first; PyAV-written mp4s do not mark them
-
-def write_video(path, frames, fps: float = 25, audio=None, sample_rate: int = SAMPLE_RATE, crf: int = 18):
-    "Write frames (T×H×W×3 uint8, or T×3×H×W float in [0,1]) as H.264 mp4, with AAC sound if `audio` is given (`core.write_mp4`; even sides only)."
-    from deepfake_course.core import write_mp4, _frames_u8
-    try: frames = _frames_u8(frames)
-    except ValueError as e: raise ValueError(f"write_video: frames must be T×H×W×3 uint8 (or T×3×H×W float): {e}") from None
-    H, W = frames.shape[1:3]
-    if H % 2 or W % 2: raise ValueError(f"write_video: H.264 needs even height and width, got {H}×{W}")
-    if audio is not None and np.asarray(audio).dtype.kind != 'f': raise ValueError("write_video: audio must be float in [-1, 1]")
-    return write_mp4(path, frames, fps, audio, sample_rate, crf=crf)
-
-def read_video(path, start: int = 0, n_frames: int | None = None, audio: bool = True):
-    "Decode frames [start, start+n_frames) as T×H×W×3 uint8 and the whole sound track (16 kHz mono float32 or None)."
-    import av
-    frames, wav, fps = [], None, 25.0
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video: raise BadFileError(f"{path}: no video stream")
-            st = c.streams.video[0]
-            fps = float(st.average_rate or st.guessed_rate or 25)
-            for i, fr in enumerate(c.decode(st)):
-                if i < start: continue
-                if n_frames is not None and len(frames) >= n_frames: break
-                frames.append(fr.to_ndarray(format='rgb24'))
-        if audio:
-            with av.open(str(path)) as c:
-                if c.streams.audio:
-                    ast = c.streams.audio[0]
-                    rs = av.AudioResampler(format='flt', layout='mono', rate=SAMPLE_RATE)
-                    chunks, drop = [], None
-                    for pkt in c.demux(ast):
-                        if drop is None and pkt.size:   # AAC starts with encoder priming; skip it unless the file says how much
-                            drop = AAC_PRIMING if ast.codec_context.name == 'aac' and not pkt.has_sidedata('skip_samples') else 0
-                        chunks += [r.to_ndarray().reshape(-1) for fr in pkt.decode() for r in rs.resample(fr)]
-                    chunks += [r.to_ndarray().reshape(-1) for r in rs.resample(None)]
-                    wav = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-                    wav = wav[int(round((drop or 0) * SAMPLE_RATE / (ast.sample_rate or SAMPLE_RATE))):]
-    except BadFileError: raise
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise BadFileError(f"{path}: corrupt, truncated or unreadable video ({e})") from None
-    if not frames: raise BadFileError(f"{path}: no frames decoded from frame {start} on")
-    return np.stack(frames), fps, wav
-
-def video_length(path) -> int:
-    "Number of frames of a video (from the header; counted by decoding when the header does not say)."
-    import av
-    try:
-        with av.open(str(path)) as c:
-            n = c.streams.video[0].frames
-            return n if n else sum(1 for _ in c.decode(video=0))
-    except (av.error.FFmpegError, OSError, IndexError) as e:
-        raise BadFileError(f"{path}: corrupt, truncated or unreadable video ({e})") from None
+    return _checked(df, what)
 
 # %% ../../nbs/11_datasets.ipynb #cell-31
 def tiny_image(path, size: int = 16, mode: str = 'RGB', seed: int = 0, fmt: str | None = None) -> Path:
@@ -378,7 +299,7 @@ def tiny_video(path, n_frames: int = 6, size: int = 32, audio: bool = True, seed
     base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     frames = np.stack([np.roll(base, i, axis=1) for i in range(n_frames)])
     wav = (0.2 * np.sin(2 * np.pi * (200 + 50 * (seed % 7)) * np.arange(int(SAMPLE_RATE * n_frames / fps)) / SAMPLE_RATE)).astype(np.float32) if audio else None
-    return write_video(path, frames, fps=fps, audio=wav)
+    return write_mp4(path, frames, fps=fps, audio=wav)
 
 # %% ../../nbs/11_datasets.ipynb #cell-35
 def _find_file(root: Path, names: Sequence[str], dirs: Sequence[str], what: str, required: bool = True) -> Path | None:
@@ -423,7 +344,7 @@ def load_celeba(root, skip_bad: bool = False, verify: bool = True) -> pd.DataFra
     if missing and not skip_bad: raise FileNotFoundError(f"{what}: {len(missing)} image(s) of the partition list are missing, e.g. {missing[0]}")
     df = _finish(rows, skip_bad, verify, what)
     df.attrs['n_bad'] += len(missing); df.attrs['bad_files'] += [f"{m}: missing" for m in missing]
-    return df
+    return _checked(df, what)
 
 # %% ../../nbs/11_datasets.ipynb #cell-39
 FFHQ_FOLDERS = ('thumbnails128x128', 'images1024x1024')
@@ -441,7 +362,7 @@ def load_ffhq(root, folder: str | None = None, skip_bad: bool = False, verify: b
     for p in _files(d, IMAGE_EXTS):
         if not p.stem.isdigit(): continue
         rows.append(dict(path=str(p), label=0, source='ffhq', split='train' if int(p.stem) < 60000 else 'val', dataset='ffhq'))
-    return _finish(rows, skip_bad, verify, what)
+    return _checked(_finish(rows, skip_bad, verify, what), what)
 
 # %% ../../nbs/11_datasets.ipynb #cell-42
 FFPP_METHODS = ('Deepfakes', 'Face2Face', 'FaceSwap', 'NeuralTextures', 'FaceShifter')
@@ -465,17 +386,21 @@ def load_ffpp(root, compression: str = 'c23', methods: Sequence[str] | None = No
         for pair in pairs:
             if not (isinstance(pair, list) and len(pair) == 2): raise ValueError(f"{what}: {p} should hold pairs like ['953', '974'], got {pair!r}")
             for v in pair:
-                if split_of.get(str(v), s) != s: raise ValueError(f"{what}: video {v} is listed in both {split_of[str(v)]}.json and {s}.json")
+                if split_of.get(str(v), s) != s:
+                    raise LeakError(f"{what}: video {v} is listed in both {split_of[str(v)]}.json and {s}.json "
+                                    f"(its person would be in {split_of[str(v)]} and {s})")
                 split_of[str(v)] = s
     orig = find_dir(find_dir(find_dir(root, 'original_sequences', what), 'youtube', what), compression, what)
     orig = find_dir(orig, 'videos', what)
     manip = find_dir(root, 'manipulated_sequences', what)
     if methods is None:
         methods = [m for m in FFPP_METHODS if find_dir(manip, m, what, required=False) and (find_dir(manip, m, what) / compression).is_dir()]
-    rows, unsplit = [], []
+    rows, unsplit, crossing = [], [], []
     def add(p, label, source, ident, target, key):
-        s = split_of.get(key[0])
-        if s is None or any(split_of.get(k) != s for k in key): unsplit.append(p.name); return
+        if any(k not in split_of for k in key): unsplit.append(p.name); return
+        s = split_of[key[0]]
+        if any(split_of[k] != s for k in key):   # a fake joining people of two splits
+            crossing.append(f"{p.name} (" + ', '.join(f'identity {int(k)} in {split_of[k]}' for k in key) + ')'); return
         rows.append(dict(path=str(p), label=label, source=source, identity=ident, target_identity=target, split=s, kind='clip',
                          clip_id=f"ffpp/{source}/{compression}/{p.stem}", dataset='ffpp', compression=compression))
     for p in _files(orig, VIDEO_EXTS):
@@ -485,14 +410,20 @@ def load_ffpp(root, compression: str = 'c23', methods: Sequence[str] | None = No
         for p in _files(d, VIDEO_EXTS):
             mt = re.fullmatch(r'(\d+)_(\d+)', p.stem)
             if mt: add(p, 1, f'ffpp-{m.lower()}', int(mt[2]), int(mt[1]), [mt[1], mt[2]])
-    if unsplit: raise ValueError(f"{what}: {len(unsplit)} video(s) are in no official split, or in two at once: {', '.join(unsplit[:5])}")
-    return _finish(rows, skip_bad, verify, what)
+    if unsplit: raise ValueError(f"{what}: {len(unsplit)} video(s) are in no official split: {', '.join(unsplit[:5])}")
+    if crossing: raise LeakError(f"{what}: {len(crossing)} fake video(s) join people of two splits: {', '.join(crossing[:5])}")
+    return _checked(_finish(rows, skip_bad, verify, what), what)
 
 # %% ../../nbs/11_datasets.ipynb #cell-46
 CELEBDF_FOLDERS = {'Celeb-real': 0, 'YouTube-real': 0, 'Celeb-synthesis': 1}
 
-def load_celebdf(root, skip_bad: bool = False, verify: bool = True, val_fraction: float = 0.0, seed: int = 0) -> pd.DataFrame:
-    "Manifest of Celeb-DF v2 (`Celeb-real`, `Celeb-synthesis`, `YouTube-real`, `List_of_testing_videos.txt`)."
+def load_celebdf(root, skip_bad: bool = False, verify: bool = True, val_fraction: float = 0.0, seed: int = 0,
+                 on_leak: str = 'drop') -> pd.DataFrame:
+    """Manifest of Celeb-DF v2 (`Celeb-real`, `Celeb-synthesis`, `YouTube-real`, `List_of_testing_videos.txt`).
+    The official test list shares people with the other clips: `on_leak='drop'` keeps the official test set whole and
+    drops the training clips that show or change a test person (listed in `df.attrs['dropped']`, with a warning);
+    `on_leak='raise'` refuses the official split with a `LeakError` naming those people."""
+    if on_leak not in ('drop', 'raise'): raise ValueError(f"on_leak must be 'drop' or 'raise', got {on_leak!r}")
     root = Path(root).expanduser().resolve()
     what = f"Celeb-DF v2 at {str(root)!r}"
     lst = _find_file(root, ['List_of_testing_videos.txt'], [''], what)
@@ -517,11 +448,21 @@ def load_celebdf(root, skip_bad: bool = False, verify: bool = True, val_fraction
     gone = sorted(f'{f}/{n}' for f, n in test - found)
     if gone and not skip_bad: raise FileNotFoundError(f"{what}: {len(gone)} video(s) of {lst.name} are missing, e.g. {gone[0]}.mp4")
     df = _finish(rows, skip_bad, verify, what)
+    attrs = dict(df.attrs, n_bad=df.attrs['n_bad'] + len(gone))
+    test_ids = sorted({int(i) for c in ('identity', 'target_identity') for i in df.loc[df.split == 'test', c] if i >= 0})
+    shares = (df.split != 'test') & (df.identity.isin(test_ids) | df.target_identity.isin(test_ids))
+    dropped = sorted(df.clip_id[shares])
+    if dropped:
+        if on_leak == 'raise': check_no_leak(df, 'identity', where=f"{what}, official split")
+        people = sorted({int(i) for c in ('identity', 'target_identity') for i in df.loc[shares, c] if i in test_ids})
+        warnings.warn(f"{what}: {len(dropped)} training clip(s) show or change people of the official test list "
+                      f"(identities {', '.join(map(str, people[:10]))}{' ...' if len(people) > 10 else ''}): dropped, see df.attrs['dropped']")
+        df = df[~shares].reset_index(drop=True)
     if val_fraction > 0:
         tr = df.split == 'train'
         df.loc[tr, 'split'] = assign_splits(df[tr], 'identity', (1 - val_fraction, val_fraction, 0.0), seed).split.values
-    df.attrs['n_bad'] += len(gone)
-    return df
+    df.attrs.update(attrs, dropped=dropped)
+    return _checked(df, what)
 
 # %% ../../nbs/11_datasets.ipynb #cell-50
 def load_lrw(root, splits: Sequence[str] = SPLITS, words: Sequence[str] | None = None,
@@ -544,4 +485,4 @@ def load_lrw(root, splits: Sequence[str] = SPLITS, words: Sequence[str] | None =
             for p in _files(d, VIDEO_EXTS):
                 rows.append(dict(path=str(p), label=0, source='lrw', split=s, kind='clip', clip_id=f'lrw/{wd.name}/{s}/{p.stem}',
                                  dataset='lrw', word=wd.name))
-    return _finish(rows, skip_bad, verify, what)
+    return _checked(_finish(rows, skip_bad, verify, what), what)

@@ -4,18 +4,20 @@
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-4
 from __future__ import annotations
-import io, json, math, os, time
+import json, math, time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .audio import SR, syllable_envelope, synth_voice, log_mel
+
 # %% auto #0
-__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'SR', 'FPS', 'VOWELS',
+__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS',
            'SYNTH_VERSION', 'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project',
-           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'mtcnn_agreement', 'render_face', 'syllable_envelope',
-           'synth_voice', 'mel_filterbank', 'log_mel', 'clip_params', 'render_clip', 'make_synthfaces']
+           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'mtcnn_agreement', 'render_face', 'clip_params',
+           'render_clip', 'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
 SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
@@ -164,9 +166,9 @@ def sample_params(identities, n: int, seed: int = 0, **ranges) -> dict:
         per.append((u, bgc, key))
     U = torch.cat([a for a, _, _ in per]); BG = torch.cat([b for _, b, _ in per]); KEY = torch.cat([k for _, _, k in per])
     p = {}
-    def lin(k, name, col=None):
+    def lin(k, name):
         r = rg[name]
-        return r[0] + (r[1] - r[0]) * U[:, k if col is None else col]
+        return r[0] + (r[1] - r[0]) * U[:, k]
     for j, k in enumerate(['yaw', 'pitch', 'roll', 'scale', 'shift', 'mouth_open', 'smile', 'brow_raise', 'blink', 'gaze',
                            'light_az', 'light_el', 'ambient', 'light_warmth', 'noise', 'blur']):
         p[k] = lin(j, k)
@@ -246,7 +248,7 @@ def _front_z(X, Y, p, with_nose=True):
     return z
 
 
-def _eye_curves(xp, p, side):
+def _eye_curves(xp, p):
     "Upper and lower lid Y at relative eye position xp in [-1, 1] (positive = outer corner)."
     f = (1 - xp ** 2).clamp_min(0)
     yb = p['eye_y'] - p['eye_tilt'] * xp
@@ -306,12 +308,12 @@ def landmarks3d(p) -> torch.Tensor:
     Xs = nw * torch.tensor([-1.0, -0.5, 0, 0.5, 1.0]); Ys = nb + torch.tensor([-0.02, 0.0, 0.01, 0.0, -0.02])
     # eyes 36..47
     xp = torch.tensor([1, 1 / 3, -1 / 3, -1, -1 / 3, 1 / 3])  # 36 outer, 37, 38 upper, 39 inner, 40, 41 lower (image-left eye)
-    up, low = _eye_curves(xp, q, -1)
+    up, low = _eye_curves(xp, q)
     Ye = torch.stack([up[:, 0], up[:, 1], up[:, 2], up[:, 3], low[:, 4], low[:, 5]], 1)
     XeL = -q['eye_x'] - xp * q['eye_w']
     # right eye 42..47: 42 inner, 43, 44 upper, 45 outer, 46, 47 lower
     xr = torch.tensor([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3])
-    up, low = _eye_curves(xr, q, 1)
+    up, low = _eye_curves(xr, q)
     YeR = torch.stack([up[:, 0], up[:, 1], up[:, 2], up[:, 3], low[:, 4], low[:, 5]], 1)
     XeR = q['eye_x'] + xr * q['eye_w']
     # mouth 48..67
@@ -383,222 +385,327 @@ def _hash_noise(keys, shape, device):
     return out.to(device)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-19
-def _render_chunk(p, S):
-    "Rasterise one chunk of parameter dicts (tensors on one device) at S×S; returns (rgb B×3×S×S, mask B×S×S)."
-    dev = p['yaw'].device; B = p['yaw'].shape[0]
-    v = lambda t: t.reshape(B, 1, 1)
-    c3 = lambda t: t.reshape(B, 3, 1, 1)
-    sq = lambda t: t * t
-    R = rotation(p['yaw'], p['pitch'], p['roll']).to(dev); Rt = R.transpose(1, 2)
-    cen, s = _camera(p)
-    grid = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5) / S * 2 - 1
-    du = (grid.view(1, 1, S) - v(cen[:, 0])) / v(s)      # B×1×S, head units
-    dv = (grid.view(1, S, 1) - v(cen[:, 1])) / v(s)      # B×S×1
-    ipx = v(S * s / 2.0)                                  # 1 / (pixel size in head units)
-    ipx2 = ipx * 0.5
-    cov = lambda d: (d * ipx).add_(0.5).clamp_(0, 1)       # anti-aliased coverage from a signed distance
-    cov2 = lambda d: (d * ipx2).add_(0.5).clamp_(0, 1)     # softer edge (two pixels)
-    lerp = lambda img, col, a: torch.lerp(img, col, a.unsqueeze(1))
-    any_ = lambda m: bool(m.any())
+def _sq(t): return t * t
+
+
+def _lerp(img, col, a):
+    "Paint colour `col` (B×3×S×S or broadcastable) over `img` with coverage `a` (B×S×S)."
+    return torch.lerp(img, col, a.unsqueeze(1))
+
+
+class _Canvas:
+    "What every painter of one chunk shares: the pixel grid in head units, the head rotation, the light, edge coverage."
+    def __init__(self, p, S):
+        self.dev = dev = p['yaw'].device; self.B = B = p['yaw'].shape[0]
+        self.R = R = rotation(p['yaw'], p['pitch'], p['roll']).to(dev); self.Rt = R.transpose(1, 2)
+        cen, self.s = _camera(p)
+        self.grid = grid = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5) / S * 2 - 1
+        self.du = (grid.view(1, 1, S) - self.v(cen[:, 0])) / self.v(self.s)     # B×1×S, head units
+        self.dv = (grid.view(1, S, 1) - self.v(cen[:, 1])) / self.v(self.s)     # B×S×1
+        self.ipx = self.v(S * self.s / 2.0)                                    # 1 / (pixel size in head units)
+        self.ipx2 = self.ipx * 0.5
+        # light (camera coordinates, pointing to the light), its direction in head coordinates, ambient and tint
+        az, el = torch.deg2rad(p['light_az']), torch.deg2rad(p['light_el'])
+        Lc = torch.stack([az.sin() * el.cos(), -el.sin(), az.cos() * el.cos()], 1)
+        self.Lh = torch.einsum('bij,bj->bi', self.Rt, Lc)
+        self.amb = self.v(p['ambient'])
+        self.lcol = self.c3(1 + p['light_warmth'].view(B, 1) * torch.tensor([0.08, 0.0, -0.1], device=dev))
+
+    def v(self, t): return t.reshape(self.B, 1, 1)
+    def c3(self, t): return t.reshape(self.B, 3, 1, 1)
+    def rgb(self, *c): return torch.tensor(c, device=self.dev).view(1, 3, 1, 1)
+    def cov(self, d): return (d * self.ipx).add_(0.5).clamp_(0, 1)     # anti-aliased coverage from a signed distance
+    def cov2(self, d): return (d * self.ipx2).add_(0.5).clamp_(0, 1)   # softer edge (two pixels)
+
+    def lambert(self, S0, Sd, w, A, Q=None):
+        "Unit-sphere coordinates of the ray hit at depth `w` on an ellipsoid (semi-axes A, rotation Q) and its Lambert term n·l."
+        Nx, Ny, Nz = (S0[k] + w * self.v(Sd[:, k]) for k in range(3))      # unit-sphere coordinates of the hit
+        l = (self.Lh if Q is None else torch.einsum('bij,bj->bi', Q, self.Lh)) / A
+        v = self.v
+        d = (Nx * v(l[:, 0]) + Ny * v(l[:, 1]) + Nz * v(l[:, 2])) * torch.rsqrt(
+            _sq(Nx / v(A[:, 0])) + _sq(Ny / v(A[:, 1])) + _sq(Nz / v(A[:, 2])) + 1e-8)
+        return (Nx, Ny, Nz), d
+
+# %% ../../nbs/10_synthfaces.ipynb #cell-40
+def _paint_background(c, p):
+    "A two-colour gradient at a random angle plus a low-frequency texture."
+    ang, g, S = p['bg_angle'], c.grid, c.grid.shape[0]
+    t = (g.view(1, 1, S) * c.v(ang.cos()) + g.view(1, S, 1) * c.v(ang.sin())) * 0.5 + 0.5
+    img = torch.lerp(c.c3(p['bg1']), c.c3(p['bg2']), t.unsqueeze(1))
+    tex = F.interpolate(p['bg_grid'].view(c.B, 3, 2, 2) - 0.5, size=(S, S), mode='bilinear', align_corners=False)
+    return img.add_(tex * p['bg_tex'].view(c.B, 1, 1, 1) * 4)
+
+
+def _paint_clothes(c, p, img):
+    "The torso: a wide ellipse below the head, following its roll, slightly darker at the edge."
+    tx = (c.du - c.v(c.R[:, 0, 1]) * 1.2) * (1 / 2.3); ty = (c.dv - 2.2) * (1 / 0.9)
+    r2 = _sq(tx) + _sq(ty)
+    return _lerp(img, c.c3(p['cloth']) * (0.75 + 0.25 * (1 - r2).clamp_(0, 1)).unsqueeze(1), c.cov((1 - r2) * 0.45))
+
+
+def _long_hair(p):
     style = p['hair_style']
-    # light (camera coordinates, pointing to the light)
-    az, el = torch.deg2rad(p['light_az']), torch.deg2rad(p['light_el'])
-    Lc = torch.stack([az.sin() * el.cos(), -el.sin(), az.cos() * el.cos()], 1)
-    Lh = torch.einsum('bij,bj->bi', Rt, Lc)               # in head coordinates
-    amb = v(p['ambient'])
-    lcol = c3(1 + p['light_warmth'].view(B, 1) * torch.tensor([0.08, 0.0, -0.1], device=dev))
-    # ---- background: gradient + low-frequency texture
-    ang = p['bg_angle']
-    t = (grid.view(1, 1, S) * v(ang.cos()) + grid.view(1, S, 1) * v(ang.sin())) * 0.5 + 0.5
-    img = torch.lerp(c3(p['bg1']), c3(p['bg2']), t.unsqueeze(1))
-    tex = F.interpolate(p['bg_grid'].view(B, 3, 2, 2) - 0.5, size=(S, S), mode='bilinear', align_corners=False)
-    img = img.add_(tex * p['bg_tex'].view(B, 1, 1, 1) * 4)
-    # ---- torso (clothes)
-    tx = (du - v(R[:, 0, 1]) * 1.2) * (1 / 2.3); ty = (dv - 2.2) * (1 / 0.9)
-    r2 = sq(tx) + sq(ty)
-    img = lerp(img, c3(p['cloth']) * (0.75 + 0.25 * (1 - r2).clamp_(0, 1)).unsqueeze(1), cov((1 - r2) * 0.45))
-    # ---- long hair behind the head (drape)
-    longm = (style == 3) | (style == 4)
-    if any_(longm):
-        hw = v(p['face_w']) * 1.22 + 0.12 * dv.clamp_min(0)
-        ax = du.abs()
-        d_dr = torch.minimum(hw - ax, (1.75 - 0.25 * sq(ax / hw)) - dv)
-        a_dr = cov2(d_dr) * cov(dv + 0.3) * v(longm.float())
-        img = lerp(img, c3(p['hair']) * (0.55 + 0.2 * (ax / hw).clamp_(0, 1)).unsqueeze(1), a_dr)
-    # ---- neck: a vertical cylinder under the head, darker under the jaw
+    return (style == 3) | (style == 4)
+
+
+def _paint_long_hair(c, p, img):
+    "Long hair (styles 'long', 'long fringe') drapes behind the head and the shoulders."
+    longm = _long_hair(p)
+    if not bool(longm.any()): return img
+    hw = c.v(p['face_w']) * 1.22 + 0.12 * c.dv.clamp_min(0)
+    ax = c.du.abs()
+    d_dr = torch.minimum(hw - ax, (1.75 - 0.25 * _sq(ax / hw)) - c.dv)
+    a_dr = c.cov2(d_dr) * c.cov(c.dv + 0.3) * c.v(longm.float())
+    return _lerp(img, c.c3(p['hair']) * (0.55 + 0.2 * (ax / hw).clamp_(0, 1)).unsqueeze(1), a_dr)
+
+
+def _paint_neck(c, p, img):
+    "The neck: a vertical cylinder under the head, darker under the jaw."
+    R, v = c.R, c.v
     nx = v(R[:, 0, 1] * 0.55 - R[:, 0, 2] * 0.15)
     ny = v(R[:, 1, 1] * 0.55 - R[:, 1, 2] * 0.15)
     nw = v(p['face_w']) * 0.64
-    xn = (du - nx) / nw
-    a_n = cov(torch.minimum((1 - xn.abs()) * nw, dv - ny))
-    sh_n = 0.5 + 0.3 * (1 - sq(xn)).clamp_min_(0) - 0.2 * (1.3 - (dv - ny)).clamp_(0, 1)
-    img = lerp(img, c3(p['skin']) * lcol * sh_n.unsqueeze(1), a_n)
-    # ---- hair shell (back part, visible beside the face)
+    xn = (c.du - nx) / nw
+    a_n = c.cov(torch.minimum((1 - xn.abs()) * nw, c.dv - ny))
+    sh_n = 0.5 + 0.3 * (1 - _sq(xn)).clamp_min_(0) - 0.2 * (1.3 - (c.dv - ny)).clamp_(0, 1)
+    return _lerp(img, c.c3(p['skin']) * c.lcol * sh_n.unsqueeze(1), a_n)
+
+
+def _hair_shell(c, p) -> dict:
+    "Ray-cast the hair shell, an ellipsoid a little larger than the head; its front and back hits carry the hair."
+    style, s, v = p['hair_style'], c.s, c.v
     hvol = torch.where(style == 0, torch.full_like(s, 1.02), p['hair_vol'])
-    hv = v(hvol)
-    A_h = torch.stack([p['face_w'] * hvol, hvol, p['face_d'] * hvol], 1)
-    o_h = torch.stack([torch.zeros_like(s), torch.full_like(s, -0.07), torch.full_like(s, -0.05)], 1)
-    dn_h, wf_h, wb_h, S0h, Sdh = _ray_ellipsoid(du, dv, Rt, o_h, A_h)
-    bald = v((style == 5).float()); buzz = v((style == 0).float())
+    A = torch.stack([p['face_w'] * hvol, hvol, p['face_d'] * hvol], 1)
+    o = torch.stack([torch.zeros_like(s), torch.full_like(s, -0.07), torch.full_like(s, -0.05)], 1)
+    dn, wf, wb, S0, Sd = _ray_ellipsoid(c.du, c.dv, c.Rt, o, A)
     fringe = v(((style == 2) | (style == 4)).float())
     hl0 = v(p['hairline']) * (1 - fringe) + (-0.43) * fringe
-    hlc = 0.45 * (1 - fringe * 0.8)
-    ybot = torch.where(v(longm) , torch.full_like(hl0, 1.6), torch.full_like(hl0, 0.12))
-    zside = v(p['side_hair'])
-    any_bald = any_(style == 5)
-    def hair_alpha(w):
-        Xh = v(A_h[:, 0]) * (S0h[0] + w * v(Sdh[:, 0]))
-        Yh = (S0h[1] + w * v(Sdh[:, 1])) * hv - 0.07
-        Zh = v(A_h[:, 2]) * (S0h[2] + w * v(Sdh[:, 2])) - 0.05
-        top = hl0 + hlc * sq(Xh) + 0.015 * torch.sin(40 * Xh) - Yh
-        side = torch.minimum(zside - Zh, ybot - Yh)
-        a = cov2(torch.maximum(top, side))
-        if any_bald:
-            a = a * (1 - bald) + bald * cov2(torch.minimum(torch.minimum(-0.25 - Zh, 0.25 - Yh), Yh + 0.45))
-        return a, Xh, Yh
-    a_sil_h = cov(dn_h * 0.5 * v(A_h[:, :2].mean(1)))
-    hair_tex = lambda X, Y: (0.92 + 0.08 * torch.sin(110 * X + 5 * torch.sin(7 * Y))).unsqueeze(1)
-    a_hb, Xb_, Yb_ = hair_alpha(wb_h)
-    img = lerp(img, c3(p['hair']) * 0.45 * hair_tex(Xb_, Yb_), a_sil_h * a_hb * (1 - buzz))
-    # ---- ears: 2D ellipses at the projected ear positions, behind the head
+    return dict(A=A, hv=v(hvol), dn=dn, wf=wf, wb=wb, S0=S0, Sd=Sd, hl0=hl0, hlc=0.45 * (1 - fringe * 0.8),
+                ybot=torch.where(v(_long_hair(p)), torch.full_like(hl0, 1.6), torch.full_like(hl0, 0.12)),
+                zside=v(p['side_hair']), bald=v((style == 5).float()), buzz=v((style == 0).float()),
+                any_bald=bool((style == 5).any()), sil=c.cov(dn * 0.5 * v(A[:, :2].mean(1))))
+
+
+def _hair_alpha(c, h, w):
+    "Hair coverage on the shell at ray depth `w`: above the hairline (a fringe lowers it), within the style's sides."
+    v, A, S0, Sd = c.v, h['A'], h['S0'], h['Sd']
+    Xh = v(A[:, 0]) * (S0[0] + w * v(Sd[:, 0]))
+    Yh = (S0[1] + w * v(Sd[:, 1])) * h['hv'] - 0.07
+    Zh = v(A[:, 2]) * (S0[2] + w * v(Sd[:, 2])) - 0.05
+    top = h['hl0'] + h['hlc'] * _sq(Xh) + 0.015 * torch.sin(40 * Xh) - Yh
+    side = torch.minimum(h['zside'] - Zh, h['ybot'] - Yh)
+    a = c.cov2(torch.maximum(top, side))
+    if h['any_bald']:
+        bald = h['bald']
+        a = a * (1 - bald) + bald * c.cov2(torch.minimum(torch.minimum(-0.25 - Zh, 0.25 - Yh), Yh + 0.45))
+    return a, Xh, Yh
+
+
+def _hair_tex(X, Y): return (0.92 + 0.08 * torch.sin(110 * X + 5 * torch.sin(7 * Y))).unsqueeze(1)
+
+
+def _paint_hair_back(c, p, img, h):
+    "The back of the hair shell, in shadow, visible beside the face (not for a buzz cut)."
+    a, X, Y = _hair_alpha(c, h, h['wb'])
+    return _lerp(img, c.c3(p['hair']) * 0.45 * _hair_tex(X, Y), h['sil'] * a * (1 - h['buzz']))
+
+
+def _paint_ears(c, p, img):
+    "The ears: 2D ellipses at the projected ear positions, behind the head."
+    R, v, B = c.R, c.v, c.B
     ea = torch.stack([R[:, 0, 1], R[:, 1, 1]], 1); ea = ea / ea.norm(dim=1, keepdim=True)
     er = v(p['ear']) * 0.19
     for sd in (-1.0, 1.0):
-        ec = torch.einsum('bij,bj->bi', R, torch.stack([sd * p['face_w'] * 0.96, p['eye_y'] + 0.14, torch.full_like(s, -0.1)], 1))
-        ddx, ddy = du - v(ec[:, 0]), dv - v(ec[:, 1])
+        ec = torch.einsum('bij,bj->bi', R, torch.stack([sd * p['face_w'] * 0.96, p['eye_y'] + 0.14, torch.full_like(c.s, -0.1)], 1))
+        ddx, ddy = c.du - v(ec[:, 0]), c.dv - v(ec[:, 1])
         along = ddx * v(ea[:, 0] / er.view(B)) + ddy * v(ea[:, 1] / er.view(B))
         across = ddx * v(ea[:, 1] / (0.45 * er.view(B))) - ddy * v(ea[:, 0] / (0.45 * er.view(B)))
-        e2 = sq(along) + sq(across)
-        a_e = cov((1 - e2) * 0.4 * er * 0.45)
-        img = lerp(img, c3(p['skin']) * lcol * (amb.unsqueeze(1) + 0.35) * (0.78 + 0.22 * e2.clamp(0, 1)).unsqueeze(1), a_e)
-    # ---- head ellipsoid with jaw taper
-    aw, cd = p['face_w'], p['face_d']
-    A = torch.stack([aw, torch.ones_like(aw), cd], 1); o0 = torch.zeros(B, 3, device=dev)
-    dn, wf, _, S0, Sd = _ray_ellipsoid(du, dv, Rt, o0, A)
-    Sx, Sy, Sz = (S0[k] + wf * v(Sd[:, k]) for k in range(3))   # unit-sphere coordinates of the hit
+        e2 = _sq(along) + _sq(across)
+        a_e = c.cov((1 - e2) * 0.4 * er * 0.45)
+        img = _lerp(img, c.c3(p['skin']) * c.lcol * (c.amb.unsqueeze(1) + 0.35) * (0.78 + 0.22 * e2.clamp(0, 1)).unsqueeze(1), a_e)
+    return img
+
+# %% ../../nbs/10_synthfaces.ipynb #cell-50
+def _head_surface(c, p) -> dict:
+    "Ray-cast the head ellipsoid with its jaw taper: head coordinates X, Y of the hit, Lambert term, coverage."
+    v, aw, cd = c.v, p['face_w'], p['face_d']
+    A = torch.stack([aw, torch.ones_like(aw), cd], 1); o0 = torch.zeros(c.B, 3, device=c.dev)
+    dn, wf, _, S0, Sd = _ray_ellipsoid(c.du, c.dv, c.Rt, o0, A)
+    (Sx, Sy, _), diff = c.lambert(S0, Sd, wf, A)
     X = v(aw) * Sx; Y = Sy
-    half = v(aw) * (1 - sq(Y)).clamp_min_(0).sqrt_() * (1 - v(p['jaw']) * sq(((Y - 0.1) * (1 / 0.9)).clamp_min_(0)))
-    a_head = cov(dn * 0.5 * v((aw + 1) / 2)) * cov(half - X.abs())
-    lh = Lh / A
-    nxx, nyy, nzz = Sx / v(aw), Sy, Sz / v(cd)
-    diff = (Sx * v(lh[:, 0]) + Sy * v(lh[:, 1]) + Sz * v(lh[:, 2])) * torch.rsqrt(sq(nxx) + sq(nyy) + sq(nzz) + 1e-8)
-    # ---- nose: a tilted bridge ellipsoid and a tip ellipsoid, blended into the face
+    half = v(aw) * (1 - _sq(Y)).clamp_min_(0).sqrt_() * (1 - v(p['jaw']) * _sq(((Y - 0.1) * (1 / 0.9)).clamp_min_(0)))
+    return dict(X=X, Y=Y, diff=diff, alpha=c.cov(dn * 0.5 * v((aw + 1) / 2)) * c.cov(half - X.abs()), dn=dn, wf=wf)
+
+
+def _add_nose(c, p, f) -> dict:
+    "Ray-cast the tilted nose bridge and the nose tip and blend them into the head surface `f` (returned updated)."
+    v = c.v
     o_n, A_n, Q_n = _nose_frame(p)
-    dnn, wfn, _, S0n, Sdn = _ray_ellipsoid(du, dv, Rt, o_n, A_n, Q_n)
-    Nx, Ny, Nz = (S0n[k] + wfn * v(Sdn[:, k]) for k in range(3))
-    ln = torch.einsum('bij,bj->bi', Q_n, Lh) / A_n
-    diffn = (Nx * v(ln[:, 0]) + Ny * v(ln[:, 1]) + Nz * v(ln[:, 2])) * torch.rsqrt(
-        sq(Nx / v(A_n[:, 0])) + sq(Ny / v(A_n[:, 1])) + sq(Nz / v(A_n[:, 2])) + 1e-8)
+    dnn, wfn, _, S0n, Sdn = _ray_ellipsoid(c.du, c.dv, c.Rt, o_n, A_n, Q_n)
+    (Nx, Ny, Nz), diffn = c.lambert(S0n, Sdn, wfn, A_n, Q_n)
     Qt = Q_n.transpose(1, 2)
     Ly, Lz = Ny * v(A_n[:, 1]), Nz * v(A_n[:, 2])
     Xn = Nx * v(A_n[:, 0])
     Yn = v(Qt[:, 1, 1]) * Ly + v(Qt[:, 1, 2]) * Lz + v(o_n[:, 1])
     o_t, A_t = _nose_tip(p)
-    dnt, wft, _, S0t, Sdt = _ray_ellipsoid(du, dv, Rt, o_t, A_t)
-    Tx, Ty, Tz = (S0t[k] + wft * v(Sdt[:, k]) for k in range(3))
-    lt = Lh / A_t
-    difft = (Tx * v(lt[:, 0]) + Ty * v(lt[:, 1]) + Tz * v(lt[:, 2])) * torch.rsqrt(
-        sq(Tx / v(A_t[:, 0])) + sq(Ty / v(A_t[:, 1])) + sq(Tz / v(A_t[:, 2])) + 1e-8)
+    dnt, wft, _, S0t, Sdt = _ray_ellipsoid(c.du, c.dv, c.Rt, o_t, A_t)
+    (Tx, Ty, _), difft = c.lambert(S0t, Sdt, wft, A_t)
     use_t = ((dnt > 0) & ((wft > wfn) | (dnn <= 0))).float()
     Xn = torch.lerp(Xn, Tx * v(A_t[:, 0]), use_t); Yn = torch.lerp(Yn, Ty * v(A_t[:, 1]) + v(o_t[:, 1]), use_t)
     diffn = torch.lerp(diffn, difft, use_t); wfn = torch.lerp(wfn, wft, use_t)
     dnn = torch.maximum(dnn * v(A_n[:, 0]), dnt * v(A_t[:, 0]))
-    wn = cov(dnn * 0.5) * ((wfn - wf) * 25 + 0.5).clamp_(0, 1)
-    X = torch.lerp(X, Xn, wn); Y = torch.lerp(Y, Yn, wn); diff = torch.lerp(diff, diffn, wn)
-    a_head = torch.maximum(a_head, cov(dnn * 0.5) * (dn > 0).float())
-    # ---- albedo: skin and features in head coordinates (|X| mirrors the paired features)
-    Xa = X.abs(); sgn = torch.sign(X)
-    ex, ey, ew, eh = v(p['eye_x']), v(p['eye_y']), v(p['eye_w']), v(p['eye_h'])
-    # eye sockets (shadow) and cheeks (blush): smooth polynomial bumps
-    sock = (1 - sq((Xa - ex) * (1 / 0.26)) - sq((Y - ey + 0.02) * (1 / 0.18))).clamp_min_(0)
-    shade = 1 - 0.35 * sq(sock)
-    alb = c3(p['skin']) * shade.unsqueeze(1)
-    bl = (1 - sq((Xa - 0.42) * (1 / 0.2)) - sq((Y - 0.3) * (1 / 0.17))).clamp_min_(0)
-    alb = lerp(alb, torch.tensor([0.85, 0.35, 0.35], device=dev).view(1, 3, 1, 1), v(p['blush']) * 0.5 * sq(bl))
-    # beard
+    wn = c.cov(dnn * 0.5) * ((wfn - f['wf']) * 25 + 0.5).clamp_(0, 1)
+    X = torch.lerp(f['X'], Xn, wn); Y = torch.lerp(f['Y'], Yn, wn)
+    return dict(f, X=X, Y=Y, Xa=X.abs(), sgn=torch.sign(X), diff=torch.lerp(f['diff'], diffn, wn),
+                alpha=torch.maximum(f['alpha'], c.cov(dnn * 0.5) * (f['dn'] > 0).float()), nose_tip=(o_t, A_t))
+
+# %% ../../nbs/10_synthfaces.ipynb #cell-52
+def _paint_skin(c, p, f):
+    "Skin colour with eye-socket shadows and cheek blush (smooth polynomial bumps)."
+    Xa, Y, v = f['Xa'], f['Y'], c.v
+    ex, ey = v(p['eye_x']), v(p['eye_y'])
+    sock = (1 - _sq((Xa - ex) * (1 / 0.26)) - _sq((Y - ey + 0.02) * (1 / 0.18))).clamp_min_(0)
+    alb = c.c3(p['skin']) * (1 - 0.35 * _sq(sock)).unsqueeze(1)
+    bl = (1 - _sq((Xa - 0.42) * (1 / 0.2)) - _sq((Y - 0.3) * (1 / 0.17))).clamp_min_(0)
+    return _lerp(alb, c.rgb(0.85, 0.35, 0.35), v(p['blush']) * 0.5 * _sq(bl))
+
+
+def _paint_beard(c, p, f, alb):
+    "A beard (full, or a light stubble at beard = 0.5) below a line from cheek to cheek, with a little texture."
     beard = p['beard']
-    if any_(beard > 0):
-        ybl = 0.2 + 0.26 * (1 - sq(X / v(aw))).clamp_min_(0)
-        a_beard = cov2(Y - ybl) * v((beard > 0).float() * (0.35 + 1.1 * (beard - 0.5).clamp_min(0)))
-        a_beard = a_beard * (0.8 + 0.2 * torch.sin(90 * X) * torch.sin(80 * Y))
-        alb = lerp(alb, c3(p['hair']) * 0.8, a_beard)
-    # brows
-    bx0, bx1 = 0.07, ex + ew + 0.04
+    if not bool((beard > 0).any()): return alb
+    X, Y, v = f['X'], f['Y'], c.v
+    ybl = 0.2 + 0.26 * (1 - _sq(X / v(p['face_w']))).clamp_min_(0)
+    a_beard = c.cov2(Y - ybl) * v((beard > 0).float() * (0.35 + 1.1 * (beard - 0.5).clamp_min(0)))
+    a_beard = a_beard * (0.8 + 0.2 * torch.sin(90 * X) * torch.sin(80 * Y))
+    return _lerp(alb, c.c3(p['hair']) * 0.8, a_beard)
+
+
+def _paint_brows(c, p, f, alb):
+    "The brows: a band of varying thickness along `_brow_curve`, from the nose side to past the outer eye corner."
+    Xa, Y, v = f['Xa'], f['Y'], c.v
+    bx0, bx1 = 0.07, v(p['eye_x']) + v(p['eye_w']) + 0.04
     tb = (Xa - bx0) / (bx1 - bx0)
     yb, th = _brow_curve(tb.clamp(0, 1), {k: v(p[k]) for k in ('eye_y', 'brow_gap', 'brow_raise', 'brow_arch', 'brow_th')})
-    a_b = cov(torch.minimum(th - (Y - yb).abs(), torch.minimum(tb, 1 - tb) * (bx1 - bx0))) * 0.9
-    alb = lerp(alb, c3(p['brow']), a_b)
-    # eyes: sclera, iris (darker rim), pupil, catch-light, lashes, lid crease
+    a_b = c.cov(torch.minimum(th - (Y - yb).abs(), torch.minimum(tb, 1 - tb) * (bx1 - bx0))) * 0.9
+    return _lerp(alb, c.c3(p['brow']), a_b)
+
+
+def _paint_eyes(c, p, f, alb):
+    "The eyes: lid crease, sclera, iris (darker rim) looking along the gaze, pupil, catch-light, lashes."
+    Xa, Y, v = f['Xa'], f['Y'], c.v
+    ex, ey, ew, eh = v(p['eye_x']), v(p['eye_y']), v(p['eye_w']), v(p['eye_h'])
     xp = (Xa - ex) / ew
-    yu, yl = _eye_curves(xp, {k: v(p[k]) for k in ('eye_y', 'eye_tilt', 'eye_h', 'blink')}, 1)
+    yu, yl = _eye_curves(xp, {k: v(p[k]) for k in ('eye_y', 'eye_tilt', 'eye_h', 'blink')})
     side_e = (1 - xp.abs()) * ew
     lw = 0.018 + 0.2 * eh
-    a_lash = cov(torch.minimum(torch.minimum(Y - (yu - lw * (1 - 0.6 * sq(xp))), yu + 0.3 * lw - Y), side_e + 0.12 * ew))
-    a_crease = cov(0.008 - (Y - (yu - eh * 0.9 - 0.02)).abs()) * (1 - sq(xp)).clamp_(0, 1) * (1 - v(p['blink']))
-    alb = lerp(alb, c3(p['skin']) * 0.7, a_crease * 0.6)
-    a_eye = cov(torch.minimum(torch.minimum(Y - yu, yl - Y), side_e))
-    gx = v(p['gaze']) * ew * 0.3 * sgn
+    a_lash = c.cov(torch.minimum(torch.minimum(Y - (yu - lw * (1 - 0.6 * _sq(xp))), yu + 0.3 * lw - Y), side_e + 0.12 * ew))
+    a_crease = c.cov(0.008 - (Y - (yu - eh * 0.9 - 0.02)).abs()) * (1 - _sq(xp)).clamp_(0, 1) * (1 - v(p['blink']))
+    alb = _lerp(alb, c.c3(p['skin']) * 0.7, a_crease * 0.6)
+    a_eye = c.cov(torch.minimum(torch.minimum(Y - yu, yl - Y), side_e))
+    gx = v(p['gaze']) * ew * 0.3 * f['sgn']
     ri = eh * 0.95
     dxi, dyi = Xa - ex - gx, Y - (ey - 0.2 * eh + v(p['gaze_y']) * eh * 0.3)
-    r = (sq(dxi) + sq(dyi)).sqrt_()
-    eye = torch.tensor([0.9, 0.87, 0.84], device=dev).view(1, 3, 1, 1) * (1 - 0.3 * sq(xp)).unsqueeze(1)
-    iris = c3(p['iris']) * (1 - 0.55 * ((r / ri - 0.6) * 2.5).clamp_(0, 1)).unsqueeze(1)
-    eye = lerp(eye, iris, cov(ri - r))
-    eye = lerp(eye, torch.full((1, 3, 1, 1), 0.03, device=dev), cov(0.42 * ri - r))
-    cl = (sq(dxi + 0.35 * ri) + sq(dyi + 0.35 * ri)).sqrt_()
-    eye = lerp(eye, torch.ones(1, 3, 1, 1, device=dev), cov(0.14 * ri - cl) * 0.9)
-    alb = lerp(alb, eye, a_eye)
-    alb = lerp(alb, torch.tensor([0.06, 0.04, 0.04], device=dev).view(1, 3, 1, 1), a_lash)
-    # nostrils at the base of the tip
+    r = (_sq(dxi) + _sq(dyi)).sqrt_()
+    eye = c.rgb(0.9, 0.87, 0.84) * (1 - 0.3 * _sq(xp)).unsqueeze(1)
+    iris = c.c3(p['iris']) * (1 - 0.55 * ((r / ri - 0.6) * 2.5).clamp_(0, 1)).unsqueeze(1)
+    eye = _lerp(eye, iris, c.cov(ri - r))
+    eye = _lerp(eye, c.rgb(0.03, 0.03, 0.03), c.cov(0.42 * ri - r))
+    cl = (_sq(dxi + 0.35 * ri) + _sq(dyi + 0.35 * ri)).sqrt_()
+    eye = _lerp(eye, c.rgb(1.0, 1.0, 1.0), c.cov(0.14 * ri - cl) * 0.9)
+    alb = _lerp(alb, eye, a_eye)
+    return _lerp(alb, c.rgb(0.06, 0.04, 0.04), a_lash)
+
+
+def _paint_nostrils(c, p, f, alb):
+    "Two dark ellipses at the base of the nose tip."
+    Xa, Y, v = f['Xa'], f['Y'], c.v
+    o_t, A_t = f['nose_tip']
     yt = v(o_t[:, 1] + A_t[:, 1] * 0.75)
-    nr = sq((Xa - 0.55 * v(p['nose_w'])) / (0.35 * v(p['nose_w']))) + sq((Y - yt) * (1 / 0.022))
-    alb = lerp(alb, c3(p['skin']) * 0.25, cov((1 - nr) * 0.012) * 0.85)
-    # mouth: lips, dark inside, teeth, the line between the lips
+    nr = _sq((Xa - 0.55 * v(p['nose_w'])) / (0.35 * v(p['nose_w']))) + _sq((Y - yt) * (1 / 0.022))
+    return _lerp(alb, c.c3(p['skin']) * 0.25, c.cov((1 - nr) * 0.012) * 0.85)
+
+
+def _paint_mouth(c, p, f, alb):
+    "The mouth: lips (the upper one darker), the dark inside with teeth when open, the line between the lips."
+    X, Y, v = f['X'], f['Y'], c.v
     mw = v(p['mouth_w']); xm = X / mw
     yuo, yiu, yil, ylo, ym = _mouth_curves(xm, {k: v(p[k]) for k in ('mouth_y', 'smile', 'mouth_open', 'lip_up', 'lip_lo')})
     side_d = (1 - xm.abs()) * mw
-    a_lip = cov(torch.minimum(torch.minimum(Y - yuo, ylo - Y), side_d))
-    lipsh = torch.lerp(1.0 + 0.12 * (1 - sq(xm)).clamp_min_(0), torch.full_like(Y, 0.82), (Y < ym).float())
-    alb = lerp(alb, c3(p['lip']) * lipsh.unsqueeze(1), a_lip)
-    if any_(p['mouth_open'] > 0):
-        a_in = cov(torch.minimum(torch.minimum(Y - yiu, yil - Y), side_d))
-        teeth = cov(torch.minimum(yiu + 0.3 * (yil - yiu) - Y, (0.55 - xm.abs()) * mw))
-        inner = torch.lerp(torch.tensor([0.2, 0.05, 0.05], device=dev).view(1, 3, 1, 1),
-                           torch.tensor([0.86, 0.83, 0.76], device=dev).view(1, 3, 1, 1), teeth.unsqueeze(1))
-        alb = lerp(alb, inner, a_in)
-    a_line = cov(0.011 - (Y - ym).abs()) * cov(side_d + 0.01) * 0.75
-    alb = lerp(alb, c3(p['lip']) * 0.3, a_line)
-    # shading: Lambert + ambient, tinted light, a little specular
-    dpos = diff.clamp_min(0)
-    face = alb * ((amb + (1 - amb) * dpos).unsqueeze(1) * lcol) + (sq(sq(dpos)) * 0.06).unsqueeze(1)
-    # glasses (painted on the surface, after shading)
+    a_lip = c.cov(torch.minimum(torch.minimum(Y - yuo, ylo - Y), side_d))
+    lipsh = torch.lerp(1.0 + 0.12 * (1 - _sq(xm)).clamp_min_(0), torch.full_like(Y, 0.82), (Y < ym).float())
+    alb = _lerp(alb, c.c3(p['lip']) * lipsh.unsqueeze(1), a_lip)
+    if bool((p['mouth_open'] > 0).any()):
+        a_in = c.cov(torch.minimum(torch.minimum(Y - yiu, yil - Y), side_d))
+        teeth = c.cov(torch.minimum(yiu + 0.3 * (yil - yiu) - Y, (0.55 - xm.abs()) * mw))
+        alb = _lerp(alb, torch.lerp(c.rgb(0.2, 0.05, 0.05), c.rgb(0.86, 0.83, 0.76), teeth.unsqueeze(1)), a_in)
+    a_line = c.cov(0.011 - (Y - ym).abs()) * c.cov(side_d + 0.01) * 0.75
+    return _lerp(alb, c.c3(p['lip']) * 0.3, a_line)
+
+# %% ../../nbs/10_synthfaces.ipynb #cell-54
+def _shade(c, f, alb):
+    "Lambert + ambient light, tinted by the light colour, plus a little specular highlight."
+    dpos = f['diff'].clamp_min(0)
+    return alb * ((c.amb + (1 - c.amb) * dpos).unsqueeze(1) * c.lcol) + (_sq(_sq(dpos)) * 0.06).unsqueeze(1)
+
+
+def _paint_glasses(c, p, f, face):
+    "Glasses (round or square rims, a bridge, a faint lens tint), painted on the lit surface."
     gl = p['glasses']
-    if any_(gl > 0):
-        gw, gh = ew * 1.3 + 0.03, eh * 1.7 + 0.05
-        gy = ey - 0.01
-        qx, qy = sq((Xa - ex) / gw), sq((Y - gy) / gh)
-        gr = v(p['glasses_round'])
-        rr = gr * (qx + qy) + (1 - gr) * (sq(qx) + sq(qy))
-        rim = (1 - rr) * 0.25 * gh
-        ya = (Y - gy + gh * 0.35).abs()
-        a_g = torch.maximum(cov(0.011 - rim.abs()), cov(torch.minimum(0.01 - ya, (Xa - ex).abs() - gw + 0.01)))
-        face = lerp(face, torch.tensor([0.8, 0.85, 0.9], device=dev).view(1, 3, 1, 1), cov(rim) * 0.12 * v(gl))
-        face = lerp(face, c3(p['glasses_col']), a_g * v(gl))
-    img = lerp(img, face, a_head)
-    # ---- hair shell (front part) over the head
-    a_hf, Xf_, Yf_ = hair_alpha(wf_h)
-    nxh, nyh, nzh = (S0h[k] + wf_h * v(Sdh[:, k]) for k in range(3))
-    lhh = Lh / A_h
-    dh = (nxh * v(lhh[:, 0]) + nyh * v(lhh[:, 1]) + nzh * v(lhh[:, 2])) * torch.rsqrt(
-        sq(nxh / v(A_h[:, 0])) + sq(nyh / v(A_h[:, 1])) + sq(nzh / v(A_h[:, 2])) + 1e-8)
-    lit_h = (amb + (1 - amb) * dh.clamp_min(0)).unsqueeze(1) * lcol
-    a_front = a_sil_h * a_hf * (1 - 0.45 * buzz)
-    img = lerp(img, c3(p['hair']) * lit_h * hair_tex(Xf_, Yf_), a_front)
-    # auto-exposure: a camera exposes for the face, so dark skin under dim light is brightened (gain 1-1.8)
-    lum = (p['skin'] * torch.tensor([0.299, 0.587, 0.114], device=dev)).sum(1) * (p['ambient'] + (1 - p['ambient']) * 0.5)
-    img = img * c3((0.42 / lum).clamp(1.0, 1.8).view(B, 1).expand(B, 3))
-    mask = a_head * (1 - a_front)
-    return img, mask
+    if not bool((gl > 0).any()): return face
+    Xa, Y, v = f['Xa'], f['Y'], c.v
+    ex, ey, ew, eh = v(p['eye_x']), v(p['eye_y']), v(p['eye_w']), v(p['eye_h'])
+    gw, gh = ew * 1.3 + 0.03, eh * 1.7 + 0.05
+    gy = ey - 0.01
+    qx, qy = _sq((Xa - ex) / gw), _sq((Y - gy) / gh)
+    gr = v(p['glasses_round'])
+    rr = gr * (qx + qy) + (1 - gr) * (_sq(qx) + _sq(qy))
+    rim = (1 - rr) * 0.25 * gh
+    ya = (Y - gy + gh * 0.35).abs()
+    a_g = torch.maximum(c.cov(0.011 - rim.abs()), c.cov(torch.minimum(0.01 - ya, (Xa - ex).abs() - gw + 0.01)))
+    face = _lerp(face, c.rgb(0.8, 0.85, 0.9), c.cov(rim) * 0.12 * v(gl))
+    return _lerp(face, c.c3(p['glasses_col']), a_g * v(gl))
+
+
+def _paint_hair_front(c, p, img, h):
+    "The front of the hair shell, lit, over the head (a buzz cut lets some skin through); returns (img, coverage)."
+    a, X, Y = _hair_alpha(c, h, h['wf'])
+    _, dh = c.lambert(h['S0'], h['Sd'], h['wf'], h['A'])
+    lit = (c.amb + (1 - c.amb) * dh.clamp_min(0)).unsqueeze(1) * c.lcol
+    a_front = h['sil'] * a * (1 - 0.45 * h['buzz'])
+    return _lerp(img, c.c3(p['hair']) * lit * _hair_tex(X, Y), a_front), a_front
+
+
+def _auto_exposure(c, p, img):
+    "A camera exposes for the face: dark skin under dim light is brightened (gain 1-1.8 on the whole frame)."
+    lum = (p['skin'] * torch.tensor([0.299, 0.587, 0.114], device=c.dev)).sum(1) * (p['ambient'] + (1 - p['ambient']) * 0.5)
+    return img * c.c3((0.42 / lum).clamp(1.0, 1.8).view(c.B, 1).expand(c.B, 3))
+
+
+_FEATURES = (('beard', _paint_beard), ('brows', _paint_brows), ('eyes', _paint_eyes), ('nostrils', _paint_nostrils),
+             ('mouth', _paint_mouth))
+
+
+def _render_chunk(p, S, trace: list | None = None):
+    """Rasterise one chunk of parameter dicts (tensors on one device) at S×S in painter's order; returns
+    (rgb B×3×S×S, mask B×S×S). A list `trace` receives (layer name, the frame so far) after each layer."""
+    c = _Canvas(p, S)
+    keep = (lambda name, frame: trace.append((name, frame()))) if trace is not None else (lambda name, frame: None)
+    img = _paint_background(c, p); keep('background', img.clone)
+    img = _paint_clothes(c, p, img); keep('clothes', img.clone)
+    img = _paint_long_hair(c, p, img); keep('long hair', img.clone)
+    img = _paint_neck(c, p, img); keep('neck', img.clone)
+    hair = _hair_shell(c, p)
+    img = _paint_hair_back(c, p, img, hair); keep('back of the hair', img.clone)
+    img = _paint_ears(c, p, img); keep('ears', img.clone)
+    f = _add_nose(c, p, _head_surface(c, p))
+    alb = _paint_skin(c, p, f); keep('head, nose, skin', lambda: _lerp(img, _shade(c, f, alb), f['alpha']))
+    for name, paint in _FEATURES:
+        alb = paint(c, p, f, alb); keep(name, lambda: _lerp(img, _shade(c, f, alb), f['alpha']))
+    img = _lerp(img, _paint_glasses(c, p, f, _shade(c, f, alb)), f['alpha']); keep('glasses', img.clone)
+    img, a_front = _paint_hair_front(c, p, img, hair); keep('front of the hair', img.clone)
+    img = _auto_exposure(c, p, img); keep('auto-exposure', img.clone)
+    return img, f['alpha'] * (1 - a_front)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-21
 def _blur(img, sigma):
@@ -642,7 +749,7 @@ def _quant_blocks(x, table):
 def jpeg_approx(img, quality):
     """Simulate JPEG per image: YCbCr, 4:2:0 chroma subsampling, 8×8 DCT quantised with the standard tables
     scaled by `quality` (libjpeg's rule), inverse DCT, 8-bit rounding. quality > 100 = only 8-bit rounding."""
-    B, C, H, W = img.shape
+    B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).view(B)
     x = img.clamp(0, 1) * 255
     do = q <= 100
@@ -655,7 +762,6 @@ def jpeg_approx(img, quality):
         scale = torch.where(qq < 50, 5000 / qq, 200 - 2 * qq).view(B, 1)
         ty = ((_QY.to(img.device) * scale + 50) / 100).floor().clamp(1, 255)
         tc = ((_QC.to(img.device) * scale + 50) / 100).floor().clamp(1, 255)
-        P = (-H) % 16, (-W) % 16
         pad = lambda t, m: F.pad(t, (0, (-t.shape[-1]) % m, 0, (-t.shape[-2]) % m), mode='replicate')
         y = _quant_blocks(pad(y, 8), ty)[..., :H, :W]
         cbs, crs = (pad(F.avg_pool2d(pad(t, 2), 2), 8) for t in (cb, cr))
@@ -737,33 +843,27 @@ def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu'
     return render(p, size, device)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-34
-_MTCNN = {}
-
-
-def mtcnn_agreement(images, landmarks5, upsample_to: int | None = 128, mtcnn=None, device='cpu') -> dict:
-    """Run facenet-pytorch's MTCNN (weights ship in the wheel) on rendered faces. Returns the detection rate, the
-    landmark NME (mean distance of MTCNN's 5 points to the ground truth over the inter-ocular distance, for the
-    detection whose points fit best) and per-image results. Images smaller than `upsample_to` are upsampled first."""
-    from facenet_pytorch import MTCNN
+def mtcnn_agreement(images, landmarks5, upsample_to: int | None = 128, extractor=None, device='cpu') -> dict:
+    """Run facenet-pytorch's MTCNN (weights ship in the wheel) on rendered faces, through `faces.FaceExtractor` with
+    its noise filter off (every detection counts). Returns the detection rate, the landmark NME (mean distance of
+    MTCNN's 5 points to the ground truth over the inter-ocular distance, for the detection whose points fit best)
+    and per-image results. Images smaller than `upsample_to` are upsampled first. `extractor`: a `FaceExtractor`
+    to reuse (default: a new one on `device`)."""
+    from deepfake_course.faces import FaceExtractor
     x = torch.as_tensor(images).detach().float().cpu()
     gt = torch.as_tensor(landmarks5).detach().float().cpu().clone()
     if upsample_to and x.shape[-1] < upsample_to:
         f = upsample_to / x.shape[-1]
         x = F.interpolate(x, size=(upsample_to, upsample_to), mode='bilinear', align_corners=False)
         gt = gt * f                                     # continuous pixel coordinates scale exactly
-    if mtcnn is None:
-        key = str(device)
-        if key not in _MTCNN: _MTCNN[key] = MTCNN(keep_all=True, device=device, post_process=False)
-        mtcnn = _MTCNN[key]
+    if extractor is None: extractor = FaceExtractor(device=device)
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     found, nme = np.zeros(len(arr), bool), np.full(len(arr), np.nan)
-    for i0 in range(0, len(arr), 64):
-        boxes, probs, lms = mtcnn.detect(list(arr[i0:i0 + 64]), landmarks=True)
-        for j, (b, lm) in enumerate(zip(boxes, lms)):
-            if b is None: continue
-            g = gt[i0 + j].numpy(); iod = np.linalg.norm(g[0] - g[1])
-            e = [np.linalg.norm(np.asarray(l, np.float64) - g, axis=1).mean() / iod for l in np.asarray(lm, np.float64).reshape(-1, 5, 2)]
-            found[i0 + j] = True; nme[i0 + j] = min(e)
+    for i, d in enumerate(extractor.detect(arr, filter=False)):
+        if d.empty: continue
+        g = gt[i].numpy(); iod = np.linalg.norm(g[0] - g[1])
+        e = [np.linalg.norm(np.asarray(l, np.float64) - g, axis=1).mean() / iod for l in np.asarray(d.landmarks, np.float64)]
+        found[i] = True; nme[i] = min(e)
     return {'rate': float(found.mean()), 'nme': float(np.nanmean(nme)) if found.any() else float('nan'),
             'found': found, 'nme_per_image': nme}
 
@@ -772,77 +872,10 @@ def render_face(identity: int = 0, size: int = 128, seed: int = 0, device='cpu',
     "Render one face of `identity` with some parameters fixed to exact values (e.g. `yaw=20, smile=1`)."
     return render_faces([identity], 1, size=size, seed=seed, device=device, **values)
 
-# %% ../../nbs/10_synthfaces.ipynb #cell-39
-SR = 16000   # audio sample rate (Hz)
-FPS = 25     # video frame rate of the talking clips
-VOWELS = {'a': (730, 1090, 2440), 'e': (530, 1840, 2480), 'i': (270, 2290, 3010), 'o': (570, 840, 2410),
-          'u': (300, 870, 2240)}  # formant frequencies F1-F3 (Hz) of an adult male voice (Peterson and Barney 1952)
-
-
-def syllable_envelope(duration: float, rng: np.random.Generator, rate: float = 4.5):
-    """A speech-like loudness envelope at the audio rate: raised-cosine syllables of 0.12-0.28 s with short gaps
-    and occasional pauses. Returns (envelope float32 [0,1], vowel index per sample, syllable list)."""
-    n = int(round(duration * SR)); env = np.zeros(n, np.float32); vow = np.zeros(n, np.int64); syl = []
-    t = rng.uniform(0.05, 0.3)
-    while t < duration:
-        d = rng.uniform(0.12, 0.28) * 4.5 / rate; a = rng.uniform(0.55, 1.0); v = int(rng.integers(len(VOWELS)))
-        i0, i1 = int(t * SR), min(n, int((t + d) * SR))
-        if i1 > i0:
-            ph = (np.arange(i0, i1) / SR - t) / d
-            env[i0:i1] = np.maximum(env[i0:i1], a * np.sin(np.pi * ph) ** 2)
-            vow[i0:i1] = v; syl.append((t, d, a, v))
-        t += d + (rng.uniform(0.2, 0.5) if rng.random() < 0.2 else rng.uniform(0.02, 0.08))
-    return env, vow, syl
-
-
-def _resonator(x, f, bw):
-    "Two-pole resonator (formant filter) with unit gain at DC-ish scale."
-    from scipy.signal import lfilter
-    r = math.exp(-math.pi * bw / SR); th = 2 * math.pi * f / SR
-    return lfilter([1 - r], [1, -2 * r * math.cos(th), r * r], x)
-
-
-def synth_voice(env, vowels, pitch_hz: float, formant_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """A vowel-like voice: a glottal pulse train at `pitch_hz` (with slow intonation) through three formant
-    resonators per vowel, mixed by the vowel track and scaled sample by sample by the envelope `env`."""
-    n = len(env); t = np.arange(n) / SR
-    f0 = pitch_hz * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(0.3, 0.9) * t + rng.uniform(0, 6.3)) + 0.06 * env)
-    phase = np.cumsum(f0 / SR) % 1.0
-    op = 0.6                                               # open quotient of the Rosenberg glottal pulse
-    g = np.where(phase < op, 0.5 * (1 - np.cos(np.pi * phase / op)), np.cos(np.pi * (phase - op) / (2 * (1 - op))).clip(0))
-    src = np.diff(g, prepend=g[0])                         # lip radiation ~ derivative
-    src = src / (np.abs(src).max() + 1e-9) + 0.03 * rng.standard_normal(n)
-    out = np.zeros(n)
-    wk = np.ones(int(0.02 * SR)) / int(0.02 * SR)
-    for k, (f1, f2, f3) in enumerate(VOWELS.values()):
-        w = np.convolve((vowels == k).astype(np.float64), wk, mode='same')
-        if w.max() == 0: continue
-        y = src
-        for f, bw in ((f1, 80), (f2, 100), (f3, 150)): y = _resonator(y, f * formant_scale, bw)
-        out += w * y / (y.std() + 1e-9)
-    out = out * env
-    return (0.9 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
-
-
-def mel_filterbank(n_mels: int = 80, n_fft: int = 512, sr: int = SR, fmin: float = 0.0, fmax: float | None = None) -> torch.Tensor:
-    "Triangular mel filters (HTK mel scale, each filter normalised to unit area), n_mels × (n_fft//2 + 1)."
-    fmax = fmax or sr / 2
-    mel = lambda f: 2595 * np.log10(1 + f / 700); imel = lambda m: 700 * (10 ** (m / 2595) - 1)
-    pts = imel(np.linspace(mel(fmin), mel(fmax), n_mels + 2))
-    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    lo, ce, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
-    fb = np.maximum(0, np.minimum((freqs - lo) / (ce - lo), (hi - freqs) / (hi - ce)))
-    fb = fb / np.maximum(fb.sum(1, keepdims=True), 1e-9)
-    return torch.tensor(fb, dtype=torch.float32)
-
-
-def log_mel(audio, n_mels: int = 80, n_fft: int = 512, hop: int = 160, win: int = 400) -> torch.Tensor:
-    "80-band log-mel spectrogram (n_mels × M, 100 frames per second at 16 kHz) with torch.stft (25 ms Hann window, 10 ms hop)."
-    x = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
-    spec = torch.stft(x, n_fft, hop, win, window=torch.hann_window(win), center=True, return_complex=True).abs() ** 2
-    return torch.log(mel_filterbank(n_mels, n_fft) @ spec + 1e-6)
-
 # %% ../../nbs/10_synthfaces.ipynb #cell-42
+FPS = 25     # video frame rate of the talking clips
+
+
 def _smooth_track(rng, T, lo, hi, centre_frac=0.5, amp_frac=0.25, n_sin=2):
     "A smooth random trajectory (a base value plus slow sinusoids, 0.05-0.4 Hz) clamped to [lo, hi]."
     t = np.arange(T) / FPS
@@ -899,13 +932,7 @@ def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0
             'envelope': torch.from_numpy(env), 'params': p}
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-46
-SYNTH_VERSION = 2   # bump when the renderer changes what it draws: builds are keyed by it
-
-def _splits(n: int, rng: np.random.Generator, frac=(0.7, 0.15, 0.15)) -> list[str]:
-    "Assign n items to train/val/test in proportion `frac` (at least one in val and test when n >= 3), shuffled."
-    n_val = max(1 if n >= 3 else 0, int(round(n * frac[1]))); n_test = max(1 if n >= 3 else 0, int(round(n * frac[2])))
-    lab = np.array(['train'] * (n - n_val - n_test) + ['val'] * n_val + ['test'] * n_test)
-    return list(lab[rng.permutation(n)])
+SYNTH_VERSION = 3   # bump when what a build holds changes (renderer or manifest): builds are keyed by it
 
 
 def _check_count(name, v, minimum=1):
@@ -914,13 +941,22 @@ def _check_count(name, v, minimum=1):
     return int(v)
 
 
-def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int = 32, clips_per_identity: int = 1,
+def _identity_splits(df, seed: int):
+    "`df` with a `split` column by identity: 70/15/15 of the identities (all train when there are fewer than 3)."
+    from deepfake_course.data.manifest import assign_splits
+    fr = (0.7, 0.15, 0.15) if df['identity'].nunique() >= 3 else (1.0, 0.0, 0.0)
+    return assign_splits(df, 'identity', fr, seed=_mix(0x5B1, seed))
+
+
+def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: int = 32, clips_per_identity: int = 1,
                     size: int = 64, seed: int = 0, clip_frames: int = 50, device='cpu', verbose: bool | None = None) -> Path:
     """Build (or reuse) a SynthFaces set under `<data_root>/synthfaces/<cfg_hash>/`: PNG images, talking clips
-    (`clips/<clip_id>.npz` canonical + `.mp4` with AAC sound), `manifest.csv`, `landmarks.npz` and `card.json`."""
+    (`clips/<clip_id>.npz` canonical + `.mp4` with AAC sound), `manifest.csv`, `landmarks.npz` and `card.json`.
+    `split` is by identity (no person in two splits), checked by `check_no_leak` before the build is kept."""
     import pandas as pd
     from PIL import Image
     from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress, write_mp4
+    from deepfake_course.data.manifest import MANIFEST_COLUMNS, check_no_leak, write_manifest
     _check_count('n_identities', n_identities); _check_count('images_per_identity', images_per_identity, 0)
     _check_count('clips_per_identity', clips_per_identity, 0); _check_size(size); _check_count('clip_frames', clip_frames)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -928,23 +964,19 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
     cfg = dict(kind='synthfaces', version=SYNTH_VERSION, n_identities=int(n_identities), images_per_identity=int(images_per_identity),
                clips_per_identity=int(clips_per_identity), size=int(size), seed=int(seed), clip_frames=int(clip_frames))
     h = cfg_hash(cfg)
-    final = get_data_root(root) / 'synthfaces' / h
+    final = get_data_root(data_root) / 'synthfaces' / h
     if final.exists():
         if (final / 'card.json').exists() and (final / 'manifest.csv').exists(): return final
         raise RuntimeError(f"{final} exists but is not a complete SynthFaces build (no card.json/manifest.csv); "
                            f"it was not made by make_synthfaces: remove it and run again")
-    ids = list(range(n_identities))
     t0 = time.time()
     try:
         with atomic_dir(final) as tmp:
             rows, lm5s, lm68s = [], [], []
-            rng = np.random.default_rng(_mix(0x5B1, seed))
-            id_split = dict(zip(ids, _splits(len(ids), rng)))
             steps = progress(total=n_identities * (1 + clips_per_identity), desc=f'SynthFaces {h}', verbose=verbose)
-            for i in ids:
+            for i in range(n_identities):
                 if images_per_identity:
                     out = render_faces([i], images_per_identity, size=size, seed=seed, device=device)
-                    spl = _splits(images_per_identity, rng)
                     u8 = (out['images'].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                     (tmp / 'images' / str(i)).mkdir(parents=True, exist_ok=True)
                     P = out['params']
@@ -952,8 +984,8 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
                         rel = f'images/{i}/{k}.png'
                         Image.fromarray(u8[k]).save(tmp / rel)
                         l5 = out['landmarks5'][k].cpu()
-                        rows.append(dict(path=rel, label=0, source='synthfaces', identity=i, target_identity=-1, split=spl[k],
-                                         clip_id='', frame=-1, kind='image', id_split=id_split[i],
+                        rows.append(dict(path=rel, label=0, source='synthfaces', identity=i, target_identity=-1,
+                                         clip_id='', frame=-1, kind='image',
                                          **{q: round(float(P[q][k]), 4) for q in ('yaw', 'pitch', 'roll', 'mouth_open', 'smile', 'brow_raise', 'blink')},
                                          glasses=int(P['glasses'][k]), beard=float(P['beard'][k]), hair_style=HAIR_STYLES[int(P['hair_style'][k])],
                                          hair_colour=list(HAIR_COLOURS)[int(P['hair_kind'][k])],
@@ -970,23 +1002,24 @@ def make_synthfaces(root=None, n_identities: int = 8, images_per_identity: int =
                                         landmarks5=clip['landmarks5'].cpu().numpy(), landmarks68=clip['landmarks68'].cpu().numpy(),
                                         fps=np.int64(FPS), sr=np.int64(SR), identity=np.int64(i))
                     write_mp4(tmp / 'clips' / f'{cid}.mp4', clip['frames'], FPS, clip['audio'].numpy(), SR,
-                                   metadata={'comment': 'synthetic: SynthFaces render (deepfake-course)'})
+                              metadata={'comment': 'synthetic: SynthFaces render (deepfake-course)'})
                     rows.append(dict(path=f'clips/{cid}.npz', label=0, source='synthfaces', identity=i, target_identity=-1,
-                                     split='', clip_id=cid, frame=-1, kind='clip', id_split=id_split[i]))
+                                     clip_id=cid, frame=-1, kind='clip'))
                     steps.update(1)
             steps.close()
-            df = pd.DataFrame(rows)
-            clip_rows = np.flatnonzero(df['kind'].values == 'clip')
-            if len(clip_rows): df.loc[clip_rows, 'split'] = _splits(len(clip_rows), rng)
-            cols = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
-            df = df[cols + [c for c in df.columns if c not in cols]]
-            df.to_csv(tmp / 'manifest.csv', index=False)
+            df = _identity_splits(pd.DataFrame(rows), seed)
+            df['id_split'] = df['split']            # the old name of the identity split, kept while notebooks switch to `split`
+            check_no_leak(df, 'identity'); check_no_leak(df, 'clip_id')
+            first = list(MANIFEST_COLUMNS) + ['id_split']
+            write_manifest(df[first + [c for c in df.columns if c not in first]], tmp)
             img_rows = np.flatnonzero(df['kind'].values == 'image')
+            clip_rows = np.flatnonzero(df['kind'].values == 'clip')
             np.savez_compressed(tmp / 'landmarks.npz', row=img_rows, path=np.array([str(x) for x in df['path'].values[img_rows]], dtype='U'),
                                 landmarks5=np.array(lm5s, np.float32).reshape(-1, 5, 2), landmarks68=np.array(lm68s, np.float32).reshape(-1, 68, 2))
             import deepfake_course
             atomic_write_json(tmp / 'card.json', dict(config=cfg, cfg_hash=h, seed=seed, counts=dict(images=int(len(img_rows)), clips=int(len(clip_rows)),
-                              identities=n_identities), library_version=getattr(deepfake_course, '__version__', '?'),
+                              identities=n_identities), splits={s: sorted(int(i) for i in df.identity[df.split == s].unique()) for s in ('train', 'val', 'test')},
+                              library_version=getattr(deepfake_course, '__version__', '?'),
                               created=time.strftime('%Y-%m-%dT%H:%M:%S'), build_seconds=round(time.time() - t0, 1),
                               ranges=RANGES, notes='landmarks.npz: landmarks5/landmarks68 (pixels, image spans [0,size]) of the image rows `row` of manifest.csv'))
     except OSError:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/29_detect_core.ipynb #cell-4
 from __future__ import annotations
-import importlib, json, math, os, time, warnings
+import importlib, math, os, warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,16 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import (get_device, get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress,
-                                  autocast, seed_everything)
+from ..core import get_device, get_data_root, progress, autocast, seed_everything, n_params
+from ..media import load_images, resize, read_frames
+from ..data.manifest import read_manifest, check_no_leak, LeakError
+from ..data.fakes import read_fake_set, ensure_fake_set
+
 
 # %% auto #0
-__all__ = ['DETECTORS', 'CKPT_FORMAT', 'IMAGE_EXTS', 'VIDEO_EXTS', 'MANIFEST_COLS', 'register_detector', 'list_detectors',
-           'build_detector', 'fake_prob', 'n_params', 'layer_table', 'detector_loss', 'save_detector', 'load_detector',
-           'load_images', 'jpeg_recompress', 'resize_faces', 'FaceSet', 'read_manifest_csv',
-           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'find_fake_manifests', 'DetectionData',
-           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'evaluate', 'score_table', 'fmt_ci',
-           'ThumbnailLogReg', 'read_frames', 'detect']
+__all__ = ['DETECTORS', 'BLENDSWAP_VERSION', 'register_detector', 'list_detectors', 'build_detector', 'fake_prob', 'layer_table',
+           'detector_loss', 'save_detector', 'load_detector', 'jpeg_recompress', 'FaceTensorSet',
+           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
+           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -53,6 +54,16 @@ def list_detectors() -> pd.DataFrame:
     return pd.DataFrame([dict(name=k, input_size=v['input_size'], paper=v['paper'], doc=v['doc'])
                          for k, v in sorted(DETECTORS.items())])
 
+_NOT_CONFIG = ('weights', 'backbone_ckpt')   # files read once at build time; the checkpoint holds the weights themselves
+
+def _detector_config(kw: dict) -> dict | None:
+    "The JSON-able constructor arguments of a detector (None when some argument is not JSON-able)."
+    import json
+    cfg = {k: v for k, v in kw.items() if k not in _NOT_CONFIG}
+    try: json.dumps(cfg)
+    except (TypeError, ValueError): return None
+    return cfg
+
 def build_detector(name: str, **kw) -> nn.Module:
     "Build the registered detector `name` with keyword arguments `kw`."
     _load_detector_modules()
@@ -60,6 +71,8 @@ def build_detector(name: str, **kw) -> nn.Module:
         raise KeyError(f"Unknown detector {name!r}; registered: {', '.join(sorted(DETECTORS))}")
     model = DETECTORS[name]['factory'](**kw)
     model.detector_name, model.detector_kwargs = name, dict(kw)
+    # what `deepfake_course.train` checkpoints record (fit's too): the name and the arguments that rebuild the model
+    model.checkpoint_name, model.checkpoint_config = name, _detector_config(kw)
     if getattr(model, 'input_size', None) is None:
         model.input_size = kw.get('input_size', DETECTORS[name]['input_size'])
     return model
@@ -69,10 +82,6 @@ def fake_prob(logits: torch.Tensor) -> torch.Tensor:
     if logits.ndim == 1 or logits.shape[-1] == 1: return torch.sigmoid(logits.reshape(-1).double())
     if logits.ndim == 2 and logits.shape[-1] == 2: return logits.double().softmax(-1)[:, 1]
     raise ValueError(f"fake_prob: expected logits of shape (N,), (N,1) or (N,2), got {tuple(logits.shape)}")
-
-def n_params(model: nn.Module, trainable_only: bool = False) -> int:
-    "Number of (trainable) parameters."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 def layer_table(model: nn.Module, input_size: int | None = None, depth: int = 2) -> pd.DataFrame:
     "The layer stack of a model: each module down to `depth` levels with its output shape and parameter count."
@@ -95,6 +104,8 @@ def layer_table(model: nn.Module, input_size: int | None = None, depth: int = 2)
         model.train(was)
     return pd.DataFrame(rows)
 
+
+
 # %% ../../nbs/29_detect_core.ipynb #cell-11
 def detector_loss(kind: str = 'auto') -> Callable:
     "Loss for detector logits and 0/1 labels: 'auto' (BCE for 1 logit, CE for 2), 'bce', 'ce' or 'mse' (on sigmoid)."
@@ -110,69 +121,42 @@ def detector_loss(kind: str = 'auto') -> Callable:
     return loss
 
 # %% ../../nbs/29_detect_core.ipynb #cell-14
-CKPT_FORMAT = 'deepfake_course.detector/1'
-
 def save_detector(model: nn.Module, path: str | os.PathLike) -> Path:
-    "Save a detector built by `build_detector` (name, arguments, weights) atomically."
+    "Save a detector built by `build_detector` (name, constructor arguments, weights) in the course's one checkpoint format."
+    from deepfake_course.train import save_checkpoint
     name = getattr(model, 'detector_name', None)
     if name is None: raise ValueError("save_detector: the model was not built with build_detector (it has no detector_name)")
-    kw = {k: v for k, v in getattr(model, 'detector_kwargs', {}).items() if k not in ('weights', 'backbone_ckpt')}
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    torch.save({'format': CKPT_FORMAT, 'detector': name, 'kwargs': kw, 'input_size': model.input_size,
-                'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
-    os.replace(tmp, path)
-    return path
-
-def _state_dict_of(obj):
-    if isinstance(obj, dict):
-        for k in ('state_dict', 'model', 'model_state', 'model_state_dict'):
-            if k in obj and isinstance(obj[k], dict): return obj[k]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()): return obj
-    return None
+    cfg = getattr(model, 'checkpoint_config', None)
+    if cfg is None:
+        raise ValueError(f"save_detector: the {name!r} detector was built with arguments that are not JSON-able "
+                         f"({sorted(getattr(model, 'detector_kwargs', {}))}); build it from plain values")
+    return save_checkpoint(path, model, rng=False, name=name, config=cfg)
 
 def load_detector(path: str | os.PathLike, expect: str | None = None, device='cpu', **kw) -> nn.Module:
-    "Rebuild a detector saved by `save_detector`; `expect` = the detector name it must hold."
+    """Rebuild a detector from a checkpoint (`save_detector`'s, or `fit`'s of a `build_detector` model); `expect` = the
+    detector name it must hold (`CheckpointError` naming both otherwise); `kw` override its stored arguments."""
+    from deepfake_course.train import read_checkpoint, load_model_state, CheckpointError
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"Detector checkpoint {str(path)!r} does not exist")
-    try: ck = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e: raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(ck, dict) and ck.get('format') == CKPT_FORMAT:
-        if expect is not None and ck['detector'] != expect:
-            raise ValueError(f"Checkpoint {str(path)!r} holds a {ck['detector']!r} detector, not {expect!r}")
-        model = build_detector(ck['detector'], **{**ck['kwargs'], **kw})
-        model.load_state_dict(ck['state_dict'])
-        return model.to(get_device(device)).eval()
-    sd = _state_dict_of(ck)
-    if sd is None: raise ValueError(f"{str(path)!r} holds no detector weights (no state dict found)")
-    if expect is None: raise ValueError(f"{str(path)!r} is a plain state dict: say which detector it holds with expect=...")
-    model = build_detector(expect, **kw)
-    own = model.state_dict()
-    bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
-    if bad or any(k not in own for k in sd):
-        raise ValueError(f"Checkpoint {str(path)!r} does not hold a {expect!r} detector: "
-                         f"{len(bad)} of its tensors are missing or of another shape (e.g. {bad[:3]})")
-    model.load_state_dict(sd)
+    ck = read_checkpoint(path)
+    name = ck.get('name')
+    if name is not None and expect is not None and name != expect:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds a {name!r} detector, not {expect!r}")
+    if name is None:
+        if expect is None: raise CheckpointError(f"Checkpoint {str(path)!r} does not say which detector it holds: pass expect=...")
+        name = expect
+    _load_detector_modules()
+    if name not in DETECTORS:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds a {name!r} model, which is not a registered detector "
+                              f"({', '.join(sorted(DETECTORS))})")
+    model = build_detector(name, **{**(ck.get('config') or {}), **kw})
+    try: load_model_state(model, ck['model'], f"Checkpoint {str(path)!r}")
+    except CheckpointError as e:
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not hold a {name!r} detector with these arguments: {e}") from None
     return model.to(get_device(device)).eval()
 
+
 # %% ../../nbs/29_detect_core.ipynb #cell-16
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
-VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v')
-MANIFEST_COLS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
-
-def load_images(paths: Sequence, size: int | None = None) -> torch.Tensor:
-    "Read image files as a uint8 N×3×H×W tensor, resized to `size`×`size` (antialiased) when given."
-    from PIL import Image
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im: im = im.convert('RGB')
-        except Exception as e: raise ValueError(f"Cannot read image {str(p)!r} ({type(e).__name__}: {e})") from None
-        if size is not None and im.size != (size, size): im = im.resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-    if not out: return torch.zeros(0, 3, size or 1, size or 1, dtype=torch.uint8)
-    return torch.stack(out)
-
 def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
     "Encode and decode uint8 N×3×H×W faces as JPEG at `quality` with Pillow."
     import io
@@ -184,17 +168,10 @@ def jpeg_recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
         out.append(torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert('RGB')).copy()).permute(2, 0, 1))
     return torch.stack(out) if out else x.clone()
 
-def resize_faces(x: torch.Tensor, size: int) -> torch.Tensor:
-    "Resize uint8 or float N×3×H×W faces to `size` (bilinear with antialias)."
-    if x.shape[-1] == size and x.shape[-2] == size: return x
-    u8 = x.dtype == torch.uint8
-    y = F.interpolate(x.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
-    return y.round().clamp(0, 255).to(torch.uint8) if u8 else y
-
-class FaceSet(torch.utils.data.Dataset):
-    "Faces (uint8 N×3×H×W) with their manifest rows; items are (float image in [0,1], float label)."
+class FaceTensorSet(torch.utils.data.Dataset):
+    "Faces in memory (uint8 N×3×H×W) with their manifest rows; items are (float image in [0,1], float label)."
     def __init__(self, x: torch.Tensor, df: pd.DataFrame, transform: Callable | None = None):
-        if len(x) != len(df): raise ValueError(f"FaceSet: {len(x)} images but {len(df)} manifest rows")
+        if len(x) != len(df): raise ValueError(f"FaceTensorSet: {len(x)} images but {len(df)} manifest rows")
         self.x, self.df, self.transform = x, df.reset_index(drop=True), transform
         self.y = torch.tensor(self.df['label'].to_numpy().astype(np.float32))
     def __len__(self): return len(self.x)
@@ -204,28 +181,24 @@ class FaceSet(torch.utils.data.Dataset):
         return x, self.y[i]
     @property
     def size(self) -> int: return int(self.x.shape[-1])
-    def resized(self, size: int) -> 'FaceSet': return FaceSet(resize_faces(self.x, size), self.df, self.transform)
-    def with_transform(self, transform) -> 'FaceSet': return FaceSet(self.x, self.df, transform)
-    def jpeg(self, quality: int) -> 'FaceSet':
+    def resized(self, size: int) -> 'FaceTensorSet': return FaceTensorSet(resize(self.x, size), self.df, self.transform)
+    def with_transform(self, transform) -> 'FaceTensorSet': return FaceTensorSet(self.x, self.df, transform)
+    def jpeg(self, quality: int) -> 'FaceTensorSet':
         "The same faces re-compressed as JPEG at `quality` (1-95), for robustness tables."
-        return FaceSet(jpeg_recompress(self.x, quality), self.df.assign(jpeg_quality=quality), self.transform)
-    def subset(self, mask) -> 'FaceSet':
-        idx = np.flatnonzero(np.asarray(mask)); return FaceSet(self.x[idx], self.df.iloc[idx], self.transform)
+        return FaceTensorSet(jpeg_recompress(self.x, quality), self.df.assign(jpeg_quality=quality), self.transform)
+    def subset(self, mask) -> 'FaceTensorSet':
+        idx = np.flatnonzero(np.asarray(mask)); return FaceTensorSet(self.x[idx], self.df.iloc[idx], self.transform)
     def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
         g = torch.Generator().manual_seed(seed)
         return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last)
     def __repr__(self):
         c = self.df.groupby(['source', 'label']).size().to_dict() if len(self.df) else {}
-        return f"FaceSet({len(self)} faces at {self.size}px; " + ', '.join(f'{s}[{l}]: {n}' for (s, l), n in c.items()) + ')'
+        return f"FaceTensorSet({len(self)} faces at {self.size}px; " + ', '.join(f'{s}[{l}]: {n}' for (s, l), n in c.items()) + ')'
     @classmethod
-    def from_manifest(cls, df: pd.DataFrame, size: int | None = None, transform=None) -> 'FaceSet':
-        "Read the image rows of a manifest (absolute paths) into a FaceSet."
-        return cls(load_images(df['path'].tolist(), size), df, transform)
+    def from_manifest(cls, df: pd.DataFrame, size: int | None = None, transform=None) -> 'FaceTensorSet':
+        "Read the image rows of a manifest (absolute paths) into a FaceTensorSet (`deepfake_course.media.load_images`)."
+        return cls(load_images(df['path'].tolist(), size, dtype='uint8'), df, transform)
 
-def read_manifest_csv(path: str | os.PathLike) -> pd.DataFrame:
-    "A manifest.csv (or its folder), validated, with absolute paths (`deepfake_course.data.manifest.read_manifest`)."
-    from deepfake_course.data.manifest import read_manifest
-    return read_manifest(path)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-18
 def similarity_from_landmarks(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -235,7 +208,8 @@ def similarity_from_landmarks(src: torch.Tensor, dst: torch.Tensor) -> torch.Ten
 
 def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.05, colour: bool = True) -> torch.Tensor:
     """Blend donor faces onto target faces (dicts with images N×3×H×W, landmarks5 N×5×2, mask N×1×H×W).
-    The donor may be smaller (a low-resolution face generator); `erode`, `blur`: mask erosion and blur as fractions of the size."""
+    The donor may be smaller (a low-resolution face generator); `erode`, `blur`: mask erosion and blur as fractions of
+    the size; `colour`: match the donor's colour to the target's (`deepfake_course.generate.color.rct`)."""
     import kornia
     xa, xb = target['images'].float(), donor['images'].float()
     ma, mb = target['mask'].float(), donor['mask'].float()
@@ -250,156 +224,136 @@ def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.0
     if k > 0: m = kornia.morphology.erosion(m, torch.ones(2 * k + 1, 2 * k + 1))
     sig = max(0.5, blur * H); ks = int(2 * math.ceil(3 * sig) + 1)
     m = kornia.filters.gaussian_blur2d(m, (ks, ks), (sig, sig))
-    if colour:
-        w = (m > 0.5).float(); n = w.sum((2, 3), keepdim=True).clamp_min(1)
-        mu_b, mu_a = (wb * w).sum((2, 3), keepdim=True) / n, (xa * w).sum((2, 3), keepdim=True) / n
-        sd_b = (((wb - mu_b) ** 2 * w).sum((2, 3), keepdim=True) / n).sqrt().clamp_min(1e-3)
-        sd_a = (((xa - mu_a) ** 2 * w).sum((2, 3), keepdim=True) / n).sqrt()
-        wb = ((wb - mu_b) / sd_b * sd_a + mu_a).clamp(0, 1)
+    if colour:   # DeepFaceLab's rct: the donor's L*a*b* statistics inside the mask set to the target's
+        from deepfake_course.generate.color import rct
+        w = (m > 0.5).float()
+        wb = rct(wb, xa, x_mask=w, ref_mask=w)
     return (m * wb + (1 - m) * xa).clamp(0, 1)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-21
-def _write_png(path, img: torch.Tensor, text: dict | None = None):
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for k, v in (text or {}).items(): info.add_text(k, str(v))
-    arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path, pnginfo=info)
+BLENDSWAP_VERSION = 4   # bump when the blend swap changes what it draws: sets are keyed by it
 
-def make_blendswap(root=None, identity_split: dict | None = None, n_identities: int = 8, per_identity: int = 24,
-                   size: int = 64, seed: int = 0, face_res: float = 0.5, erode: float = 0.06, blur: float = 0.05) -> Path:
-    """Build (or reuse) `fakes/blend-swap/<hash>/`: `per_identity` blend swaps onto each target identity.
-    Donor faces are rendered at `face_res`·`size` px (the face generator's resolution) and warped up into the target.
-    `identity_split` maps identity -> split (default: the SynthFaces `id_split`-like 70/15/15 by identity)."""
+def make_blendswap(data_root, identity_split: dict, per_identity: int = 24, size: int = 64, seed: int = 0,
+                   face_res: float = 0.5, erode: float = 0.06, blur: float = 0.05, verbose: bool = True) -> str:
+    """Build (or reuse) the fake set `blend-swap/<hash>`: `per_identity` blend swaps onto each identity of
+    `identity_split` (identity -> split), donors drawn within the same split. Donor faces are rendered at
+    `face_res`·`size` px (the face generator's resolution) and warped up into the target. Returns the set's name."""
     from deepfake_course.data.synth import render_faces
-    from deepfake_course.data.manifest import write_manifest
-    from deepfake_course import __version__
-    root = get_data_root(root)
-    ids = sorted(identity_split) if identity_split else list(range(n_identities))
-    if identity_split is None:
-        r = np.random.default_rng(seed); perm = r.permutation(ids); n = len(ids)
-        n_te = max(1, round(.15 * n)); n_va = max(1, round(.15 * n))
-        identity_split = {int(i): ('test' if k < n_te else 'val' if k < n_te + n_va else 'train') for k, i in enumerate(perm)}
-    identity_split = {int(k): str(v) for k, v in identity_split.items()}
+    if not identity_split: raise ValueError("make_blendswap: identity_split is empty (identity -> 'train'/'val'/'test')")
+    split = {int(k): str(v) for k, v in identity_split.items()}
+    if bad := {k: v for k, v in split.items() if v not in ('train', 'val', 'test')}:
+        raise ValueError(f"make_blendswap: identity_split must map identities to 'train', 'val' or 'test', got {bad}")
     if not 0 < face_res <= 1: raise ValueError(f"make_blendswap: face_res must be in (0, 1], got {face_res}")
-    cfg = dict(method='blend-swap', split=sorted(identity_split.items()), per_identity=per_identity, size=size,
-               seed=seed, face_res=face_res, erode=erode, blur=blur, version=3)
+    if int(per_identity) < 1: raise ValueError(f"make_blendswap: per_identity must be >= 1, got {per_identity}")
+    cfg = dict(split=sorted(split.items()), per_identity=int(per_identity), size=int(size), seed=int(seed),
+               face_res=float(face_res), erode=float(erode), blur=float(blur), version=BLENDSWAP_VERSION)
     dsize = max(8, int(round(size * face_res)))
-    final = root / 'fakes' / 'blend-swap' / cfg_hash(cfg)
-    if (final / 'manifest.csv').exists(): return final
-    g = np.random.default_rng(seed + 7919)
-    by_split = {}
-    for i, s in identity_split.items(): by_split.setdefault(s, []).append(i)
-    rows, t0 = [], time.time()
-    try:
-        with atomic_dir(final) as tmp:
-            (tmp / 'images').mkdir()
-            for a in progress(ids, desc='blend-swap'):
-                pool = [b for b in by_split[identity_split[a]] if b != a] or [b for b in ids if b != a]
-                donors = [int(g.choice(pool)) for _ in range(per_identity)]
-                tgt = render_faces([a], per_identity, size=size, seed=seed + 100003 + 17 * a)
-                don = render_faces(donors, 1, size=size, seed=seed + 200003 + 31 * a)
-                if dsize != size:  # the face generator works at a lower resolution
-                    don = dict(images=resize_faces(don['images'], dsize), mask=resize_faces(don['mask'], dsize),
-                               landmarks5=don['landmarks5'] * (dsize / size))
-                fakes = blend_swap(tgt, don, erode=erode, blur=blur)
-                for j in range(per_identity):
-                    rel = f'images/bs_{a:04d}_{j:04d}.png'
-                    _write_png(tmp / rel, fakes[j], {'Software': 'deepfake-course', 'synthetic': 'blend-swap fake'})
-                    rows.append(dict(path=rel, label=1, source='blend-swap', identity=a, target_identity=donors[j],
-                                     split=identity_split[a], clip_id='', frame=-1, kind='image'))
-            write_manifest(pd.DataFrame(rows, columns=MANIFEST_COLS), tmp)
-            atomic_write_json(tmp / 'card.json', dict(config=cfg, seed=seed, count=len(rows), version=__version__,
-                                                      seconds=round(time.time() - t0, 2), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
-    except FileExistsError:
-        pass
-    except OSError:
-        if not (final / 'manifest.csv').exists(): raise
-    return final
+    ids = sorted(split)
+    by_split: dict[str, list[int]] = {}
+    for i in ids: by_split.setdefault(split[i], []).append(i)
+
+    def build(w):
+        g = np.random.default_rng(seed + 7919)
+        for a in progress(ids, desc='blend-swap'):
+            pool = [b for b in by_split[split[a]] if b != a] or [a]    # a one-identity split: A's own face, another picture
+            donors = [int(g.choice(pool)) for _ in range(per_identity)]
+            tgt = render_faces([a], per_identity, size=size, seed=seed + 100003 + 17 * a)
+            don = render_faces(donors, 1, size=size, seed=seed + 200003 + 31 * a)
+            if dsize != size:  # the face generator works at a lower resolution
+                don = dict(images=resize(don['images'], dsize), mask=resize(don['mask'], dsize),
+                           landmarks5=don['landmarks5'] * (dsize / size))
+            fakes = blend_swap(tgt, don, erode=erode, blur=blur)
+            for j in range(per_identity):
+                w.add_image(fakes[j], split=split[a], identity=a, target_identity=donors[j], name=f'bs_{a:04d}_{j:04d}')
+    desc = (f"blend swap (29_detect_core): donor face rendered at {dsize}/{size} px, aligned by 5 landmarks, colour-matched, "
+            f"blended with an eroded, blurred mask; {per_identity} per identity, donors within the split")
+    return ensure_fake_set('blend-swap', cfg, build, data_root, verbose=verbose, description=desc)
+
+def real_faces(data_root=None, n_identities: int = 8, images_per_identity: int = 24, size: int = 64, seed: int = 0) -> pd.DataFrame:
+    """The real still images of the SynthFaces build with these settings (built if absent), with absolute paths.
+    `split` is the identity split; `attrs['real_dir']` is the build's folder."""
+    from deepfake_course.data.synth import make_synthfaces
+    real_dir = Path(make_synthfaces(get_data_root(data_root), n_identities=n_identities, images_per_identity=images_per_identity,
+                                    clips_per_identity=0, size=size, seed=seed))
+    real = read_manifest(real_dir)
+    real = real[(real['kind'] == 'image') & (real['label'] == 0)].reset_index(drop=True)
+    real.attrs.update(real_dir=real_dir)
+    return real
+
+def blendswap_set(data_root=None, n_identities: int = 8, images_per_identity: int = 24, size: int = 64, seed: int = 0,
+                  verbose: bool = True, **kw) -> str:
+    """The name of the blend-swap set made for the SynthFaces faces with these settings (built if absent, reused
+    if not, and says which): `images_per_identity` fakes per identity at `size` px, on SynthFaces' identity split."""
+    root = get_data_root(data_root)
+    real = real_faces(root, n_identities, images_per_identity, size, seed)
+    check_no_leak(real, 'identity')
+    split = real.groupby('identity')['split'].first()
+    return make_blendswap(root, {int(i): s for i, s in split.items()}, per_identity=images_per_identity, size=size,
+                          seed=seed, verbose=verbose, **kw)
+
 
 # %% ../../nbs/29_detect_core.ipynb #cell-23
-def find_fake_manifests(root, source: str) -> list[Path]:
-    "Every complete fake set `fakes/<source>/<hash>/manifest.csv` under the data root (a face-swap run writes one per pair)."
-    base = get_data_root(root) / 'fakes' / source
-    if not base.is_dir(): return []
-    return sorted((p for p in base.glob('*/manifest.csv') if not p.parent.name.startswith('.')), key=lambda p: p.stat().st_mtime)
-
 class DetectionData:
-    "Train/val/test `FaceSet`s of real and fake faces, and where they came from."
-    def __init__(self, train: FaceSet, val: FaceSet, test: FaceSet, fake_source: str, real_dir=None, fake_dir=None, note=''):
+    "Train/val/test `FaceTensorSet`s of real and fake faces, and which fake set (`fake_set`, 'method/hash') they came from."
+    def __init__(self, train: FaceTensorSet, val: FaceTensorSet, test: FaceTensorSet, fake_set: str, real_dir=None,
+                 fake_dir=None, note: str = ''):
         self.train, self.val, self.test = train, val, test
-        self.fake_source, self.real_dir, self.fake_dir, self.note = fake_source, real_dir, fake_dir, note
+        self.fake_set, self.real_dir, self.fake_dir, self.note = fake_set, real_dir, fake_dir, note
     def __getitem__(self, split): return getattr(self, split)
     @property
     def size(self): return self.train.size
-    def resized(self, size):
-        return DetectionData(self.train.resized(size), self.val.resized(size), self.test.resized(size),
-                             self.fake_source, self.real_dir, self.fake_dir, self.note)
+    def replace(self, **kw) -> 'DetectionData':
+        "A copy with some of train, val, test, fake_set, real_dir, fake_dir, note replaced."
+        d = dict(train=self.train, val=self.val, test=self.test, fake_set=self.fake_set, real_dir=self.real_dir,
+                 fake_dir=self.fake_dir, note=self.note)
+        if bad := set(kw) - set(d): raise TypeError(f"DetectionData.replace: unknown field(s) {sorted(bad)}")
+        return DetectionData(**{**d, **kw})
+    def resized(self, size): return self.replace(train=self.train.resized(size), val=self.val.resized(size), test=self.test.resized(size))
     def counts(self) -> pd.DataFrame:
         "Faces per split, source and label."
         d = pd.concat([getattr(self, s).df.assign(split=s) for s in ('train', 'val', 'test')])
         return d.groupby(['split', 'source', 'label']).size().unstack('split').fillna(0).astype(int)[['train', 'val', 'test']]
-    def __repr__(self): return (f"DetectionData(fake_source={self.fake_source!r}, size={self.size}, "
+    def __repr__(self): return (f"DetectionData(fake_set={self.fake_set!r}, size={self.size}, "
                                 f"train={len(self.train)}, val={len(self.val)}, test={len(self.test)})")
 
-def detection_data(root=None, fake_source: str = 'faceswap-df', size: int = 64, n_identities: int = 8,
-                   images_per_identity: int = 24, seed: int = 0, fake_manifest: str | list | None = None,
-                   render_size: int | None = None, fallback: str | None = 'blend-swap') -> DetectionData:
-    """Real SynthFaces faces + the fake set `fake_source` (or `fake_manifest`), split by identity, at `size` px.
-    `fake_manifest`: a manifest path or a list of them. Falls back to a blend-swap set (clearly labelled) when the
-    fake set is absent and `fallback='blend-swap'`."""
-    from deepfake_course.data.synth import make_synthfaces
-    root = get_data_root(root); rs = render_size or size
-    real_dir = Path(make_synthfaces(root, n_identities=n_identities, images_per_identity=images_per_identity,
-                                    clips_per_identity=0, size=rs, seed=seed))
-    real = read_manifest_csv(real_dir)
-    real = real[(real['kind'] == 'image') & (real['label'] == 0)]
-    scol = 'id_split' if 'id_split' in real.columns else 'split'
-    real = real.assign(split=real[scol])
-    id_split = real.groupby('identity')['split'].first().to_dict()
-    note = ''
-    if fake_manifest: mpaths = [Path(p) for p in ([fake_manifest] if isinstance(fake_manifest, (str, os.PathLike)) else fake_manifest)]
-    else: mpaths = [] if fake_source == 'blend-swap' else find_fake_manifests(root, fake_source)
-    if mpaths:
-        fake = pd.concat([read_manifest_csv(p) for p in mpaths], ignore_index=True); src = fake_source
-        fake = fake[(fake['label'] == 1) & (fake['kind'] == 'image')]
-        fake_dir = mpaths[0].parent if mpaths[0].is_file() else mpaths[0]
-        if len(fake) == 0: raise ValueError(f"The fake set(s) {[str(p) for p in mpaths]} hold no fake still images")
-        # the person in the picture decides the split, as for the real faces: no identity crosses train/test
-        known = fake['identity'].isin(list(id_split))
-        by_id = fake['split'].where(~known, fake['identity'].map(id_split))
-        note = f"{len(fake)} {fake_source} fakes from {len(mpaths)} set(s) under {mpaths[0].parent.parent}."
-        if set(by_id) >= {'train', 'val', 'test'}: fake = fake.assign(split=by_id)
-        else: note += (" Split by identity, some split would have no fake (the fakes show identities "
-                       f"{sorted(set(fake['identity']))}): the fakes keep the split of their manifest.")
-        from PIL import Image
-        with Image.open(fake['path'].iloc[0]) as im: fsz = im.size[0]
-        if fsz != rs:
-            note += (f" The fakes are {fsz} px and the real faces {rs} px: both are resized to {size} px, "
-                     f"but a size mismatch can itself be a cue.")
-            warnings.warn(note)
-    else:
-        if fallback != 'blend-swap':
-            raise FileNotFoundError(f"No fake set {fake_source!r} under {str(root / 'fakes')!r}; build it first")
-        if fake_source != 'blend-swap':
-            note = (f"No '{fake_source}' fake set under {root / 'fakes'}: using the blend-swap fallback "
-                    f"(face of B aligned, colour-matched and blended onto A).")
-            warnings.warn(note)
-        fake_dir = make_blendswap(root, id_split, per_identity=images_per_identity, size=rs, seed=seed)
-        fake, src = read_manifest_csv(fake_dir), 'blend-swap'
+def detection_data(data_root=None, fake_set: str | os.PathLike | None = None, size: int = 64, n_identities: int = 8,
+                   images_per_identity: int = 24, seed: int = 0, render_size: int | None = None) -> DetectionData:
+    """Real SynthFaces faces (`n_identities`, `images_per_identity`, rendered at `render_size` or `size`) + the fake
+    still images of the fake set named `fake_set` ('method/hash' or a folder), split by identity, at `size` px.
+    An unknown name raises `FakeSetNotFound` listing the sets that exist; an identity in two splits raises `LeakError`."""
+    if fake_set is None:
+        raise TypeError("detection_data: name the fake set to read, fake_set='method/hash' (see "
+                        "deepfake_course.data.fakes.list_fake_sets), e.g. the one blendswap_set(...) returns")
+    root = get_data_root(data_root); rs = render_size or size
+    real = real_faces(root, n_identities, images_per_identity, rs, seed)
+    real_dir = real.attrs['real_dir']
+    allf = read_fake_set(fake_set, root)
+    name = allf.attrs['fake_set']; fake_dir = Path(allf.attrs['manifest']).parent
+    fake = allf[(allf['label'] == 1) & (allf['kind'] == 'image')]
+    if len(fake) == 0:
+        raise ValueError(f"detection_data: the fake set {name!r} ({str(fake_dir)!r}) holds no fake still images "
+                         f"(it holds {allf['kind'].value_counts().to_dict()}); detectors here read images")
     df = pd.concat([real, fake], ignore_index=True)
-    for c in MANIFEST_COLS:
-        if c not in df.columns: df[c] = '' if c in ('clip_id', 'kind') else -1
+    try: check_no_leak(df, 'identity')
+    except LeakError as e:
+        raise LeakError(f"detection_data: SynthFaces {str(real_dir)!r} with the fake set {name!r}: {e}. "
+                        "A fake's identity and target_identity must sit in the split their real faces are in.") from None
+    note = f"{len(real)} real SynthFaces faces and {len(fake)} fakes of {name}."
+    from PIL import Image
+    with Image.open(fake['path'].iloc[0]) as im: fsz = im.size[0]
+    if fsz != rs:
+        note += (f" The fakes are {fsz} px and the real faces {rs} px: both are resized to {size} px, "
+                 f"but a size mismatch can itself be a cue.")
+        warnings.warn(note)
     sets = {}
     for s in ('train', 'val', 'test'):
         part = df[df['split'] == s].reset_index(drop=True)
         if part['label'].nunique() < 2:
-            raise ValueError(f"detection_data: the {s} split has only label(s) {sorted(part['label'].unique())}; "
-                             f"use more identities (n_identities={n_identities}) or another fake set")
-        sets[s] = FaceSet.from_manifest(part, size)
-    tr, te = set(sets['train'].df.query('label == 0')['identity']), set(sets['test'].df.query('label == 0')['identity'])
-    if tr & te: raise ValueError(f"detection_data: real identities {sorted(tr & te)} are in both train and test")
-    return DetectionData(sets['train'], sets['val'], sets['test'], src, real_dir, fake_dir, note)
+            raise ValueError(f"detection_data: the {s} split has only label(s) {sorted(part['label'].unique())} with the "
+                             f"fake set {name!r}; use more identities (n_identities={n_identities}) or another fake set")
+        sets[s] = FaceTensorSet.from_manifest(part, size)
+    return DetectionData(sets['train'], sets['val'], sets['test'], name, real_dir, fake_dir, note)
+
 
 # %% ../../nbs/29_detect_core.ipynb #cell-29
 class Augment(nn.Module):
@@ -429,15 +383,15 @@ def train_detector(model: nn.Module, data: DetectionData, *, epochs: int = 5, lr
     return fit(model, tr, va, loss_fn=detector_loss(loss), epochs=epochs, lr=lr, opt=opt, weight_decay=weight_decay,
                schedule=schedule, device=device, patience=patience, ckpt_dir=ckpt_dir, **fit_kw)
 
-def _as_faceset(data, size=None) -> FaceSet:
+def _as_face_tensors(data, size=None) -> FaceTensorSet:
     if isinstance(data, DetectionData): data = data.test
-    if isinstance(data, FaceSet): return data.resized(size) if size and data.size != size else data
-    if isinstance(data, (str, os.PathLike)): data = read_manifest_csv(data)
-    if isinstance(data, pd.DataFrame): return FaceSet.from_manifest(data, size)
+    if isinstance(data, FaceTensorSet): return data.resized(size) if size and data.size != size else data
+    if isinstance(data, (str, os.PathLike)): data = read_manifest(data)
+    if isinstance(data, pd.DataFrame): return FaceTensorSet.from_manifest(data, size)
     if isinstance(data, torch.Tensor):
         x = data if data.dtype == torch.uint8 else (data.clamp(0, 1) * 255).round().byte()
-        return FaceSet(x, pd.DataFrame({'path': [''] * len(x), 'label': -1, 'source': 'tensor'}))
-    raise TypeError(f"evaluate: cannot read faces from a {type(data).__name__}")
+        return FaceTensorSet(x, pd.DataFrame({'path': [''] * len(x), 'label': -1, 'source': 'tensor'}))
+    raise TypeError(f"score_faces: cannot read faces from a {type(data).__name__}")
 
 @torch.no_grad()
 def predict_scores(model: nn.Module, x: torch.Tensor, device='auto', batch_size: int = 256) -> np.ndarray:
@@ -449,32 +403,14 @@ def predict_scores(model: nn.Module, x: torch.Tensor, device='auto', batch_size:
         with autocast(dev): out.append(fake_prob(model(xb)).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float64)
 
-def evaluate(model: nn.Module, data, device='auto', batch_size: int = 256, name: str | None = None) -> pd.DataFrame:
-    "Per-face scores: the manifest columns of `data` (a FaceSet, DetectionData's test split, manifest or tensor) plus `score`."
-    fs = _as_faceset(data, getattr(model, 'input_size', None))
+def score_faces(model: nn.Module, data, device='auto', batch_size: int = 256, name: str | None = None) -> pd.DataFrame:
+    "Per-face scores: the manifest rows of `data` (a FaceTensorSet, DetectionData's test split, manifest or tensor) plus `score` and `detector`."
+    fs = _as_face_tensors(data, getattr(model, 'input_size', None))
     df = fs.df.copy()
     df['score'] = predict_scores(model, fs.x, device, batch_size)
     df['detector'] = name or getattr(model, 'detector_name', type(model).__name__)
     return df
 
-def score_table(scores, by: str = 'detector', n_boot: int = 1000, seed: int = 0, threshold: float = 0.5) -> pd.DataFrame:
-    "One row per group of a scores frame (or a dict name -> frame): n, AUROC with bootstrap 95% CI, ACC@0.5, EER, AP."
-    from deepfake_course.metrics import binary_metrics, bootstrap_ci
-    if isinstance(scores, dict): scores = pd.concat([d.assign(**{by: k}) for k, d in scores.items()], ignore_index=True)
-    rows = []
-    for key, d in scores.groupby(by, sort=False):
-        y, s = d['label'].to_numpy().astype(int), d['score'].to_numpy().astype(float)
-        if len(np.unique(y)) < 2: raise ValueError(f"score_table: group {key!r} has only one class")
-        m = binary_metrics(y, s, threshold=threshold)
-        auc, lo, hi = bootstrap_ci(y, s, metric='auroc', n_boot=n_boot, seed=seed)
-        rows.append({by: key, 'n': len(d), 'auroc': auc, 'auroc_lo': lo, 'auroc_hi': hi,
-                     'acc': m['acc'], 'eer': m['eer'], 'ap': m['ap']})
-    return pd.DataFrame(rows).set_index(by)
-
-def fmt_ci(t: pd.DataFrame, col: str = 'auroc', pct: bool = True) -> pd.Series:
-    "'93.1 [90.2, 95.8]'-style strings of a metric and its interval."
-    f = 100 if pct else 1
-    return t.apply(lambda r: f"{f * r[col]:.1f} [{f * r[col + '_lo']:.1f}, {f * r[col + '_hi']:.1f}]", axis=1)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-31
 class ThumbnailLogReg(nn.Module):
@@ -489,67 +425,45 @@ class ThumbnailLogReg(nn.Module):
 def _thumb(thumb: int = 16, input_size=None): return ThumbnailLogReg(thumb, input_size)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-37
-def read_frames(path, every: int = 1, max_frames: int | None = None) -> tuple[list[np.ndarray], list[int]]:
-    "Frames (H×W×3 uint8) of an image file (one frame) or a video file (every `every`-th, at most `max_frames`)."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"detect: {str(path)!r} does not exist")
-    if path.is_dir(): raise IsADirectoryError(f"detect: {str(path)!r} is a folder, not an image or video")
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im: return [np.asarray(im.convert('RGB')).copy()], [-1]
-    except (UnidentifiedImageError, OSError): pass
-    import av
-    frames, idx = [], []
-    try: c = av.open(str(path))
-    except Exception as e:
-        raise ValueError(f"detect: {str(path)!r} is neither an image nor a video ({type(e).__name__})") from None
-    with c:
-        if not c.streams.video: raise ValueError(f"detect: {str(path)!r} is neither an image nor a video (no video stream)")
-        try:
-            for i, fr in enumerate(c.decode(video=0)):
-                if i % every: continue
-                frames.append(fr.to_ndarray(format='rgb24')); idx.append(i)
-                if max_frames and len(frames) >= max_frames: break
-        except Exception as e:
-            if not frames: raise ValueError(f"detect: cannot decode the video {str(path)!r} ({type(e).__name__}: {e})") from None
-    if not frames: raise ValueError(f"detect: {str(path)!r} is neither an image nor a video (no frames decoded)")
-    return frames, idx
+_EXTRACTORS: dict = {}
+
+def _face_extractor(device, min_prob: float):
+    "One `deepfake_course.faces.FaceExtractor` (MTCNN) per device and threshold, kept for later calls."
+    from deepfake_course.faces import FaceExtractor
+    key = (str(get_device(device)), float(min_prob))
+    if key not in _EXTRACTORS: _EXTRACTORS[key] = FaceExtractor(device=device, min_prob=min_prob)
+    return _EXTRACTORS[key]
 
 def _crops_from_frames(frames, size, faces, min_prob, device='auto'):
     rows, crops = [], []
     if faces == 'none':
         for k, fr in enumerate(frames):
-            t = torch.from_numpy(fr).permute(2, 0, 1)[None]
-            crops.append(resize_faces(t, size)[0]); rows.append(dict(k=k, face=0, x0=0, y0=0, x1=fr.shape[1], y1=fr.shape[0], face_prob=np.nan))
+            crops.append(resize(torch.from_numpy(np.ascontiguousarray(fr)).permute(2, 0, 1), size))
+            rows.append(dict(k=k, face=0, x0=0, y0=0, x1=fr.shape[1], y1=fr.shape[0], face_prob=np.nan))
         return rows, crops, []
-    from deepfake_course.faces import FaceExtractor, align_face
-    ext = FaceExtractor(device=device, min_prob=min_prob)
-    dets = ext.detect(frames)
-    reasons = [getattr(d, 'reason', '') for d in dets]
-    for k, (fr, d) in enumerate(zip(frames, dets)):
-        boxes = getattr(d, 'boxes', None)
-        if boxes is None or len(boxes) == 0: continue
-        for j in range(len(boxes)):
-            crop = align_face(fr, np.asarray(d.landmarks[j]), size=size)[0]
-            crop = torch.as_tensor(np.asarray(crop))
-            if crop.ndim == 3 and crop.shape[-1] == 3: crop = crop.permute(2, 0, 1)
-            if crop.dtype != torch.uint8: crop = (crop.float().clamp(0, 1) * 255).round().byte() if crop.max() <= 1.0 else crop.round().clamp(0, 255).byte()
-            b = np.asarray(boxes[j], dtype=float)
-            crops.append(crop); rows.append(dict(k=k, face=j, x0=b[0], y0=b[1], x1=b[2], y1=b[3],
-                                                  face_prob=float(np.asarray(d.probs)[j])))
-    return rows, crops, reasons
+    dets = _face_extractor(device, min_prob).extract(list(frames), size=size)
+    for k, d in enumerate(dets):
+        for j in range(len(d)):
+            crops.append((d.crops[j].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
+            b = np.asarray(d.boxes[j], dtype=float)
+            rows.append(dict(k=k, face=j, x0=b[0], y0=b[1], x1=b[2], y1=b[3], face_prob=float(d.probs[j])))
+    return rows, crops, [d.reason for d in dets]
 
 def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, max_frames: int | None = None,
            min_prob: float = 0.9, expect: str | None = None) -> pd.DataFrame:
     """Fake probability per face and frame of an image/video file, an H×W×3 uint8 array, or a list of them.
     `model`: a detector or a checkpoint path (`expect`: the detector name it must hold). `faces`: 'auto' (MTCNN) or 'none'."""
     if faces not in ('auto', 'none'): raise ValueError(f"detect: faces must be 'auto' or 'none', got {faces!r}")
+    if every < 1: raise ValueError(f"detect: every must be >= 1, got {every}")
     if isinstance(model, (str, os.PathLike)): model = load_detector(model, expect=expect)
     elif expect is not None and getattr(model, 'detector_name', expect) != expect:
         raise ValueError(f"detect: the model is a {model.detector_name!r} detector, not {expect!r}")
     size = getattr(model, 'input_size', None) or 64
     if isinstance(source, (str, os.PathLike)):
-        frames, idx = read_frames(source, every, max_frames); name = str(source)
+        p = Path(source)
+        if p.is_dir(): raise IsADirectoryError(f"detect: {str(p)!r} is a folder, not an image or video")
+        frames, idx, _ = read_frames(p, every=every, max_frames=max_frames)   # the course's one frame reader
+        frames, idx, name = list(frames), [int(i) for i in idx], str(source)
     else:
         arr = source if isinstance(source, (list, tuple)) else [source]
         frames = []
@@ -560,7 +474,6 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
             if a.dtype != np.uint8: a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
             frames.append(a)
         idx, name = list(range(len(frames))) if len(frames) > 1 else [-1], '<array>'
-    if every < 1: raise ValueError(f"detect: every must be >= 1, got {every}")
     rows, crops, reasons = _crops_from_frames(frames, size, faces, min_prob, device)
     if not crops:
         what = 'image' if len(frames) == 1 else f'video ({len(frames)} frames read)'
@@ -572,3 +485,4 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
     out.insert(0, 'frame', [idx[k] for k in out.pop('k')]); out.insert(0, 'source', name)
     out['score'] = scores; out['detector'] = getattr(model, 'detector_name', type(model).__name__)
     return out
+

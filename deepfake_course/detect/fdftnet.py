@@ -87,9 +87,7 @@ class MBBlockV3(nn.Module):
     def forward(self, x):
         e = self.expand(x)
         if self.faithful:           # released code: SE gates from the depthwise output, applied to the expansion
-            d = self.dw(e)
-            y = h_swish(e * self.se.gates(d))
-            if self.stride > 1: y = y[..., ::self.stride, ::self.stride]
+            y = h_swish(e * self.se.gates(self.dw(e)))   # so the main path keeps the input's resolution, even at stride 2
         else:
             y = self.se(h_swish(self.dw(e)))
         y = self.project(y)

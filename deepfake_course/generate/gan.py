@@ -4,7 +4,7 @@
 
 # %% ../../nbs/21_gans.ipynb #cell-5
 from __future__ import annotations
-import copy, hashlib, io, json, math, time, warnings
+import copy, hashlib, math, time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,81 +14,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import (Timer, atomic_dir, atomic_write_bytes, atomic_write_json, cfg_hash, get_data_root,
-                                  get_device, progress, rng_state, set_rng_state)
+from ..core import cfg_hash, get_data_root, get_device
+from ..media import resize
+from ..train import CheckpointError, StepLoop  # the course's one checkpoint format and step loop (notebook 01)
+from ..fidelity import ALIGNED_RANGES, check_images, crop_faces  # the judges' reference data (notebook 19b)
+
 
 # %% auto #0
-__all__ = ['GAN_RANGES', 'ATTRS', 'GENERATORS', 'MANIFEST_COLUMNS', 'check_images', 'resize_images', 'lfw_faces', 'crop_faces',
-           'synth_faces', 'synth_attribute_faces', 'synth_counterfactual', 'to_uint8_hwc', 'mtcnn_face_found',
-           'mtcnn_rate', 'FaceFeatureNet', 'train_feature_net', 'frechet_distance', 'knn_precision_recall', 'EqLinear',
-           'EqConv2d', 'PixelNorm', 'minibatch_stddev', 'is_pow2', 'check_resolution', 'DCGANGenerator',
-           'DCGANDiscriminator', 'n_params', 'GANTrainer', 'DCGANTrainer', 'pg_schedule', 'pg_total_steps',
-           'PGGenerator', 'PGDiscriminator', 'gradient_penalty', 'PGGANTrainer', 'ModConv2d', 'StyleLayer', 'ToRGB',
-           'StyleGenerator', 'StyleDiscriminator', 'StyleGANTrainer', 'StarGenerator', 'StarDiscriminator',
-           'StarGANTrainer', 'build_generator', 'gan_quality', 'interpolate_latents', 'png_bytes', 'make_fake_set',
-           'read_png_text']
-
-# %% ../../nbs/21_gans.ipynb #cell-8
-def check_images(images, what: str = 'images', min_n: int = 2) -> torch.Tensor:
-    "Validate a float N×C×H×W image tensor in [0, 1] with at least `min_n` images; returns it on the CPU."
-    if isinstance(images, np.ndarray): images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor): raise TypeError(f"{what}: expected a tensor N×C×H×W, got {type(images).__name__}")
-    if images.ndim != 4: raise ValueError(f"{what}: expected a tensor N×C×H×W, got shape {tuple(images.shape)}")
-    n = images.shape[0]
-    if n == 0: raise ValueError(f"{what}: the dataset is empty (0 images); a GAN needs at least {min_n} training images")
-    if n < min_n: raise ValueError(f"{what}: the dataset has only {n} image; a GAN needs at least {min_n} training images")
-    if images.shape[1] not in (1, 3): raise ValueError(f"{what}: expected 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})")
-    images = images.detach().float().cpu()
-    lo, hi = images.min().item(), images.max().item()
-    if lo < -1e-4 or hi > 1 + 1e-4: raise ValueError(f"{what}: values must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
-    return images.clamp(0, 1).contiguous()
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    "Resize N×C×H×W images to size×size (area averaging when shrinking, bilinear when enlarging)."
-    if images.shape[-1] == size and images.shape[-2] == size: return images
-    mode = 'area' if size < images.shape[-1] else 'bilinear'
-    kw = {} if mode == 'area' else dict(align_corners=False)
-    return F.interpolate(images, size=(size, size), mode=mode, **kw).clamp(0, 1)
-
-def lfw_faces(n: int = 100, size: int = 32) -> torch.Tensor:
-    "The first `n` (≤ 100) real LFW face crops shipped with scikit-image, grayscale, as N×1×size×size in [0, 1]."
-    from skimage import data
-    if not 1 <= n <= 100: raise ValueError(f"lfw_faces: n must be 1..100 (the subset holds 100 faces), got {n}")
-    x = torch.from_numpy(np.asarray(data.lfw_subset(), dtype=np.float32)[:n])[:, None]
-    return resize_images(x, size)
-
-GAN_RANGES = dict(yaw=(-15., 15.), pitch=(-10., 10.), roll=(-8., 8.), blur=(0., 0.3))  # near-frontal, as aligned GAN data is
-
-def crop_faces(images: torch.Tensor, landmarks68: torch.Tensor, size: int, margin: float = 1.6) -> torch.Tensor:
-    "Square crops centred on each face's 68 landmarks, `margin` × the landmark extent wide, resized to size×size."
-    import kornia
-    lo, hi = landmarks68.amin(1).float(), landmarks68.amax(1).float()
-    half = (hi - lo).amax(1) / 2 * margin
-    c = (lo + hi) / 2; c[:, 1] -= 0.15 * half  # a little more forehead and hair than chin
-    x0, y0, x1, y1 = c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half
-    boxes = torch.stack([torch.stack(p, 1) for p in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]], 1)
-    out = kornia.geometry.transform.crop_and_resize(images.float(), boxes, (size, size), mode='bilinear', align_corners=False)
-    return out.clamp(0, 1)
-
-def synth_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, render_size: int | None = None,
-                margin: float = 1.6, **ranges) -> dict:
-    "SynthFaces for GAN training: `render_faces` output with `images` replaced by face crops of size×size (identity-major)."
-    from deepfake_course.data.synth import render_faces
-    render_size = render_size or max(64, 2 * size)
-    out = dict(render_faces(n_identities, per_identity, size=render_size, seed=seed, **{**GAN_RANGES, **ranges}))
-    out['images'] = crop_faces(out['images'], out['landmarks68'], size, margin)
-    return out
+__all__ = ['ATTRS', 'GENERATORS', 'synth_attribute_faces', 'synth_counterfactual', 'EqLinear', 'EqConv2d', 'PixelNorm',
+           'minibatch_stddev', 'is_pow2', 'check_resolution', 'DCGANGenerator', 'DCGANDiscriminator', 'GANTrainer',
+           'DCGANTrainer', 'pg_schedule', 'pg_total_steps', 'PGGenerator', 'PGDiscriminator', 'gradient_penalty',
+           'PGGANTrainer', 'ModConv2d', 'StyleLayer', 'ToRGB', 'StyleGenerator', 'StyleDiscriminator',
+           'StyleGANTrainer', 'StarGenerator', 'StarDiscriminator', 'StarGANTrainer', 'build_generator', 'gan_quality',
+           'interpolate_latents', 'make_gan_fake_set']
 
 # %% ../../nbs/21_gans.ipynb #cell-9
 ATTRS = {'smile': (0.0, 1.0), 'mouth_open': (0.0, 0.9)}  # renderer parameter: (value when off, value when on)
 
 def synth_attribute_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, attrs: Sequence[str] = tuple(ATTRS),
                           margin: float = 1.6, render_size: int | None = None, **ranges) -> dict:
-    "SynthFaces crops whose `attrs` are each off or on (random); returns images, labels (N×len(attrs)), identity, params, landmarks68."
+    "Aligned SynthFaces crops whose `attrs` are each off or on (random); returns images, labels (N×len(attrs)), identity, params, landmarks68."
     from deepfake_course.data.synth import sample_params, render
     bad = [a for a in attrs if a not in ATTRS]
     if bad: raise ValueError(f"unknown attribute(s) {bad}; known: {list(ATTRS)}")
-    p = sample_params(n_identities, per_identity, seed, **{**GAN_RANGES, **ranges})
+    p = sample_params(n_identities, per_identity, seed, **{**ALIGNED_RANGES, **ranges})
     g = torch.Generator().manual_seed(seed + 7919)
     labels = (torch.rand(len(p['yaw']), len(attrs), generator=g) < 0.5).float()
     for j, a in enumerate(attrs): p[a] = torch.where(labels[:, j] > 0, ATTRS[a][1], ATTRS[a][0]).float()
@@ -106,113 +55,6 @@ def synth_counterfactual(faces: dict, index, target) -> torch.Tensor:
     out = render(p, faces['render_size'])
     return crop_faces(out['images'], faces['landmarks68'][index], faces['size'], faces['margin'])
 
-# %% ../../nbs/21_gans.ipynb #cell-14
-_MTCNN = {}
-
-def _mtcnn(device='cpu'):
-    from facenet_pytorch import MTCNN
-    key = str(device)
-    if key not in _MTCNN: _MTCNN[key] = MTCNN(keep_all=True, device=device, post_process=False)
-    return _MTCNN[key]
-
-def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    "N×C×H×W float [0,1] (1 or 3 channels) → N×H×W×3 uint8 array."
-    images = images.detach().float().cpu().clamp(0, 1)
-    if images.shape[1] == 1: images = images.expand(-1, 3, -1, -1)
-    return (images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-
-def mtcnn_face_found(images: torch.Tensor, size: int = 128, min_prob: float = 0.9, batch: int = 64, device='cpu') -> np.ndarray:
-    "For each image (enlarged to size×size), whether MTCNN finds a face with probability ≥ `min_prob`."
-    images = check_images(images, 'mtcnn_face_found', min_n=1)
-    det, found = _mtcnn(device), []
-    for i in range(0, len(images), batch):
-        arr = to_uint8_hwc(resize_images(images[i:i+batch], size))
-        _, probs = det.detect(list(arr))
-        found += [p is not None and bool(np.any(np.asarray(p, dtype=float) >= min_prob)) for p in probs]
-    return np.array(found, dtype=bool)
-
-def mtcnn_rate(images: torch.Tensor, size: int = 128, min_prob: float = 0.9, **kw) -> float:
-    "Share of images in which MTCNN finds a face after enlarging them to size×size."
-    return float(mtcnn_face_found(images, size, min_prob, **kw).mean())
-
-# %% ../../nbs/21_gans.ipynb #cell-17
-class FaceFeatureNet(nn.Module):
-    "Small CNN identity classifier; `features(x)` is its 128-d penultimate layer (the space of our Fréchet distance)."
-    def __init__(self, n_classes: int, size: int = 32, nc: int = 3, width: int = 32, dim: int = 128):
-        super().__init__()
-        self.size, self.nc = size, nc
-        def blk(i, o, s): return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*blk(nc, width, 1), *blk(width, 2*width, 2), *blk(2*width, 2*width, 1),
-                                  *blk(2*width, 4*width, 2), *blk(4*width, 4*width, 1), *blk(4*width, 8*width, 2),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8*width, dim), nn.ReLU(inplace=True))
-        self.head = nn.Linear(dim, n_classes)
-    def prep(self, x):
-        x = resize_images(x.float(), self.size)
-        if x.shape[1] != self.nc: x = x.expand(-1, self.nc, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-        return x * 2 - 1
-    def forward(self, x): return self.head(self.body(self.prep(x)))
-    @torch.no_grad()
-    def features(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        "Penultimate features (N×dim, CPU) of images in [0, 1]."
-        self.eval(); dev = next(self.parameters()).device
-        return torch.cat([self.body(self.prep(x[i:i+batch].to(dev))).cpu() for i in range(0, len(x), batch)])
-
-def train_feature_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = 5, batch: int = 64, lr: float = 2e-3,
-                      size: int = 32, device='auto', seed: int = 0, val_frac: float = 0.15) -> tuple[FaceFeatureNet, dict]:
-    "Train `FaceFeatureNet` to classify `labels` (e.g. identities); returns the net and {'train_acc', 'val_acc'}."
-    images = check_images(images, 'train_feature_net'); labels = torch.as_tensor(labels).long()
-    if len(labels) != len(images): raise ValueError(f"train_feature_net: {len(images)} images but {len(labels)} labels")
-    dev = get_device(device); g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(images), generator=g); n_val = int(len(images) * val_frac)
-    vi, ti = perm[:n_val], perm[n_val:]
-    with torch.random.fork_rng(): 
-        torch.manual_seed(seed)
-        net = FaceFeatureNet(int(labels.max()) + 1, size, images.shape[1]).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    n_steps = epochs * math.ceil(len(ti) / batch); sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(n_steps, 1))
-    def acc(idx):
-        net.eval(); correct = 0
-        with torch.no_grad():
-            for i in range(0, len(idx), 256):
-                j = idx[i:i+256]; correct += (net(images[j].to(dev)).argmax(1).cpu() == labels[j]).sum().item()
-        return correct / max(len(idx), 1)
-    for ep in progress(range(epochs), desc='feature net'):
-        net.train(); order = ti[torch.randperm(len(ti), generator=g)]
-        for i in range(0, len(order), batch):
-            j = order[i:i+batch]; x = images[j]
-            flip = torch.rand(len(j), generator=g) < 0.5; x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(net(x.to(dev)), labels[j].to(dev))
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-    net.eval()
-    return net, {'train_acc': acc(ti), 'val_acc': acc(vi)}
-
-# %% ../../nbs/21_gans.ipynb #cell-18
-def frechet_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> float:
-    "Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."
-    from scipy import linalg
-    a, b = np.asarray(feat_a, dtype=np.float64), np.asarray(feat_b, dtype=np.float64)
-    if len(a) < 2 or len(b) < 2: raise ValueError(f"frechet_distance: need at least 2 samples per set, got {len(a)} and {len(b)}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():   # a near-singular product is expected with few samples; it is handled below
-        warnings.simplefilter('ignore', linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(ca @ cb)   # (scipy deprecates the old `disp` argument)
-    if not np.isfinite(covmean).all():  # nearly singular product: regularise (as the reference FID code does)
-        off = np.eye(len(ca)) * 1e-6; covmean = linalg.sqrtm((ca + off) @ (cb + off))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(covmean))
-
-def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    "k-NN precision and recall (Kynkäänniemi et al. 2019) of `fake` features against `real` features."
-    real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
-    if len(real) <= k or len(fake) <= k: raise ValueError(f"knn_precision_recall: need more than k={k} samples per set, got {len(real)} and {len(fake)}")
-    def radii(x):  # distance to the k-th nearest neighbour (index 0 is the point itself)
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
-    r_real, r_fake = radii(real), radii(fake)
-    d = torch.cdist(fake, real)  # fake × real
-    precision = (d <= r_real[None]).any(1).float().mean().item()
-    recall = (d.T <= r_fake[None]).any(1).float().mean().item()
-    return precision, recall
 
 # %% ../../nbs/21_gans.ipynb #cell-22
 class EqLinear(nn.Module):
@@ -290,11 +132,7 @@ class DCGANDiscriminator(nn.Module):
         self.apply(_dcgan_init)
     def forward(self, x): return self.net(x).flatten()
 
-def n_params(m: nn.Module) -> int: return sum(p.numel() for p in m.parameters())
-
 # %% ../../nbs/21_gans.ipynb #cell-28
-from ..train import CheckpointError  # the course's one checkpoint error (notebook 01)
-
 def _tensor_sha1(x: torch.Tensor) -> str:
     return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -303,10 +141,10 @@ def _mirror(x):
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 class GANTrainer:
-    "Base class: data checks, minibatches, the training loop, sampling, checkpoints and exact resume."
+    "Base class: data checks, minibatches, the training loop (on `train.StepLoop`), sampling, checkpoints and exact resume."
     name: str = 'gan'
     defaults: dict = {}
-    def __init__(self, images, labels=None, identities=None, device='auto', **cfg):
+    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, **cfg):
         unknown = set(cfg) - set(self.defaults)
         if unknown: raise ValueError(f"{type(self).__name__}: unknown setting(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
         self.cfg = {**self.defaults, **cfg}
@@ -314,13 +152,15 @@ class GANTrainer:
         if self.cfg.get('size') is None: self.cfg['size'] = images.shape[-1]
         what = 'progressive-growing resolution (size)' if self.name == 'pggan' else f'{self.name} image size'
         self.cfg['size'] = check_resolution(self.cfg['size'], what)
-        self.images = resize_images(images, self.cfg['size'])
+        self.images = resize(images, self.cfg['size'])
         self.cfg['nc'] = self.images.shape[1]
         self.labels = None if labels is None else torch.as_tensor(labels).float().cpu()
         if self.labels is not None and len(self.labels) != len(self.images):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} label rows")
         self.identities = None if identities is None else torch.as_tensor(identities).long().cpu()
-        self.device = get_device(device)
+        if self.identities is not None and len(self.identities) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.identities)} identities")
+        self.device, self.amp = get_device(device), bool(amp)  # amp: bf16 autocast on CUDA (train's), off by default
         self.data_sha1 = _tensor_sha1(self.images)
         self.step, self.history, self.evals, self.snapshots, self.train_seconds, self.cpu_seconds = 0, [], [], [], 0.0, 0.0
         self.build()
@@ -332,10 +172,12 @@ class GANTrainer:
     def latent(self, n, gen=None) -> torch.Tensor: return torch.randn(n, self.cfg['nz'], generator=gen)
     def modules(self) -> dict: return {'G': self.G, 'D': self.D}
     def optimizers(self) -> dict: return {'opt_g': self.opt_g, 'opt_d': self.opt_d}
+    def extra_state(self) -> dict: return {}
+    def load_extra_state(self, st: dict): pass
 
     # -- data
-    def batch(self, n=None, idx_only=False):
-        "A random minibatch of real images in [-1, 1] (drawn with the global torch RNG: resumable)."
+    def batch(self, n=None):
+        "A random minibatch of real images in [-1, 1] and their indices (drawn with the global torch RNG: resumable)."
         idx = torch.randint(len(self.images), (n or self.cfg['batch'],))
         x = self.images[idx]
         if self.cfg.get('mirror'): x = _mirror(x)
@@ -354,31 +196,57 @@ class GANTrainer:
                    for i in range(0, len(z), batch)]
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
+    # -- checkpoints: the course's one format, through train.StepLoop
+    def checkpoint_config(self) -> dict:
+        "What a checkpoint must match to be resumed: every setting and a fingerprint of the training images."
+        return {**self.cfg, 'data_sha1': self.data_sha1}
+    def _loop(self, steps: int = 0, ckpt_path=None, every: int = 250, resume: bool = True, verbose=None) -> StepLoop:
+        return StepLoop(self.modules(), self.optimizers(), steps=steps, ckpt_path=ckpt_path, every=every, name=self.name,
+                        config=self.checkpoint_config(), resume=resume, device=self.device, amp=self.amp, progress=verbose,
+                        desc=self.name)
+    def _state(self) -> dict:
+        return {'evals': self.evals, 'snapshots': self.snapshots, 'train_seconds': self.train_seconds,
+                'cpu_seconds': self.cpu_seconds, 'extra': self.extra_state()}
+    def _restore(self, loop: StepLoop) -> 'GANTrainer':
+        st = loop.state
+        self.step, self.history = loop.step, loop.history
+        self.evals, self.snapshots = list(st['evals']), [tuple(s) for s in st['snapshots']]
+        self.train_seconds, self.cpu_seconds = st['train_seconds'], st['cpu_seconds']
+        self.load_extra_state(st['extra'])
+        return self
+    def save(self, path) -> Path:
+        "Write G, D, the optimisers, RNGs, step and history as one checkpoint (atomically) at `path`."
+        loop = self._loop(); loop.step, loop.history, loop.state = self.step, self.history, self._state()
+        return loop.save(path)
+    def load(self, path) -> 'GANTrainer':
+        "Restore a checkpoint of this generator, configuration and dataset (else `CheckpointError` naming both)."
+        return self._restore(self._loop().load(path))
+
     # -- the loop
     def fit(self, steps: int, ckpt_dir=None, ckpt_every: int = 250, resume: bool = True, eval_fn: Callable | None = None,
             eval_every: int | None = None, snapshot_every: int | None = None, n_snapshot: int = 16,
             callback: Callable | None = None, verbose: bool | None = None):
-        "Train until `self.step == steps`, resuming from `<ckpt_dir>/checkpoint.pt` when it exists."
+        "Train until `self.step == steps`, resuming from `<ckpt_dir>/checkpoint.pt` when it exists; `callback(self)` after each step."
         ckpt = Path(ckpt_dir) / 'checkpoint.pt' if ckpt_dir is not None else None
-        if ckpt is not None and resume and ckpt.exists(): self.load(ckpt)
-        bar = progress(total=steps, initial=min(self.step, steps), desc=self.name, verbose=verbose)
-        try:
-            while self.step < steps:
-                t0, c0 = time.perf_counter(), time.process_time()
-                logs = self.train_step()
-                self.step += 1
-                self.train_seconds += time.perf_counter() - t0  # wall time of the training steps
-                self.cpu_seconds += time.process_time() - c0  # CPU time (all threads): honest on a shared machine
-                self.history.append({'step': self.step, **{k: float(v) for k, v in logs.items()}})
-                last = self.step == steps
-                if snapshot_every and (self.step % snapshot_every == 0 or last):
-                    self.snapshots.append((self.step, self.sample(n_snapshot, seed=12345)))
-                if eval_fn is not None and eval_every and (self.step % eval_every == 0 or last):
-                    self.evals.append({'step': self.step, **eval_fn(self)})
-                if ckpt is not None and (self.step % ckpt_every == 0 or last): self.save(ckpt)
-                bar.update(1)
-                if callback is not None: callback(self)
-        finally: bar.close()
+        found = ckpt is not None and resume and ckpt.exists()
+        loop = self._loop(steps, ckpt, ckpt_every, resume, verbose)  # loads the checkpoint (or refuses another model's)
+        if found: self._restore(loop)
+        else: loop.step, loop.history = self.step, self.history
+        loop.state = self._state()
+        for _ in loop:  # StepLoop writes the checkpoint after every `ckpt_every`-th step and after the last
+            t0, c0 = time.perf_counter(), time.process_time()
+            with loop.autocast(): logs = self.train_step()
+            self.train_seconds += time.perf_counter() - t0  # wall time of the training steps
+            self.cpu_seconds += time.process_time() - c0  # CPU time (all threads): honest on a shared machine
+            loop.log(**{k: float(v) for k, v in logs.items()})
+            self.step = loop.step + 1
+            last = self.step == steps
+            if snapshot_every and (self.step % snapshot_every == 0 or last):
+                self.snapshots.append((self.step, self.sample(n_snapshot, seed=12345)))
+            if eval_fn is not None and eval_every and (self.step % eval_every == 0 or last):
+                self.evals.append({'step': self.step, **{k: float(v) for k, v in eval_fn(self).items()}})
+            loop.state = self._state()
+            if callback is not None: callback(self)
         return self
 
     @property
@@ -389,44 +257,6 @@ class GANTrainer:
     def history_df(self) -> pd.DataFrame: return pd.DataFrame(self.history)
     @property
     def evals_df(self) -> pd.DataFrame: return pd.DataFrame(self.evals)
-
-    # -- checkpoints
-    def state_dict(self) -> dict:
-        return {'generator': self.name, 'cfg': self.cfg, 'data_sha1': self.data_sha1, 'step': self.step,
-                'modules': {k: m.state_dict() for k, m in self.modules().items()},
-                'optimizers': {k: o.state_dict() for k, o in self.optimizers().items()},
-                'extra': self.extra_state(), 'rng': rng_state(), 'history': self.history, 'evals': self.evals,
-                'snapshots': self.snapshots, 'train_seconds': self.train_seconds, 'cpu_seconds': self.cpu_seconds}
-    def extra_state(self) -> dict: return {}
-    def load_extra_state(self, st: dict): pass
-
-    def save(self, path) -> Path:
-        "Write the checkpoint atomically (a reader never sees half a file)."
-        buf = io.BytesIO(); torch.save(self.state_dict(), buf)
-        return atomic_write_bytes(path, buf.getvalue())
-
-    def load(self, path) -> 'GANTrainer':
-        "Restore a checkpoint of this generator, configuration and dataset (else `CheckpointError`)."
-        path = Path(path)
-        try: st = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e: raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(st, dict) or 'generator' not in st:
-            raise CheckpointError(f"{path}: not a GAN checkpoint of this course (no 'generator' entry)")
-        if st['generator'] != self.name:
-            raise CheckpointError(f"{path} is a checkpoint of generator {st['generator']!r}, not {self.name!r}; "
-                                  f"use another ckpt_dir or build GENERATORS[{st['generator']!r}]")
-        diff = sorted(k for k in set(st['cfg']) | set(self.cfg) if st['cfg'].get(k) != self.cfg.get(k))
-        if diff: raise CheckpointError(f"{path}: checkpoint of another {self.name} configuration (differs in "
-                                       + ', '.join(f"{k}: {st['cfg'].get(k)!r} vs {self.cfg.get(k)!r}" for k in diff) + ')')
-        if st['data_sha1'] != self.data_sha1:
-            raise CheckpointError(f"{path}: this {self.name} checkpoint was trained on another dataset")
-        for k, m in self.modules().items(): m.load_state_dict(st['modules'][k])
-        self.load_extra_state(st['extra'])
-        for k, o in self.optimizers().items(): o.load_state_dict(st['optimizers'][k])
-        self.step, self.history, self.evals = st['step'], list(st['history']), list(st['evals'])
-        self.snapshots, self.train_seconds, self.cpu_seconds = list(st['snapshots']), st['train_seconds'], st.get('cpu_seconds', 0.0)
-        set_rng_state(st['rng'])
-        return self
 
     def weights_sha1(self) -> str:
         "A short fingerprint of the generator's weights (part of the fake set's configuration hash)."
@@ -439,6 +269,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, beta: float):
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), model.parameters()): pe.lerp_(p, 1 - beta)
         for be, b in zip(ema.buffers(), model.buffers()): be.copy_(b)
+
 
 # %% ../../nbs/21_gans.ipynb #cell-30
 class DCGANTrainer(GANTrainer):
@@ -567,11 +398,11 @@ class PGGANTrainer(GANTrainer):
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
         self.start_level, self.end_level = int(math.log2(c['start_res'])) - 2, int(math.log2(c['size'])) - 2
         self.level = self.start_level
-        self._make_opts()
-    def _make_opts(self):
-        c = self.cfg
         self.opt_g = torch.optim.Adam(self.G.parameters(), c['lr'], betas=tuple(c['betas']), eps=1e-8)
         self.opt_d = torch.optim.Adam(self.D.parameters(), c['lr'], betas=tuple(c['betas']), eps=1e-8)
+    def _reset_opts(self):
+        "Forget Adam's moments (what a fresh optimiser would have): the same optimiser objects, which the checkpoint holds."
+        for o in (self.opt_g, self.opt_d): o.state.clear()
     @property
     def total_steps(self): return pg_total_steps(self.cfg['start_res'], self.cfg['size'], self.cfg['stab'], self.cfg['fade'])
     def schedule(self, step=None):
@@ -587,7 +418,7 @@ class PGGANTrainer(GANTrainer):
         return x
     def train_step(self):
         c = self.cfg; level, alpha = self.schedule()
-        if level != self.level: self.level = level; self._make_opts()  # a new layer: reset the optimiser state
+        if level != self.level: self.level = level; self._reset_opts()  # a new layer: reset the optimiser state
         real, _ = self.batch(); real = self.real_at(real, level, alpha)
         z = torch.randn(len(real), c['latent'], device=self.device)
         fake = self.G(z, level, alpha)
@@ -844,7 +675,7 @@ class StarGANTrainer(GANTrainer):
     @torch.no_grad()
     def edit(self, images: torch.Tensor, target: torch.Tensor, batch: int = 128) -> torch.Tensor:
         "Edit images in [0, 1] toward target attribute vectors; returns images in [0, 1]."
-        images = resize_images(check_images(images, 'stargan edit', min_n=1), self.cfg['size'])
+        images = resize(check_images(images, 'stargan edit', min_n=1), self.cfg['size'])
         target = torch.as_tensor(target, dtype=torch.float32)
         if target.ndim == 1: target = target[None].expand(len(images), -1)
         if target.shape != (len(images), self.cfg['c_dim']):
@@ -873,20 +704,22 @@ class StarGANTrainer(GANTrainer):
 # %% ../../nbs/21_gans.ipynb #cell-41
 GENERATORS: dict[str, type[GANTrainer]] = {t.name: t for t in (DCGANTrainer, PGGANTrainer, StyleGANTrainer, StarGANTrainer)}
 
-def build_generator(name: str, images, labels=None, identities=None, device='auto', **cfg) -> GANTrainer:
+def build_generator(name: str, images, labels=None, identities=None, device='auto', amp: bool = False, **cfg) -> GANTrainer:
     "Build the trainer registered as `name` (see `GENERATORS`)."
     if name not in GENERATORS: raise KeyError(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}")
-    return GENERATORS[name](images, labels=labels, identities=identities, device=device, **cfg)
+    return GENERATORS[name](images, labels=labels, identities=identities, device=device, amp=amp, **cfg)
+
 
 # %% ../../nbs/21_gans.ipynb #cell-46
-def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: FaceFeatureNet, k: int = 3,
-                mtcnn: bool = True) -> dict:
-    "MTCNN rate, Fréchet distance and k-NN precision/recall of `samples` (images in [0, 1]) against real features."
-    f = feat_net.features(samples)
-    p, r = knn_precision_recall(real_feats[:max(len(f), k + 1)], f, k)
-    out = {'fd': frechet_distance(real_feats, f), 'precision': p, 'recall': r}
-    if mtcnn: out['mtcnn_rate'] = mtcnn_rate(samples)
+def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: nn.Module, k: int = 3, mtcnn: bool = True,
+                device='cpu') -> dict:
+    "Fréchet distance, k-NN precision/recall (`fidelity.fidelity_scores`) and the MTCNN rate of `samples` (images in [0, 1])."
+    from deepfake_course.fidelity import fidelity_scores
+    from deepfake_course.quality import mtcnn_rate
+    out = fidelity_scores(samples, real_feats, feat_net, k)
+    if mtcnn: out['mtcnn_rate'] = mtcnn_rate(samples, device=device)
     return out
+
 
 # %% ../../nbs/21_gans.ipynb #cell-51
 def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, n: int = 8, spherical: bool = True) -> torch.Tensor:
@@ -899,62 +732,73 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, n: int = 8, spherica
     return (torch.sin((1 - t) * omega) / so) * z0[None] + (torch.sin(t * omega) / so) * z1[None]
 
 # %% ../../nbs/21_gans.ipynb #cell-76
-MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
+def _check_split_spec(split, n: int):
+    "A split name, n split names, or three fractions (train, val, test) summing to 1; returns it normalised."
+    from deepfake_course.data.manifest import SPLITS
+    if isinstance(split, str): split = [split]
+    split = list(split)
+    if len(split) == 3 and all(isinstance(f, (int, float, np.floating)) and not isinstance(f, bool) for f in split):
+        if abs(sum(split) - 1) > 1e-6 or min(split) < 0: raise ValueError(f"make_gan_fake_set: split fractions must be 3 numbers >= 0 summing to 1, got {split}")
+        return tuple(float(f) for f in split)
+    bad = sorted({str(s) for s in split if s not in SPLITS})
+    if bad: raise ValueError(f"make_gan_fake_set: unknown split name(s) {bad}; use {SPLITS}, or three fractions")
+    if len(split) not in (1, n): raise ValueError(f"make_gan_fake_set: give one split, {n} split names (one per image) or three fractions; got {len(split)} names")
+    return split
 
-def png_bytes(image: torch.Tensor, text: dict) -> bytes:
-    "A C×H×W image in [0, 1] as RGB PNG bytes with `text` as PNG text chunks."
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in text.items(): info.add_text(str(k), str(v))
-    buf = io.BytesIO(); Image.fromarray(to_uint8_hwc(image[None])[0]).save(buf, format='PNG', pnginfo=info)
-    return buf.getvalue()
+def _assign_splits(spec, identity: np.ndarray, seed: int) -> np.ndarray:
+    "Per-image split names; fractions are drawn per identity (images without one: each its own group)."
+    n = len(identity)
+    if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[0], float)):
+        return np.array(spec * n if len(spec) == 1 else spec, dtype=object)
+    groups = np.where(identity >= 0, identity, identity.max(initial=-1) + 1 + np.arange(n))
+    keys = np.unique(groups)
+    order = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).numpy()]
+    n_tr, n_va = int(round(spec[0] * len(keys))), int(round(spec[1] * len(keys)))
+    of = {k: 'train' if i < n_tr else 'val' if i < n_tr + n_va else 'test' for i, k in enumerate(order.tolist())}
+    return np.array([of[g] for g in groups.tolist()], dtype=object)
 
-def make_fake_set(trainer: GANTrainer, n: int = 500, data_root=None, method: str | None = None, seed: int = 0,
-                  split: Sequence[float] = (0.7, 0.15, 0.15), **sample_kw) -> Path:
-    "Sample `n` images into `<data_root>/fakes/<method>/<cfg_hash>/` (PNGs tagged synthetic, manifest.csv, card.json); reused if built."
-    import deepfake_course
-    method = method or trainer.name
-    if not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"make_fake_set: n must be a positive integer, got {n!r}")
-    if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0: raise ValueError(f"make_fake_set: split must be 3 fractions summing to 1, got {split}")
-    cfg = {'method': method, 'generator': trainer.name, 'train_cfg': trainer.cfg, 'step': trainer.step, 'data_sha1': trainer.data_sha1,
-           'weights_sha1': trainer.weights_sha1(), 'n': int(n), 'seed': int(seed), 'split': list(split), 'sample': sample_kw}
-    h = cfg_hash(cfg)
-    final = get_data_root(data_root) / 'fakes' / method / h
-    if (final / 'manifest.csv').exists(): return final
-    with torch.random.fork_rng():
-        torch.manual_seed(seed); z = trainer.latent(n)
-    images = trainer.sample(z=z, seed=seed, **sample_kw)
-    meta = trainer.sample_meta(z) if hasattr(trainer, 'sample_meta') else pd.DataFrame(index=range(n))
-    n_tr, n_va = int(round(split[0] * n)), int(round(split[1] * n))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    splits = np.empty(n, dtype=object); splits[order[:n_tr]] = 'train'; splits[order[n_tr:n_tr + n_va]] = 'val'; splits[order[n_tr + n_va:]] = 'test'
-    version = getattr(deepfake_course, '__version__', '?')
-    text = {'Software': f'deepfake-course {version} generate.gan ({method})', 'synthetic': 'true', 'method': method,
-            'cfg_hash': h, 'Description': f'Synthetic face made by the {method} generator; not a photograph.'}
-    rows = []
-    try:
-        with atomic_dir(final) as tmp:
-            (tmp / 'images').mkdir()
-            for i in progress(range(n), desc=f'fake set {method}'):
-                rel = f'images/{method}_{h}_{i:05d}.png'
-                (tmp / rel).write_bytes(png_bytes(images[i], text))
-                rows.append({'path': rel, 'label': 1, 'source': method, 'identity': -1, 'target_identity': -1, 'split': splits[i],
-                             'clip_id': '', 'frame': -1, 'kind': 'image', 'index': i, 'cfg_hash': h})
-            df = pd.DataFrame(rows)
-            for col in meta.columns: df[col] = meta[col].to_numpy()
-            df = df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]]
-            df.to_csv(tmp / 'manifest.csv', index=False)
-            atomic_write_json(tmp / 'card.json', {'method': method, 'cfg_hash': h, 'config': cfg, 'seed': seed,
-                              'counts': {'images': n, **df.split.value_counts().to_dict()}, 'library_version': version,
-                              'time': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'label': 1,
-                              'note': 'synthetic images made by a GAN trained in 21_gans; PNG text chunk synthetic=true'})
-    except (FileExistsError, OSError):
-        if (final / 'manifest.csv').exists(): return final  # another process built the same set meanwhile
-        raise
-    return final
+def _digest(v) -> str: return hashlib.sha1(repr(list(v)).encode()).hexdigest()[:12]
 
-def read_png_text(path) -> dict:
-    "The text chunks of a PNG (e.g. the provenance tags written by `make_fake_set`)."
-    from PIL import Image
-    with Image.open(path) as im: return dict(im.text)
+def make_gan_fake_set(generator: GANTrainer, n: int = 500, *, split=(0.7, 0.15, 0.15), identity: Sequence[int] | None = None,
+                      trained_on: dict | None = None, config: dict | None = None, data_root=None, method: str | None = None,
+                      seed: int = 0, verbose: bool | None = None, **sample_kw) -> str:
+    """Sample `n` images of a trained generator into a named fake set (through `FakeSetWriter`); returns its name `method/hash`.
+
+    `split`: one split for every image, n split names, or three fractions drawn per image (per source identity for
+    StarGAN edits). `identity`: n identities to record (default -1, nobody; StarGAN: the edited face's).
+    `trained_on`: the real images the GAN learnt from (`identities`, `split`, dataset...), written to the card's `sources`;
+    the generator's own identities fill `identities`, and a set that names neither identities nor split is refused.
+    `config`: the caller's settings (part of the set's hash). `sample_kw` go to `generator.sample` (e.g. `truncation`)."""
+    from deepfake_course.core import is_quiet, progress
+    from deepfake_course.data.fakes import ensure_fake_set
+    method = method or generator.name
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1: raise ValueError(f"make_gan_fake_set: n must be a positive integer, got {n!r}")
+    spec = _check_split_spec(split, n)
+    if identity is not None and len(identity) != n: raise ValueError(f"make_gan_fake_set: {len(identity)} identities for {n} images")
+    trained = {'images': len(generator.images), 'data_sha1': generator.data_sha1,
+               'identities': sorted(set(generator.identities.tolist())) if generator.identities is not None else None, 'split': None}
+    trained.update(trained_on or {})
+    if trained['identities'] is None and trained['split'] is None:
+        raise ValueError(f"make_gan_fake_set({method!r}): say which real images the GAN was trained on, e.g. "
+                         "trained_on={'split': 'train', 'identities': [...]}: a GAN carries its training identities' look into every fake")
+    root = get_data_root(data_root)
+    cfg = {'generator': generator.name, 'train_cfg': generator.cfg, 'step': generator.step, 'weights_sha1': generator.weights_sha1(),
+           'n': int(n), 'seed': int(seed), 'sample': sample_kw, 'trained_on': trained, 'job': config or {},
+           'split': list(spec) if len(spec) <= 3 else {'per_image': _digest(spec)},
+           'identity': None if identity is None else _digest(identity)}
+    def build(w):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed); z = generator.latent(n)
+        images = generator.sample(z=z, seed=seed, **sample_kw)
+        if images.shape[1] == 1: images = images.expand(-1, 3, -1, -1)
+        meta = generator.sample_meta(z) if hasattr(generator, 'sample_meta') else pd.DataFrame(index=range(n))
+        ids = np.asarray(identity if identity is not None else meta.pop('identity') if 'identity' in meta else np.full(n, -1), dtype=np.int64)
+        splits = _assign_splits(spec, ids, seed)
+        for i in progress(range(n), desc=f'fake set {method}', verbose=verbose):
+            w.add_image(images[i], split=splits[i], identity=int(ids[i]), name=f'{i:05d}', index=i,
+                        **{c: meta[c].iloc[i] for c in meta.columns})
+    desc = (f"{n} samples of the {generator.name} generator (step {generator.step}); GAN faces belong to nobody (identity -1)"
+            + (", StarGAN edits keep their source identity" if generator.name == 'stargan' else ''))
+    return ensure_fake_set(method, cfg, build, root, verbose=not is_quiet() if verbose is None else verbose, description=desc,
+                           sources={'trained_on': trained, 'generator': {'name': generator.name, 'run_id': generator.run_id}})
+
