@@ -57,13 +57,15 @@ def main(argv=None):
     ap.add_argument('--source', choices=['synth', 'photos'], default='synth')
     a = ap.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    from deepfake_course.faces import FaceExtractor, write_video, read_frames
+    from deepfake_course.faces import FaceExtractor
+    from deepfake_course.core import write_mp4
+    from deepfake_course.media import read_frames
     fx = FaceExtractor(a.device, batch_size=a.batch_size)
     clips = (synth_clips if a.source == 'synth' else photo_clips)(a.clips, a.frames, a.size, a.seed)
     decoded = []
     with tempfile.TemporaryDirectory() as d:
         for i, (fr, fps) in enumerate(clips):
-            p = write_video(Path(d)/f'clip{i}.mp4', fr, fps=fps)
+            p = write_mp4(Path(d)/f'clip{i}.mp4', fr, fps=fps)
             decoded.append(read_frames(p)[0])
     fx.detect(decoded[0][:2]); fx.detect(decoded[0][0])           # warm-up
     t_batch, res_b = best_of(lambda: [fx.detect(v) for v in decoded], a.repeat)

@@ -181,6 +181,7 @@ def read_frames(path, every: int | None = None, count: int | None = None, max_fr
             if media_kind(p) == 'image': raise
     try: c = _open_video(p)
     except VideoError as e:
+        if media_kind(p) == 'video': raise          # a video by name that does not open: say it as a video error
         raise BadFileError(f"{str(p)!r} is neither an image nor a video ({e})") from None
     n = None
     if count is not None:

@@ -1,10 +1,16 @@
-"""Unit tests of deepfake_course.generate.faceswap: architectures, loss, warp, colour transfer (known statistics),
-checkpoints and exact resume, merging, video, fake sets, measures. Random data only; fast on a 2-core CPU."""
+"""Unit tests of deepfake_course.generate.faceswap: architectures, loss, warp, checkpoints and exact resume, merging,
+video, fake sets, evaluation. Random data only; fast on a 2-core CPU. (Colour transfer: test_color.py; the judges:
+test_quality.py.)"""
 import numpy as np, pandas as pd, pytest, torch
 import kornia
-from PIL import Image
 
+from deepfake_course.core import n_params, write_mp4
+from deepfake_course.data.fakes import read_fake_set, resolve_fake_set, read_card
+from deepfake_course.data.manifest import MANIFEST_COLUMNS
+from deepfake_course.faces import face_template
 from deepfake_course.generate import faceswap as fs
+from deepfake_course.media import read_video, read_provenance
+from deepfake_course.train import CheckpointError, read_checkpoint
 
 TINY = dict(e_dims=4, ae_dims=16, d_dims=4, d_mask_dims=2)
 
@@ -13,19 +19,8 @@ def _faceset(identity, n=20, size=32, seed=0):
     g = torch.Generator().manual_seed(seed + identity)
     img = torch.rand(n, 3, size, size, generator=g) * 0.5 + 0.25 * identity
     m = torch.zeros(n, 1, size, size); m[..., size // 6: -size // 6, size // 5: -size // 5] = 1
-    lm = torch.as_tensor(fs._template(size, 'full'), dtype=torch.float32).expand(n, 5, 2)
-    return fs.FaceSet(img.clamp(0, 1), m, lm, identity)
-
-
-def _colour_image(mu, A, seed, size=48):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(3, size * size, generator=g)
-    return (torch.tensor(mu).view(3, 1) + torch.tensor(A) @ z).view(3, size, size).clamp(0, 1)
-
-
-X = _colour_image([.6, .45, .35], [[.06, 0, 0], [.02, .05, 0], [0, .01, .04]], 0)
-R = _colour_image([.4, .5, .55], [[.04, .01, 0], [0, .06, 0], [.01, 0, .05]], 1)
-px = lambda a: a.reshape(3, -1).T.double().numpy()
+    lm = torch.as_tensor(face_template(size, 'full'), dtype=torch.float32).expand(n, 5, 2)
+    return fs.SwapFaceSet(img.clamp(0, 1), m, lm, identity)
 
 
 # ---------------------------------------------------------------- architectures
@@ -40,6 +35,8 @@ def test_architectures_shapes(archi, res):
     sw, swm = m.swap(x)
     assert sw.shape == (2, 3, res, res) and 0 <= swm.min() and swm.max() <= 1
     assert m.config == dict(archi=archi, resolution=res, **TINY)
+    assert m.checkpoint_name == f'faceswap-{archi}' and m.checkpoint_config == m.config
+    assert n_params(m) == sum(p.numel() for p in m.parameters()) and not hasattr(m, 'n_params')
 
 
 def test_df_liae_structure():
@@ -86,63 +83,6 @@ def test_warp_identity_flip_and_registration():
     assert g.shape == (2, 64, 64) and np.abs(g[0] - np.arange(64)[None]).max() < 16
 
 
-# ---------------------------------------------------------------- colour transfer: known statistics
-def test_rct_matches_lab_mean_and_std():
-    y = fs.rct(X, R)
-    lab = lambda a: kornia.color.rgb_to_lab(a[None])[0].reshape(3, -1)
-    torch.testing.assert_close(lab(y).mean(1), lab(R).mean(1), atol=1.0, rtol=0)
-    torch.testing.assert_close(lab(y).std(1), lab(R).std(1), atol=0, rtol=0.06)
-    # batched call equals per-image calls
-    torch.testing.assert_close(fs.rct(torch.stack([X, R]), torch.stack([R, X]))[0], y, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize('mode', ['lct', 'mkl'])
-def test_linear_transfers_match_mean_and_covariance(mode):
-    y = fs.color_transfer(mode, X, R)
-    np.testing.assert_allclose(px(y).mean(0), px(R).mean(0), atol=2e-3)
-    np.testing.assert_allclose(np.cov(px(y).T), np.cov(px(R).T), atol=2e-4)
-
-
-def test_mkl_is_the_optimal_transport_map():
-    # Monge-Kantorovich: the linear map is symmetric positive definite (a pure "stretch", no rotation)
-    A, B = np.cov(px(X).T), np.cov(px(R).T)
-    y = fs.mkl(X, R)
-    T = np.linalg.lstsq(px(X) - px(X).mean(0), px(y) - px(y).mean(0), rcond=None)[0]
-    np.testing.assert_allclose(T, T.T, atol=1e-3)
-    assert np.linalg.eigvalsh((T + T.T) / 2).min() > 0
-    np.testing.assert_allclose(T.T @ A @ T, B, atol=2e-4)
-
-
-def test_idt_matches_marginals():
-    y = fs.idt(X, R, n_rot=30)
-    q = np.linspace(0.05, 0.95, 19)
-    for c in range(3):
-        np.testing.assert_allclose(np.quantile(px(y)[:, c], q), np.quantile(px(R)[:, c], q), atol=0.02)
-    same = np.abs(fs.idt(R, R).numpy() - R.numpy())                          # the reference onto itself: (nearly) unchanged
-    assert same.mean() < 0.003 and same.max() < 0.05
-
-
-def test_sot_moves_the_distribution():
-    def sliced_w(a, b, k=32):
-        d = np.random.default_rng(5).normal(size=(k, 3)); d /= np.linalg.norm(d, axis=1, keepdims=True)
-        return np.mean([np.abs(np.sort(a @ v) - np.sort(b @ v)).mean() for v in d])
-    y = fs.sot(X, R, steps=20, reg_sigma_xy=0)
-    assert sliced_w(px(y), px(R)) < 0.15 * sliced_w(px(X), px(R))
-    np.testing.assert_allclose(px(y).mean(0), px(R).mean(0), atol=0.01)
-    assert fs.sot(X, R).shape == X.shape     # with the bilateral regularisation
-
-
-def test_colour_transfer_masks_and_errors():
-    m = torch.zeros(1, 48, 48); m[:, :24] = 1
-    two = torch.cat([R[:, :24], (R[:, 24:] * 0.2)], 1)            # statistics must come from the masked half only
-    y = fs.color_transfer('lct', X, two, None, m)
-    np.testing.assert_allclose(px(y).mean(0), R[:, :24].reshape(3, -1).double().mean(1).numpy(), atol=3e-3)
-    with pytest.raises(ValueError, match="Unknown colour transfer 'hist'"): fs.color_transfer('hist', X, R)
-    with pytest.raises(ValueError, match='fewer than 4 pixels'): fs.lct(X, R, torch.zeros(1, 48, 48))
-    assert fs.color_transfer(None, X, R) is X
-    assert fs.color_transfer('mkl', torch.stack([X, X]), R[None]).shape == (2, 3, 48, 48)
-
-
 # ---------------------------------------------------------------- training, checkpoints, resume
 def test_exact_resume_after_interruption(tmp_path):
     a, b = _faceset(0), _faceset(1)
@@ -166,31 +106,49 @@ def test_exact_resume_after_interruption(tmp_path):
 def test_checkpoint_mismatch(tmp_path):
     a, b = _faceset(0), _faceset(1)
     fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=1, batch_size=2, ckpt_path=tmp_path / 'c.pt', device='cpu', verbose=False)
-    with pytest.raises(fs.CheckpointMismatchError, match="archi: checkpoint 'df' vs model 'liae'"):
+    ck = read_checkpoint(tmp_path / 'c.pt')               # train's one format, named after the model
+    assert ck['name'] == 'faceswap-df' and ck['config'] == dict(archi='df', resolution=32, **TINY) and ck['step'] == 1
+    with pytest.raises(CheckpointError, match="holds a 'faceswap-df' model, not 'faceswap-liae'"):
         fs.train_faceswap(fs.build_model('liae', 32, **TINY), a, b, steps=2, ckpt_path=tmp_path / 'c.pt', device='cpu', verbose=False)
-    with pytest.raises(fs.CheckpointMismatchError, match='resolution: checkpoint 32 vs model 64'):
-        fs.load_swap_checkpoint(tmp_path / 'c.pt', fs.build_model('df', 64, **TINY))
+    with pytest.raises(CheckpointError, match='resolution: checkpoint 32 vs now 64'):
+        fs.train_faceswap(fs.build_model('df', 64, **TINY), _faceset(0, size=64), _faceset(1, size=64), steps=2,
+                          ckpt_path=tmp_path / 'c.pt', device='cpu', verbose=False)
     (tmp_path / 'junk.pt').write_bytes(b'junk')
-    with pytest.raises(fs.CheckpointMismatchError, match='not a readable checkpoint'): fs.load_swap_checkpoint(tmp_path / 'junk.pt')
-    with pytest.raises(FileNotFoundError): fs.load_swap_checkpoint(tmp_path / 'none.pt')
+    with pytest.raises(CheckpointError, match='truncated or corrupt'): fs.load_swap_model(tmp_path / 'junk.pt')
+    with pytest.raises(FileNotFoundError): fs.load_swap_model(tmp_path / 'none.pt')
     assert fs.load_swap_model(tmp_path / 'c.pt').config['archi'] == 'df'
+    with pytest.raises(CheckpointError, match="not 'faceswap-liae'"): fs.load_swap_model(tmp_path / 'c.pt', archi='liae')
+    # another model's checkpoint in the same format is not a face swap
+    from deepfake_course.train import save_checkpoint
+    save_checkpoint(tmp_path / 'other.pt', torch.nn.Linear(2, 2), name='shallownet_v3', config=dict(width=2))
+    with pytest.raises(CheckpointError, match="holds a 'shallownet_v3' model, not a face swap"): fs.load_swap_model(tmp_path / 'other.pt')
+
+
+def test_resume_false_starts_afresh(tmp_path):
+    a, b = _faceset(0), _faceset(1)
+    kw = dict(batch_size=2, ckpt_path=tmp_path / 'r.pt', device='cpu', verbose=False, preview_every=0)
+    fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=2, **kw)
+    r = fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=3, resume=False, **kw)
+    assert r.resumed_from == 0 and r.history['step'].tolist() == [1, 2, 3]
+    r = fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=4, **kw)     # longer: resumes at 3
+    assert r.resumed_from == 3 and r.step == 4 and len(r.history) == 4
 
 
 def test_too_few_images():
-    img = torch.rand(5, 3, 64, 64); lm = torch.as_tensor(fs._template(64, 'full'), dtype=torch.float32).expand(5, 5, 2)
+    img = torch.rand(5, 3, 64, 64); lm = torch.as_tensor(face_template(64, 'full'), dtype=torch.float32).expand(5, 5, 2)
     with pytest.raises(ValueError, match='identity 3: only 5 face images'):
-        fs.make_faceset(img, torch.ones(5, 1, 64, 64), lm, identity=3, size=32)
+        fs.make_swap_faceset(img, torch.ones(5, 1, 64, 64), lm, identity=3, size=32)
     with pytest.raises(ValueError, match='only 5 faces'):
         fs.train_faceswap(fs.build_model('df', 32, **TINY), _faceset(0).subset(range(5)), _faceset(1), steps=1)
     with pytest.raises(ValueError, match='32 px but the model is 64 px'):
         fs.train_faceswap(fs.build_model('df', 64, **TINY), _faceset(0), _faceset(1), steps=1)
 
 
-def test_make_faceset_alignment():
+def test_make_swap_faceset_alignment():
     img = torch.rand(16, 3, 64, 64)
-    t = fs._template(64, 'full'); lm = torch.as_tensor(t * 0.8 + 6, dtype=torch.float32).expand(16, 5, 2)
-    s = fs.make_faceset(img, torch.ones(16, 1, 64, 64), lm, 0, size=32)
-    np.testing.assert_allclose(s.landmarks5[0].numpy(), fs._template(32, 'full'), atol=1e-3)
+    t = face_template(64, 'full'); lm = torch.as_tensor(t * 0.8 + 6, dtype=torch.float32).expand(16, 5, 2)
+    s = fs.make_swap_faceset(img, torch.ones(16, 1, 64, 64), lm, 0, size=32)
+    np.testing.assert_allclose(s.landmarks5[0].numpy(), face_template(32, 'full'), atol=1e-3)
     assert s.em.max() == 1 and s.em.shape == (16, 1, 32, 32)
 
 
@@ -205,12 +163,12 @@ def test_refine_mask():
 def test_merge_and_pass_through():
     m = fs.build_model('df', 32, **TINY).eval()
     frames = torch.rand(4, 3, 48, 48)
-    lm = [fs._template(32, 'full') + 8, None, fs._template(32, 'full') + 8, np.full((5, 2), np.nan)]
+    lm = [face_template(32, 'full') + 8, None, face_template(32, 'full') + 8, np.full((5, 2), np.nan)]
     r = fs.swap_frames(m, frames, lm)
     assert r['n_swapped'] == 2 and r['n_passed'] == 2 and r['swapped'].tolist() == [True, False, True, False]
     assert torch.equal(r['frames'][1], frames[1]) and torch.equal(r['frames'][3], frames[3])
     assert not torch.equal(r['frames'][0], frames[0])
-    crop, M, Mi = fs.align_faces(frames[:1], np.asarray(lm[0])[None], 32)
+    crop, M, Mi = fs.align_swap_faces(frames[:1], np.asarray(lm[0])[None], 32)
     face, mask = m.swap(crop)
     for mode in ('alpha', 'seamless'):
         out, alpha = fs.merge_face(frames[0], face[0].detach(), torch.ones(1, 32, 32), Mi[0], mode, erode=2, blur=5, color='rct', dst_face=crop[0])
@@ -220,55 +178,63 @@ def test_merge_and_pass_through():
     with pytest.raises(ValueError, match="Unknown merge mode"): fs.merge_face(frames[0], face[0], mask[0], Mi[0], 'poisson')
 
 
-def test_mp4_roundtrip_with_audio_and_tag(tmp_path):
-    fr = (np.random.default_rng(0).random((20, 32, 32, 3)) * 255).astype(np.uint8)
+def test_swap_clip_file_roundtrip_with_audio_and_tag(tmp_path):
+    m = fs.build_model('df', 32, **TINY).eval()
+    fr = (np.random.default_rng(0).random((20, 48, 48, 3)) * 255).astype(np.uint8)
     audio = np.sin(np.arange(12800) / 16000 * 2 * np.pi * 300).astype(np.float32) * 0.5
-    p = fs.write_mp4(tmp_path / 'v.mp4', fr, 25, audio, 16000, {'comment': fs.SYNTHETIC_TAG})
-    v = fs.read_mp4(p)
-    assert v['frames'].shape == (20, 32, 32, 3) and v['metadata']['comment'] == fs.SYNTHETIC_TAG
-    assert v['sample_rate'] == 16000 and abs(len(v['audio']) - len(audio)) <= 2048
-    with pytest.raises(FileNotFoundError): fs.read_mp4(tmp_path / 'none.mp4')
+    src = write_mp4(tmp_path / 'in.mp4', fr, 25, audio, 16000)
+    lm = [face_template(32, 'full') + 8] * 19 + [None]
+    r = fs.swap_clip(m, src, tmp_path / 'out.mp4', landmarks5=lm, metadata={'source_clip': 'in'})
+    assert r['n_swapped'] == 19 and r['n_passed'] == 1 and r['fps'] == 25
+    frames, fps, wav = read_video(r['path'])
+    assert frames.shape == (20, 48, 48, 3) and abs(len(wav) - len(audio)) <= 2048
+    tags = read_provenance(r['path'])
+    assert tags['synthetic'] == 'true' and tags['method'] == 'faceswap-df'
+    with pytest.raises(FileNotFoundError): fs.swap_clip(m, tmp_path / 'none.mp4', landmarks5=lm)
 
 
 def test_fake_set(tmp_path):
     m = fs.build_model('liae', 32, **TINY).eval()
-    frames = torch.rand(6, 3, 48, 48); lm = np.stack([fs._template(32, 'full') + 8] * 6)
+    frames = torch.rand(6, 3, 48, 48); lm = np.stack([face_template(32, 'full') + 8] * 6)
     clip = dict(clip_id='c0', frames=frames, audio=np.zeros(4000, np.float32), fps=25, landmarks5=[lm[0], None, lm[0], lm[0], None, lm[0]])
-    d = fs.make_faceswap_set(m, frames, lm, 3, 5, dict(seed=0), root=tmp_path, splits=['train'] * 4 + ['val', 'test'], clips=[clip])
-    assert d.parent == tmp_path / 'fakes' / 'faceswap-liae'
-    man = pd.read_csv(d / 'manifest.csv', keep_default_na=False)
-    assert list(man.columns[:9]) == fs.MANIFEST_COLUMNS
+    name = fs.make_faceswap_set(m, frames, lm, 3, 5, 'val', dict(seed=0), data_root=tmp_path, clips=[clip])
+    d = resolve_fake_set(name, tmp_path)
+    assert name.startswith('faceswap-liae/') and d.parent == (tmp_path / 'fakes' / 'faceswap-liae').resolve()
+    man = read_fake_set(name, tmp_path)                        # leak-checked on reading
+    assert list(man.columns[:9]) == list(MANIFEST_COLUMNS)
     assert (man.label == 1).all() and (man.identity == 5).all() and (man.target_identity == 3).all()
+    assert (man.split == 'val').all()                          # the pair's two identities in one split
     assert man.kind.tolist() == ['image'] * 6 + ['clip'] and (man.frame == -1).all()
-    assert man.clip_id.iloc[-1].startswith('faceswap-liae-') and man.n_passed.iloc[-1] == 2 and man.n_passed.dtype.kind == 'i'
-    assert Image.open(d / man.path[0]).text['Description'] == fs.SYNTHETIC_TAG
-    assert fs.read_mp4(d / man.path.iloc[-1])['metadata']['deepfake_method'] == 'faceswap-liae'
-    assert (d / 'card.json').exists() and not any(p.name.startswith('.') for p in d.parent.iterdir())
+    assert man.clip_id.iloc[-1] == f'{name}/c0' and man.n_passed.iloc[-1] == 2 and man.n_passed.dtype.kind == 'i'
+    tags = read_provenance(man.path.iloc[0])
+    assert tags['synthetic'] == 'true' and tags['method'] == 'faceswap-liae' and tags['fake_set'] == name
+    assert read_provenance(man.path.iloc[-1])['method'] == 'faceswap-liae'
+    with np.load(str(man.path.iloc[-1]).replace('.mp4', '.npz')) as z: assert z['frames'].shape == (6, 48, 48, 3) and z['swapped'].sum() == 4
+    card = read_card(d)
+    assert card['config']['split'] == 'val' and card['counts']['val']['identities'] == [3, 5] and card['counts']['train']['images'] == 0
+    assert not any(p.name.startswith('.') for p in d.parent.iterdir())
     mtime = (d / 'manifest.csv').stat().st_mtime
-    assert fs.make_faceswap_set(m, frames, lm, 3, 5, dict(seed=0), root=tmp_path, splits=['train'] * 4 + ['val', 'test'], clips=[clip]) == d
+    assert fs.make_faceswap_set(m, frames, lm, 3, 5, 'val', dict(seed=0), data_root=tmp_path, clips=[clip]) == name
     assert (d / 'manifest.csv').stat().st_mtime == mtime       # reused, not rebuilt
+    # another split is another set; a clip of another split than the pair's, or an unknown split, is refused
+    assert fs.make_faceswap_set(m, frames[:2], lm[:2], 3, 5, 'test', dict(seed=0), data_root=tmp_path) != name
+    with pytest.raises(ValueError, match="carry another split than the pair's 'train'"):
+        fs.make_faceswap_set(m, frames, lm, 3, 5, 'train', dict(seed=0), data_root=tmp_path, clips=[dict(clip, split='test')])
+    with pytest.raises(ValueError, match="split must be one of"):
+        fs.make_faceswap_set(m, frames, lm, 3, 5, 'holdout', dict(seed=0), data_root=tmp_path)
+    with pytest.raises(ValueError, match='5 landmark sets for 6 images'):
+        fs.make_faceswap_set(m, frames, lm[:5], 3, 5, 'train', dict(seed=1), data_root=tmp_path)
 
 
-# ---------------------------------------------------------------- measures
-def test_measures():
-    ref = torch.tensor([[[10., 10.], [30., 10.], [20., 20.], [12., 30.], [28., 30.]]])
-    assert fs.landmark_nme(ref, ref).item() == 0
-    assert fs.landmark_nme(ref + torch.tensor([2., 0.]), ref).item() == pytest.approx(0.1)   # 2 px / 20 px inter-ocular
-    x = torch.rand(2, 3, 32, 32); m = torch.ones(2, 1, 32, 32)
-    torch.testing.assert_close(fs.masked_ssim(x, x, m), torch.ones(2))
-    assert fs.masked_ssim(x, torch.rand(2, 3, 32, 32), m).max() < 0.2
-    assert fs.temporal_flicker(x[:1].expand(4, -1, -1, -1)) == 0
-    seq = torch.stack([torch.full((3, 8, 8), v) for v in (0., .1, .3)])
-    assert fs.temporal_flicker(seq) == pytest.approx(0.15)
-    assert fs.temporal_flicker(seq, valid=[True, True, False]) == pytest.approx(0.1)
-    assert fs.face_ellipse(64).shape == (1, 64, 64) and 0.2 < fs.face_ellipse(64).mean() < 0.6
-
-
-def test_identity_classifier_and_landmark_regressor_learn():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(64, 3, 32, 32, generator=g) * 0.3; y = torch.arange(64) % 2
-    x[y == 1, 0] += 0.6                                    # identity 1 is red
-    net = fs.train_identity_classifier(x, torch.ones(64, 1, 32, 32), y + 4, epochs=4, device='cpu', verbose=False)
-    assert (fs.predict_identity(net, x, torch.ones(64, 1, 32, 32)) == y + 4).float().mean() > 0.9
-    with pytest.raises(ValueError, match='at least 2 identities'):
-        fs.train_identity_classifier(x, torch.ones(64, 1, 32, 32), torch.zeros(64), epochs=1)
+# ---------------------------------------------------------------- evaluation with the judges of deepfake_course.quality
+def test_evaluate_swap():
+    from deepfake_course import quality as q
+    a, b = _faceset(0, 16), _faceset(1, 16)
+    x, mk = torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks])
+    id_net = q.train_identity_classifier(x, mk, [0] * 16 + [1] * 16, epochs=2, device='cpu', verbose=False)
+    lm_net = q.train_landmark_regressor(x, torch.cat([a.landmarks5, b.landmarks5]), epochs=1, device='cpu', verbose=False)
+    e = fs.evaluate_swap(fs.build_model('df', 32, **TINY).eval(), a, b, id_net, lm_net)
+    assert set(e) == {'recon_ssim', 'recon_ssim_src', 'recon_ssim_dst', 'identity_transfer', 'identity_kept_dst',
+                      'landmark_nme', 'landmark_nme_other_face'}
+    assert 0 <= e['identity_transfer'] <= 1 and e['identity_transfer'] + e['identity_kept_dst'] == pytest.approx(1)
+    assert e['recon_ssim'] == pytest.approx((e['recon_ssim_src'] + e['recon_ssim_dst']) / 2) and e['landmark_nme'] >= 0

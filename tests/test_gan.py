@@ -134,7 +134,9 @@ def test_checkpoint_of_another_generator_is_refused(tmp_path):
     with pytest.raises(G.CheckpointError, match="'dcgan' model built with another configuration.*ngf: checkpoint 8 vs now 4"): _trainer('dcgan', ngf=4).load(ck)
     with pytest.raises(G.CheckpointError, match='another configuration.*data_sha1'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
     bad = tmp_path / 'bad.pt'; bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(G.CheckpointError, match='truncated or corrupt'): _trainer('dcgan').load(bad)
+    with pytest.raises(G.CheckpointError, match='not a deepfake_course checkpoint|truncated or corrupt'): _trainer('dcgan').load(bad)
+    cut = tmp_path / 'cut.pt'; cut.write_bytes(ck.read_bytes()[:2000])  # a half-written file
+    with pytest.raises(G.CheckpointError, match='truncated or corrupt'): _trainer('dcgan').load(cut)
     # run_id names a checkpoint folder per configuration and dataset
     assert _trainer('dcgan').run_id == _trainer('dcgan').run_id != _trainer('dcgan', ngf=4).run_id
     assert _trainer('dcgan').run_id.startswith('dcgan-')
@@ -214,7 +216,7 @@ def test_fake_set_identities_splits_and_sources(tmp_path):
     name = G.make_gan_fake_set(st, 30, data_root=tmp_path)  # the trainer's identities fill trained_on
     df = read_fake_set(name, tmp_path)
     assert df.identity.min() >= 0 and (df.groupby('identity').split.nunique() == 1).all() and df.split.nunique() > 1
-    assert (df.identity.to_numpy() == ids[df.source_index.to_numpy()].numpy()).all()
+    assert (df.identity.to_numpy() == ids.numpy()[df.source_index.to_numpy()]).all()
     assert read_card(resolve_fake_set(name, tmp_path))['sources']['trained_on']['identities'] == list(range(6))
 
 

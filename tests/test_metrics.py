@@ -14,9 +14,9 @@ from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn import metrics as skm
 
-from deepfake_course.metrics import (binary_metrics, bootstrap_ci, check_binary, eer_score, grad_cam, metrics_table,
-                                     pick_threshold, plot_det, plot_roc, plot_scores, show_cam, threshold_metrics,
-                                     tpr_at_fpr, video_metrics, aggregate_videos)
+from deepfake_course.metrics import (apply_temperature, binary_metrics, bootstrap_ci, check_binary, eer_score,
+                                     fit_temperature, fmt_ci, grad_cam, metrics_table, pick_threshold, plot_det, plot_roc,
+                                     plot_scores, show_cam, threshold_metrics, tpr_at_fpr, video_metrics, aggregate_videos)
 
 KEYS = {'acc', 'balanced_acc', 'auroc', 'eer', 'eer_threshold', 'ap', 'tpr_at_fpr_1e-2', 'tpr_at_fpr_1e-3', 'logloss'}
 
@@ -346,6 +346,151 @@ def test_metrics_table():
     assert metrics_table({'df': df}, n_boot=20).loc['df', 'n_real'] == (sets['a'][0] == 0).sum()
     with pytest.raises(ValueError, match='style'): metrics_table(sets, style='latex')
     with pytest.raises(ValueError, match="score set 'x'"): metrics_table({'x': pd.DataFrame({'label': [0, 1]})})
+
+
+def people(seed, n_ids=40, per=6, d=1.5, person_sd=1.0, face_sd=0.05, detector='A'):
+    "Real and fake faces of n_ids people; a person's faces share a score offset (near-duplicates when face_sd is small)."
+    r = np.random.default_rng(seed)
+    off = r.normal(0, person_sd, n_ids)
+    rows = [{'identity': i, 'label': lab, 'score': 1 / (1 + np.exp(-((lab - .5) * d + off[i] + r.normal(0, face_sd))))}
+            for i in range(n_ids) for lab in (0, 1) for _ in range(per)]
+    return pd.DataFrame(rows).assign(detector=detector)
+
+
+def test_metrics_table_by_two_columns_and_thresholds():
+    df = pd.concat([people(k * 2 + j, d=1 + k + j, detector=det).assign(method=m)
+                    for k, det in enumerate(('A', 'B')) for j, m in enumerate(('swap', 'gan'))], ignore_index=True)
+    thr = {'A': 0.4, 'B': 0.6}
+    t = metrics_table(df, by=['detector', 'method'], n_boot=100, threshold=thr)
+    assert t.index.names == ['detector', 'method'] and list(t.index) == [('A', 'swap'), ('A', 'gan'), ('B', 'swap'), ('B', 'gan')]
+    assert list(t.columns) == ['n', 'n_real', 'n_fake', 'n_groups', 'threshold'] + [
+        c for m in ('auroc', 'eer', 'ap', 'acc') for c in (m, f'{m}_lo', f'{m}_hi')]
+    for (det, m), row in t.iterrows():
+        d = df[(df.detector == det) & (df.method == m)]
+        bm = binary_metrics(d['label'], d['score'], threshold=thr[det])
+        assert row['auroc'] == skm.roc_auc_score(d['label'], d['score'])
+        assert row['eer'] == pytest.approx(bm['eer'], abs=1e-12) and row['ap'] == pytest.approx(bm['ap'], abs=1e-12)
+        assert row['acc'] == bm['acc'] and row['threshold'] == thr[det]
+        assert (row['n'], row['n_real'], row['n_fake'], row['n_groups']) == (480, 240, 240, 40)
+        for k in ('auroc', 'eer', 'ap', 'acc'): assert row[f'{k}_lo'] <= row[k] <= row[f'{k}_hi']
+    # a threshold per (detector, method) tuple; the tuple wins over the detector
+    t2 = metrics_table(df, by=['detector', 'method'], metrics=('acc',), n_boot=20, threshold={('A', 'gan'): 0.9, 'A': 0.1, 'B': 0.5})
+    assert t2['threshold'].tolist() == [0.1, 0.9, 0.5, 0.5]
+    with pytest.raises(ValueError, match=r"threshold has no entry for \('B', 'swap'\)"):
+        metrics_table(df, by=['detector', 'method'], n_boot=20, threshold={'A': 0.5})
+    # one by-column: a plain index; the same numbers as the old dict form resampling rows
+    one = metrics_table(df[df.method == 'swap'], by='detector', group=None, n_boot=50, seed=3)
+    assert one.index.name == 'detector' and list(one.index) == ['A', 'B'] and one.loc['A', 'n_groups'] == 480
+    a = df[(df.method == 'swap') & (df.detector == 'A')]
+    old = metrics_table({'A': (a['label'], a['score'])}, n_boot=50, seed=3, style='columns')
+    for c in ('auroc', 'auroc_lo', 'auroc_hi', 'acc_lo', 'acc_hi'): assert one.loc['A', c] == old.loc['A', c]
+    txt = metrics_table(df, by=None, metrics=('auroc',), n_boot=20, style='text')
+    assert list(txt.index) == ['all'] and re.fullmatch(r'\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]', txt.loc['all', 'auroc'])
+    def fakes_seen(y, s): return float(y.sum())
+    assert metrics_table(df, metrics=(fakes_seen,), by='detector', n_boot=20).loc['A', 'fakes_seen_lo'] == 480  # a callable, named
+
+
+def test_metrics_table_errors_name_the_row_and_column():
+    df = people(0)
+    with pytest.raises(ValueError, match=r"scores lacks column\(s\) \['method'\]"):
+        metrics_table(df, by=['detector', 'method'])
+    with pytest.raises(ValueError, match=r"no group column 'clip_id'.*group=None"):
+        metrics_table(df, group='clip_id')
+    only_fakes = pd.concat([df, df[df.label == 1].assign(detector='B')], ignore_index=True)
+    with pytest.raises(ValueError, match=r"metrics_table\[detector='B'\]: y_true has only one class"):
+        metrics_table(only_fakes, n_boot=10)
+    with pytest.raises(ValueError, match=r"metrics_table: unknown metric 'f1'"):
+        metrics_table(df, metrics=('auroc', 'f1'))
+    with pytest.raises(ValueError, match='n_boot'): metrics_table(df, n_boot=0)
+    with pytest.raises(ValueError, match='threshold must be a finite number'): metrics_table(df, threshold=float('nan'))
+
+
+def test_group_bootstrap_is_wider_with_near_duplicate_rows():
+    "Six near-copies of each face: resampling rows pretends to 6x the data; resampling people does not."
+    df = people(1, n_ids=60, per=6, face_sd=0.01)
+    g = metrics_table(df, group='identity', n_boot=300)
+    r = metrics_table(df, group=None, n_boot=300)
+    assert g.loc['A', 'auroc'] == r.loc['A', 'auroc']  # the same point estimate
+    for m in ('auroc', 'eer', 'ap'):
+        wg, wr = g.loc['A', f'{m}_hi'] - g.loc['A', f'{m}_lo'], r.loc['A', f'{m}_hi'] - r.loc['A', f'{m}_lo']
+        assert wg > 1.5 * wr, (m, wg, wr)
+    # and the people bootstrap of duplicated rows matches the one of the people themselves (one face each)
+    single = people(1, n_ids=60, per=1, face_sd=0.0)
+    w1 = metrics_table(single, group=None, n_boot=300).loc['A']
+    assert abs((g.loc['A', 'auroc_hi'] - g.loc['A', 'auroc_lo']) - (w1['auroc_hi'] - w1['auroc_lo'])) < 0.5 * (w1['auroc_hi'] - w1['auroc_lo'])
+
+
+def test_group_bootstrap_with_single_class_and_mixed_groups():
+    "Groups of three kinds: real only (scores < .3), fake only (> .7), both (in between); stratified by kind."
+    r = np.random.default_rng(0)
+    rows = [(f'r{i}', 0, r.uniform(0, .3)) for i in range(8) for _ in range(3)]
+    rows += [(f'f{i}', 1, r.uniform(.7, 1)) for i in range(5) for _ in range(3)]
+    rows += [(f'm{i}', lab, r.uniform(.3, .7)) for i in range(6) for lab in (0, 1, 1)]
+    g, y, s = map(np.array, zip(*rows))
+    y, s = y.astype(int), s.astype(float)
+    kinds = lambda yy, ss: float(1e6 * (ss < .3).sum() + 1e3 * (ss > .7).sum() + ((ss >= .3) & (ss <= .7)).sum())
+    c = kinds(y, s)
+    assert c == 24e6 + 15e3 + 18
+    assert bootstrap_ci(y, s, kinds, n_boot=200, groups=g) == (c, c, c)  # every resample keeps 8, 5 and 6 groups of each kind
+    _, lo, hi = bootstrap_ci(y, s, kinds, n_boot=200, groups=g, stratified=False)
+    assert lo < c < hi
+    sizes = lambda yy, ss: float(len(yy) % 3)  # whole groups of 3 rows
+    assert bootstrap_ci(y, s, sizes, n_boot=100, groups=g, stratified=False)[1:] == (0.0, 0.0)
+    df = pd.DataFrame({'identity': g, 'label': y, 'score': s, 'detector': 'A'})
+    t = metrics_table(df, n_boot=100)
+    assert t.loc['A', 'n_groups'] == 19 and t.loc['A', 'auroc_lo'] <= t.loc['A', 'auroc'] <= t.loc['A', 'auroc_hi']
+    # rows without an identity (the manifest's -1, or NaN) are groups of their own
+    df2 = df.assign(identity=[-1] * 6 + list(range(len(df) - 6)))
+    assert metrics_table(df2, n_boot=20).loc['A', 'n_groups'] == len(df)
+    assert metrics_table(df.assign(identity=np.nan), n_boot=20).loc['A', 'n_groups'] == len(df)
+
+
+def test_group_bootstrap_with_ties():
+    df = people(2, n_ids=30, per=4, face_sd=0.3)
+    df['score'] = df['score'].round(1)  # heavy ties
+    t = metrics_table(df, metrics=('auroc', 'eer', 'ap'), n_boot=200)
+    assert t.loc['A', 'auroc'] == skm.roc_auc_score(df['label'], df['score'])
+    assert t.loc['A', 'ap'] == skm.average_precision_score(df['label'], df['score'])
+    for m in ('auroc', 'eer', 'ap'): assert t.loc['A', f'{m}_lo'] <= t.loc['A', m] <= t.loc['A', f'{m}_hi']
+    flat = metrics_table(df.assign(score=0.5), metrics=('auroc', 'eer'), n_boot=50)  # all tied: chance, with no spread
+    assert flat.loc['A', ['auroc', 'auroc_lo', 'auroc_hi', 'eer', 'eer_lo', 'eer_hi']].tolist() == [0.5] * 6
+
+
+def test_fmt_ci():
+    t = pd.DataFrame({'auroc': [0.93125, 0.5], 'auroc_lo': [0.9021, 0.41], 'auroc_hi': [0.958, 0.6]}, index=['a', 'b'])
+    assert fmt_ci(t).tolist() == ['93.1 [90.2, 95.8]', '50.0 [41.0, 60.0]']
+    assert fmt_ci(t, pct=False, digits=3)['a'] == '0.931 [0.902, 0.958]'
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['eer', 'eer_lo', 'eer_hi'\]"): fmt_ci(t, 'eer')
+    tab = metrics_table(people(0), n_boot=20)
+    assert fmt_ci(tab, 'eer').index.equals(tab.index)
+
+
+def test_fit_temperature_recovers_overconfidence():
+    r = np.random.default_rng(0)
+    z = r.normal(0, 2, 20000); y = (r.random(len(z)) < 1 / (1 + np.exp(-z))).astype(int)
+    for k in (0.5, 1.0, 3.0):  # the detector reports k * z
+        T = fit_temperature(k * z, y, kind='logits')
+        assert abs(T / k - 1) < 0.06, (k, T)
+    p = 1 / (1 + np.exp(-3 * z))
+    T = fit_temperature(p, y)  # probabilities are read as such (auto)
+    assert abs(T - 3) < 0.2
+    cal = apply_temperature(p, T)
+    assert skm.log_loss(y, cal) < skm.log_loss(y, np.clip(p, 1e-7, 1 - 1e-7))
+    assert skm.roc_auc_score(y, cal) == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+    np.testing.assert_allclose(apply_temperature(3 * z, 3.0), 1 / (1 + np.exp(-z)), atol=1e-12)
+    # N×C logits with class labels: a 2-logit head gives the binary answer; three classes work too
+    assert fit_temperature(np.c_[np.zeros_like(z), 3 * z], y) == pytest.approx(fit_temperature(3 * z, y, kind='logits'), rel=1e-4)
+    z3 = r.normal(0, 2, (5000, 3)); y3 = np.array([r.choice(3, p=np.exp(v) / np.exp(v).sum()) for v in z3])
+    assert abs(fit_temperature(2 * z3, y3) - 2) < 0.2
+    np.testing.assert_allclose(apply_temperature(2 * z3, 2.0).sum(1), 1.0)
+    with pytest.raises(ValueError, match='only one class'): fit_temperature(p, np.zeros(len(p)))
+    with pytest.raises(ValueError, match='lengths differ'): fit_temperature(p, y[:10])
+    with pytest.raises(ValueError, match='class indices 0..2'): fit_temperature(z3, y3 + 1)
+    with pytest.raises(ValueError, match="kind='probs' but scores lie in"): fit_temperature(z, y, kind='probs')
+    with pytest.raises(ValueError, match='NaN or infinite'): fit_temperature(np.r_[z[:-1], np.nan], y)
+    with pytest.raises(ValueError, match='T must be a positive number'): apply_temperature(p, -1.0)
+    with pytest.warns(UserWarning, match='edge of bounds'):
+        fit_temperature(np.r_[-np.ones(50), np.ones(50)] * 5, np.r_[np.zeros(50), np.ones(50)], kind='logits')
 
 
 def test_plots():

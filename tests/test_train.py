@@ -450,9 +450,9 @@ def test_step_loop_refuses_other_runs_and_bad_arguments(tmp_path):
     save_checkpoint(tmp_path / 'plain.pt', tiny_cnn(1, width=4), name='toy-gan')
     with pytest.raises(CheckpointError, match='not written by a StepLoop'):
         StepLoop(tiny_cnn(1, width=4), steps=3, ckpt_path=tmp_path / 'plain.pt', name='toy-gan', device='cpu')
+    toy_step_loop(tmp_path / 'b.pt', 2)
     with pytest.raises(CheckpointError, match=r"holds 1 generator state\(s\), this loop has 0"):
-        toy_step_loop(tmp_path / 'b.pt', 2) and StepLoop(
-            {'G': torch.nn.Linear(1, 1)}, steps=3, ckpt_path=tmp_path / 'b.pt', name='toy-gan', device='cpu')
+        StepLoop({'G': torch.nn.Linear(1, 1)}, steps=3, ckpt_path=tmp_path / 'b.pt', name='toy-gan', device='cpu')
     for kw, msg in [(dict(steps=-1), 'steps must be'), (dict(steps=3, every=0), 'every must be'),
                     (dict(steps=3, generators=[np.random.RandomState(0)]), 'numpy.random.Generator or torch.Generator')]:
         with pytest.raises((ValueError, TypeError), match=msg):

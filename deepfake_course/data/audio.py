@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SR', 'VOWELS', 'N_MELS', 'HOP', 'syllable_envelope', 'synth_voice', 'mel_filterbank', 'log_mel']
+__all__ = ['VOWELS', 'N_MELS', 'HOP', 'syllable_envelope', 'synth_voice', 'mel_filterbank', 'log_mel']
 
 # %% ../../nbs/10a_audio.ipynb #cell-8
-SR = 16000   # audio sample rate (Hz)
+from ..media import SAMPLE_RATE as SR   # the course's one audio rate (16 kHz), defined with the media readers
 VOWELS = {'a': (730, 1090, 2440), 'e': (530, 1840, 2480), 'i': (270, 2290, 3010), 'o': (570, 840, 2410),
           'u': (300, 870, 2240)}  # formant frequencies F1-F3 (Hz) of an adult male voice (Peterson and Barney 1952)
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_faceswap.ipynb #cell-5
 from __future__ import annotations
-import io, math, os, tempfile, time
+import io, math, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +18,18 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from kornia.losses import ssim_loss
 
-from ..core import (get_device, rng_state, set_rng_state, atomic_write_bytes, atomic_write_text,
-                                  atomic_write_json, atomic_dir, progress, cfg_hash, get_data_root)
+from ..core import get_device, progress, write_mp4
+from ..faces import transform_points
+from .color import COLOR_TRANSFERS, color_transfer
+from ..quality import predict_identity, predict_landmarks, landmark_nme_iod, masked_ssim, _frames_tensor
 
 # %% auto #0
-__all__ = ['ARCHIS', 'COLOR_TRANSFERS', 'CKPT_FORMAT', 'SYNTHETIC_TAG', 'MANIFEST_COLUMNS', 'Downscale', 'Upscale',
-           'ResidualBlock', 'Encoder', 'Inter', 'Decoder', 'FaceSwapModel', 'DF', 'LIAE', 'build_model', 'warp_affine',
-           'align_faces', 'eyes_mouth_mask', 'FaceSet', 'make_faceset', 'blurred_mask', 'ssim_window', 'swap_loss',
-           'warp_grid', 'gen_warp_params', 'apply_warp', 'rct', 'lct', 'mkl', 'idt', 'sot', 'color_transfer',
-           'CheckpointMismatchError', 'save_swap_checkpoint', 'load_swap_checkpoint', 'load_swap_model',
-           'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'SmallCNN', 'face_ellipse',
-           'train_identity_classifier', 'predict_identity', 'train_landmark_regressor', 'predict_landmarks',
-           'landmark_nme', 'masked_ssim', 'reconstruct', 'recon_ssim', 'swap_crops', 'evaluate_swap', 'refine_mask',
-           'seamless_clone', 'merge_face', 'swap_frames', 'read_mp4', 'detect_landmarks5', 'swap_clip',
-           'temporal_flicker', 'save_png', 'make_faceswap_set']
+__all__ = ['ARCHIS', 'Downscale', 'Upscale', 'ResidualBlock', 'Encoder', 'Inter', 'Decoder', 'FaceSwapModel', 'DF', 'LIAE',
+           'build_model', 'warp_affine', 'align_swap_faces', 'eyes_mouth_mask', 'SwapFaceSet', 'make_swap_faceset',
+           'blurred_mask', 'ssim_window', 'swap_loss', 'warp_grid', 'gen_warp_params', 'apply_warp', 'load_swap_model',
+           'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'reconstruct', 'recon_ssim',
+           'swap_crops', 'evaluate_swap', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames',
+           'detect_landmarks5', 'swap_clip', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
 def _lrelu(x, a=0.1): return F.leaky_relu(x, a)
@@ -105,7 +103,12 @@ class FaceSwapModel(nn.Module):
     def _side(self, side):
         if side not in ('src', 'dst'): raise ValueError(f"side must be 'src' or 'dst', got {side!r}")
         return side
-    def n_params(self): return sum(p.numel() for p in self.parameters())
+    @property
+    def checkpoint_name(self) -> str:
+        "The name its checkpoints carry (`train`'s one format): 'faceswap-df' or 'faceswap-liae', as its fake sets' method."
+        return f'faceswap-{self.archi}'
+    @property
+    def checkpoint_config(self) -> dict: return dict(self.config)
 
 class DF(FaceSwapModel):
     "DeepFaceLab DF: shared encoder + shared inter, one decoder per identity (decoder_src, decoder_dst)."
@@ -155,23 +158,21 @@ def build_model(archi='df', resolution=64, **dims) -> FaceSwapModel:
     return (DF if a == 'df' else LIAE)(resolution, **dims)
 
 # %% ../../nbs/20_faceswap.ipynb #cell-15
-from ..faces import face_template as _template, transform_points  # one alignment for the course (notebook 12)
-
 def warp_affine(x, M, size, padding='zeros'):
     "kornia warp of N x C x H x W by pixel-coordinate 2x3 matrices (cv2 convention) to size=(h, w)."
     M = torch.as_tensor(np.asarray(M), dtype=x.dtype, device=x.device)
     if M.ndim == 2: M = M[None].expand(x.shape[0], 2, 3)
     return kornia.geometry.transform.warp_affine(x, M, size, mode='bilinear', padding_mode=padding, align_corners=True)
 
-def align_faces(images, landmarks5, size=64, face_type='full'):
-    "Aligned crops of N x 3 x H x W frames from their 5 landmarks (`faces.align_faces`, border padding): crops, M, M_inv (N x 2 x 3 arrays)."
-    from deepfake_course.faces import align_faces as _faces_align
+def align_swap_faces(images, landmarks5, size=64, face_type='full'):
+    "The swap's crops of N x 3 x H x W frames: `faces.align_faces` with border padding, landmarks checked; crops, M, M_inv (N x 2 x 3 arrays)."
+    from deepfake_course.faces import align_faces
     lm = np.asarray(landmarks5.detach().cpu() if isinstance(landmarks5, torch.Tensor) else landmarks5, np.float64)
     if lm.ndim == 2: lm = lm[None]
     if lm.shape[1:] != (5, 2) or len(lm) != len(images):
         raise ValueError(f"landmarks5 must be N x 5 x 2 with N = {len(images)} images, got {lm.shape}")
     if not np.isfinite(lm).all(): raise ValueError("landmarks5 contains NaN/inf (a frame without a face?)")
-    crops, M, M_inv = _faces_align(torch.as_tensor(images).float(), torch.from_numpy(lm), size, face_type, padding_mode='border')
+    crops, M, M_inv = align_faces(torch.as_tensor(images).float(), torch.from_numpy(lm), size, face_type, padding_mode='border')
     return crops, M.cpu().numpy().astype(np.float32), M_inv.cpu().numpy().astype(np.float32)
 
 def eyes_mouth_mask(landmarks5, size, face_mask=None):
@@ -194,29 +195,29 @@ def eyes_mouth_mask(landmarks5, size, face_mask=None):
 
 # %% ../../nbs/20_faceswap.ipynb #cell-16
 @dataclass
-class FaceSet:
-    "Aligned faces of one identity: images N x 3 x S x S, masks N x 1 x S x S, landmarks5 N x 5 x 2 (crop pixels), eyes/mouth masks."
+class SwapFaceSet:
+    "Aligned faces of one identity for swap training: images N x 3 x S x S, masks N x 1 x S x S, landmarks5 N x 5 x 2 (crop pixels), eyes/mouth masks."
     images: torch.Tensor
     masks: torch.Tensor
     landmarks5: torch.Tensor
     identity: int = -1
     em: torch.Tensor = None
     def __post_init__(self):
-        if self.images.ndim != 4 or self.images.shape[1] != 3: raise ValueError(f"FaceSet images must be N x 3 x S x S, got {tuple(self.images.shape)}")
+        if self.images.ndim != 4 or self.images.shape[1] != 3: raise ValueError(f"SwapFaceSet images must be N x 3 x S x S, got {tuple(self.images.shape)}")
         n, s = len(self.images), self.images.shape[-1]
-        if tuple(self.masks.shape) != (n, 1, s, s): raise ValueError(f"FaceSet masks must be {n} x 1 x {s} x {s}, got {tuple(self.masks.shape)}")
+        if tuple(self.masks.shape) != (n, 1, s, s): raise ValueError(f"SwapFaceSet masks must be {n} x 1 x {s} x {s}, got {tuple(self.masks.shape)}")
         self.landmarks5 = torch.as_tensor(np.asarray(self.landmarks5), dtype=torch.float32)
-        if tuple(self.landmarks5.shape) != (n, 5, 2): raise ValueError(f"FaceSet landmarks5 must be {n} x 5 x 2, got {tuple(self.landmarks5.shape)}")
+        if tuple(self.landmarks5.shape) != (n, 5, 2): raise ValueError(f"SwapFaceSet landmarks5 must be {n} x 5 x 2, got {tuple(self.landmarks5.shape)}")
         if self.em is None: self.em = eyes_mouth_mask(self.landmarks5, s, self.masks)
     def __len__(self): return len(self.images)
     @property
     def size(self): return self.images.shape[-1]
     def subset(self, idx):
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        return FaceSet(self.images[idx], self.masks[idx], self.landmarks5[idx], self.identity, self.em[idx])
+        return SwapFaceSet(self.images[idx], self.masks[idx], self.landmarks5[idx], self.identity, self.em[idx])
 
-def make_faceset(images, masks, landmarks5, identity=-1, size=64, face_type='full', min_images=16, align=True):
-    "Align rendered or detected faces (N x 3 x H x W, masks, 5 landmarks) into a FaceSet; too few faces is an error."
+def make_swap_faceset(images, masks, landmarks5, identity=-1, size=64, face_type='full', min_images=16, align=True):
+    "Align rendered or detected faces (N x 3 x H x W, masks, 5 landmarks) into a SwapFaceSet; too few faces is an error."
     n = len(images)
     if n < min_images:
         raise ValueError(f"identity {identity}: only {n} face images; face-swap training needs at least {min_images} "
@@ -224,13 +225,13 @@ def make_faceset(images, masks, landmarks5, identity=-1, size=64, face_type='ful
     images = torch.as_tensor(images).float(); masks = torch.as_tensor(masks).float()
     if masks.ndim == 3: masks = masks[:, None]
     if align:
-        crops, M, _ = align_faces(images, landmarks5, size, face_type)
+        crops, M, _ = align_swap_faces(images, landmarks5, size, face_type)
         m = warp_affine(masks, M, (size, size))
         lm = transform_points(np.asarray(torch.as_tensor(landmarks5), np.float64), M)
     else:
         if images.shape[-1] != size: raise ValueError(f"align=False needs {size} px faces, got {images.shape[-1]} px")
         crops, m, lm = images, masks, np.asarray(torch.as_tensor(landmarks5))
-    return FaceSet(crops.clamp(0, 1), m.clamp(0, 1), torch.as_tensor(lm, dtype=torch.float32), int(identity))
+    return SwapFaceSet(crops.clamp(0, 1), m.clamp(0, 1), torch.as_tensor(lm, dtype=torch.float32), int(identity))
 
 # %% ../../nbs/20_faceswap.ipynb #cell-21
 def _blur_kernel(sigma):
@@ -303,153 +304,17 @@ def apply_warp(x, params, warp=True, padding='border', mode='bilinear'):
         grid = torch.stack([_norm(r[:, 0], s), _norm(r[:, 1], s)], -1)
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=True)
 
-# %% ../../nbs/20_faceswap.ipynb #cell-27
-def _pixels(img, mask=None):
-    "One 3 x H x W image -> (P x 3 float64 pixels inside the mask, H x W x 3 float64 array, boolean selection)."
-    a = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    if a.ndim != 3 or a.shape[0] != 3: raise ValueError(f"colour transfer expects one 3 x H x W image, got shape {a.shape}")
-    hwc = a.transpose(1, 2, 0).astype(np.float64)
-    sel = np.ones(hwc.shape[0] * hwc.shape[1], bool)
-    if mask is not None:
-        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        sel = m.reshape(-1) > 0.5
-        if sel.sum() < 4: raise ValueError("colour transfer: the mask selects fewer than 4 pixels")
-    return hwc.reshape(-1, 3)[sel], hwc, sel
-
-def _back(hwc, like):
-    out = np.ascontiguousarray(np.clip(hwc, 0, 1).astype(np.float32).transpose(2, 0, 1))
-    return torch.from_numpy(out).to(like.device) if isinstance(like, torch.Tensor) else out
-
-def _masked_stats(x, m):  # x: N x C x H x W, m: N x 1 x H x W (0/1)
-    w = m.expand_as(x); n = w.sum((2, 3)).clamp_min(1)
-    mu = (x * w).sum((2, 3)) / n
-    return mu, (((x - mu[..., None, None]) ** 2) * w).sum((2, 3)).div(n).sqrt()
-
-def rct(x, ref, x_mask=None, ref_mask=None, eps=1e-6):
-    "Reinhard colour transfer in L*a*b* (kornia.color): per channel (x - mu_x) * sd_ref / sd_x + mu_ref; 3xHxW or Nx3xHxW."
-    single = x.ndim == 3
-    xb, rb = (x[None], ref[None]) if single else (x, ref if ref.ndim == 4 else ref[None])
-    if rb.shape[0] == 1 and xb.shape[0] > 1: rb = rb.expand(xb.shape[0], -1, -1, -1)
-    mx = torch.ones_like(xb[:, :1]) if x_mask is None else (x_mask.reshape(-1, 1, *xb.shape[-2:]) > 0.5).float().expand(len(xb), -1, -1, -1)
-    mr = torch.ones_like(rb[:, :1]) if ref_mask is None else (ref_mask.reshape(-1, 1, *rb.shape[-2:]) > 0.5).float().expand(len(rb), -1, -1, -1)
-    lx, lr = kornia.color.rgb_to_lab(xb.clamp(0, 1)), kornia.color.rgb_to_lab(rb.clamp(0, 1))
-    mu_x, sd_x = _masked_stats(lx, mx); mu_r, sd_r = _masked_stats(lr, mr)
-    out = (lx - mu_x[..., None, None]) * (sd_r / (sd_x + eps))[..., None, None] + mu_r[..., None, None]
-    out = torch.cat([out[:, :1].clamp(0, 100), out[:, 1:].clamp(-127, 127)], 1)
-    out = kornia.color.lab_to_rgb(out).clamp(0, 1)
-    return out[0] if single else out
-
-def _sqrtm(c):
-    d, v = np.linalg.eigh(c); return (v * np.sqrt(np.clip(d, 0, None))) @ v.T
-
-def lct(x, ref, x_mask=None, ref_mask=None, eps=1e-5):
-    "Linear colour transfer (PCA mode): x' = Cr^1/2 Cx^-1/2 (x - mu_x) + mu_r, matching mean and covariance."
-    px, hwc, _ = _pixels(x, x_mask); pr, _, _ = _pixels(ref, ref_mask)
-    cx, cr = np.cov(px.T) + eps * np.eye(3), np.cov(pr.T) + eps * np.eye(3)
-    T = _sqrtm(cr) @ np.linalg.inv(_sqrtm(cx))
-    return _back((hwc - px.mean(0)) @ T.T + pr.mean(0), x)
-
-def mkl(x, ref, x_mask=None, ref_mask=None, eps=np.finfo(float).eps):
-    "Monge-Kantorovich linear transfer: the optimal-transport linear map between the two colour Gaussians."
-    px, hwc, _ = _pixels(x, x_mask); pr, _, _ = _pixels(ref, ref_mask)
-    A, B = np.cov(px.T), np.cov(pr.T)
-    Da2, Ua = np.linalg.eigh(A); Da = np.diag(np.sqrt(np.clip(Da2, eps, None)))
-    C = Da @ Ua.T @ B @ Ua @ Da
-    Dc2, Uc = np.linalg.eigh(C); Dc = np.diag(np.sqrt(np.clip(Dc2, eps, None)))
-    Da_inv = np.diag(1 / np.diag(Da))
-    T = Ua @ Da_inv @ Uc @ Dc @ Uc.T @ Da_inv @ Ua.T
-    return _back((hwc - px.mean(0)) @ T + pr.mean(0), x)
-
-def _random_rotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0: q[:, 0] = -q[:, 0]
-    return q
-
-def idt(x, ref, x_mask=None, ref_mask=None, bins=256, n_rot=20, relaxation=1.0, seed=0):
-    "Iterative distribution transfer (Pitie et al. 2005): match the 1-D marginals along random rotations, n_rot times."
-    rng = np.random.default_rng(seed)
-    d, hwc, sel = _pixels(x, x_mask); pr, _, _ = _pixels(ref, ref_mask)
-    for _ in range(n_rot):
-        R = _random_rotation(rng)
-        dr, rr = d @ R.T, pr @ R.T
-        new = np.empty_like(dr)
-        for j in range(3):
-            lo, hi = min(dr[:, j].min(), rr[:, j].min()), max(dr[:, j].max(), rr[:, j].max())
-            h0, edges = np.histogram(dr[:, j], bins=bins, range=(lo, hi))
-            h1, _ = np.histogram(rr[:, j], bins=bins, range=(lo, hi))
-            c0 = np.concatenate([[0], np.cumsum(h0)]) / len(dr); c1 = np.concatenate([[0], np.cumsum(h1)]) / len(rr)
-            new[:, j] = np.interp(dr[:, j], edges, np.interp(c0, c1, edges))
-        d = d + relaxation * (new - dr) @ R
-    flat = hwc.reshape(-1, 3).copy(); flat[sel] = d
-    return _back(flat.reshape(hwc.shape), x)
-
-def sot(x, ref, x_mask=None, ref_mask=None, steps=10, batch_size=5, reg_sigma_xy=16.0, reg_sigma_v=5.0, seed=0):
-    "Sliced optimal transport: move pixels along random directions onto the reference's sorted projections; bilateral regularisation."
-    rng = np.random.default_rng(seed)
-    src, hwc, sel = _pixels(x, x_mask); pr, _, _ = _pixels(ref, ref_mask)
-    q = (np.arange(len(src)) + 0.5) / len(src); qr = (np.arange(len(pr)) + 0.5) / len(pr)
-    for _ in range(steps):
-        adv = np.zeros_like(src)
-        for _ in range(batch_size):
-            d = rng.normal(size=3); d /= np.linalg.norm(d)
-            ps = src @ d; order = np.argsort(ps)
-            target = np.interp(q, qr, np.sort(pr @ d))  # the reference's projection at the same quantile
-            adv[order] += (target - ps[order])[:, None] * d
-        src = src + adv / batch_size
-    flat = hwc.reshape(-1, 3).copy(); flat[sel] = src
-    out = flat.reshape(hwc.shape)
-    if reg_sigma_xy > 0:
-        out = hwc + cv2.bilateralFilter((out - hwc).astype(np.float32), 0, reg_sigma_v, reg_sigma_xy)
-    return _back(out, x)
-
-COLOR_TRANSFERS = dict(rct=rct, lct=lct, mkl=mkl, idt=idt, sot=sot)
-
-def color_transfer(mode, x, ref, x_mask=None, ref_mask=None, **kwargs):
-    "Recolour `x` (3xHxW or Nx3xHxW in [0,1]) towards `ref` with mode rct|lct|mkl|idt|sot; None leaves it unchanged."
-    if mode in (None, 'none', ''): return x
-    if mode not in COLOR_TRANSFERS: raise ValueError(f"Unknown colour transfer {mode!r}: use one of {', '.join(COLOR_TRANSFERS)} or None")
-    if mode == 'rct' or x.ndim == 3: return COLOR_TRANSFERS[mode](x, ref, x_mask, ref_mask, **kwargs)
-    ref = ref.expand(len(x), -1, -1, -1) if ref.ndim == 4 and len(ref) == 1 else ref
-    pick = lambda m, i: None if m is None else m[i]
-    return torch.stack([COLOR_TRANSFERS[mode](x[i], ref[i], pick(x_mask, i), pick(ref_mask, i), **kwargs) for i in range(len(x))])
-
 # %% ../../nbs/20_faceswap.ipynb #cell-31
-CKPT_FORMAT = 'deepfake-course/faceswap-ckpt-1'
-
-class CheckpointMismatchError(ValueError):
-    "A checkpoint made for another architecture, resolution or width (or not a face-swap checkpoint)."
-
-def save_swap_checkpoint(path, model, opt, state):
-    "Atomically write model, optimizer, training state and every RNG state to `path`."
-    buf = io.BytesIO()
-    torch.save(dict(format=CKPT_FORMAT, config=model.config, model=model.state_dict(), opt=opt.state_dict() if opt else None,
-                    rng=rng_state(), **state), buf)
-    return atomic_write_bytes(path, buf.getvalue())
-
-def load_swap_checkpoint(path, model=None, opt=None):
-    "Read a face-swap checkpoint; with `model`, check archi/resolution/widths match, then load weights (and optimizer)."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"No face-swap checkpoint at {str(path)!r}")
-    try: ck = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e: raise CheckpointMismatchError(f"{str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
-        raise CheckpointMismatchError(f"{str(path)!r} is not a face-swap checkpoint of this course")
-    if model is not None:
-        diff = {k: (ck['config'].get(k), v) for k, v in model.config.items() if ck['config'].get(k) != v}
-        if diff:
-            what = ', '.join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointMismatchError(f"Checkpoint {str(path)!r} was made for another model ({what}). Build the model "
-                                          f"with load_swap_model(path), or train into a new checkpoint path.")
-        model.load_state_dict(ck['model'])
-        if opt is not None and ck.get('opt') is not None: opt.load_state_dict(ck['opt'])
-    return ck
-
-def load_swap_model(path, device='cpu'):
-    "Rebuild the model a checkpoint was trained as and load its weights (eval mode)."
-    cfg = dict(load_swap_checkpoint(path)['config'])
+def load_swap_model(path, device='cpu', archi: str | None = None) -> FaceSwapModel:
+    "Rebuild the face-swap model a `train_faceswap` checkpoint holds and load its weights (eval mode); `archi` refuses the other one."
+    from deepfake_course.train import load_checkpoint, load_model_state, CheckpointError
+    ck = load_checkpoint(path, expect=None if archi is None else f'faceswap-{str(archi).lower()}')
+    name, cfg = ck.get('name'), dict(ck.get('config') or {})
+    if name not in [f'faceswap-{a}' for a in ARCHIS] or cfg.get('archi') not in ARCHIS:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds {'a ' + repr(name) if name else 'an unnamed'} model, "
+                              f"not a face swap ({', '.join('faceswap-' + a for a in ARCHIS)})")
     m = build_model(cfg.pop('archi'), cfg.pop('resolution'), **cfg)
-    load_swap_checkpoint(path, m)
+    load_model_state(m, ck['model'], f"Checkpoint {str(path)!r}")
     return m.to(get_device(device)).eval()
 
 # %% ../../nbs/20_faceswap.ipynb #cell-33
@@ -487,17 +352,19 @@ def preview_grid(model, src, dst, n=4):
     s, d = src.images[:n].to(dev), dst.images[:n].to(dev)
     rows = [s, model.autoencode(s, 'src')[0], d, model.autoencode(d, 'dst')[0], model.swap(d)[0]]
     model.train(was)
-    return torch.cat(rows).cpu()
+    return torch.cat(rows).float().cpu()
 
 def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0.5, 0.999), random_warp=True,
                    warp_fraction=1.0, lr_final=None, random_flip=True, ct_mode=None, eyes_mouth_prio=True, masked=True, preview_every=100, preview_n=4,
                    ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, on_step=None,
                    min_images=16) -> SwapTrainResult:
-    """Train DF/LIAE on src and dst FaceSets with DFL's recipe; checkpoints every `ckpt_every` steps and resumes exactly.
-    The first `warp_fraction` of the steps use random warp, the rest sharpen without it; with `lr_final` the learning
-    rate falls from `lr` to `lr_final` by a cosine over those sharpening steps."""
+    """Train DF/LIAE on src and dst SwapFaceSets with DFL's recipe, on `train.StepLoop`: device, autocast, progress, a
+    checkpoint every `ckpt_every` steps (and at the end) and exact resume. The first `warp_fraction` of the steps use
+    random warp, the rest sharpen without it; with `lr_final` the learning rate falls from `lr` to `lr_final` by a
+    cosine over those sharpening steps. `on_step(step, row)` runs after each step, before its checkpoint."""
+    from deepfake_course.train import StepLoop
     for fs, name in ((src, 'src'), (dst, 'dst')):
-        if not isinstance(fs, FaceSet): raise TypeError(f"{name} must be a FaceSet (see make_faceset), got {type(fs).__name__}")
+        if not isinstance(fs, SwapFaceSet): raise TypeError(f"{name} must be a SwapFaceSet (see make_swap_faceset), got {type(fs).__name__}")
         if len(fs) < max(min_images, 2):
             raise ValueError(f"{name} identity {fs.identity}: only {len(fs)} faces; training needs at least {max(min_images, 2)}")
         if fs.size != model.resolution: raise ValueError(f"{name} faces are {fs.size} px but the model is {model.resolution} px")
@@ -510,164 +377,51 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
         if lr_final is None or i < warp_until: return lr
         return lr_final + (lr - lr_final) * 0.5 * (1 + math.cos(math.pi * (i - warp_until) / max(1, steps - warp_until)))
     if ct_mode and ct_mode not in COLOR_TRANSFERS: raise ValueError(f"Unknown ct_mode {ct_mode!r}: use one of {', '.join(COLOR_TRANSFERS)} or None")
-    dev = get_device(device); model.to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=1e-7)
     rng = np.random.default_rng(seed)
-    hist, previews, timelapse, step, seconds, resumed = [], [], [], 0, 0.0, 0
-    if ckpt_path is not None and resume and Path(ckpt_path).exists():
-        ck = load_swap_checkpoint(ckpt_path, model, opt)
-        step, hist, seconds = ck['step'], list(ck['history']), ck['seconds']
-        previews, timelapse = list(ck['previews']), list(ck['timelapse'])
-        rng.bit_generator.state = ck['np_rng']; set_rng_state(ck['rng']); resumed = step
+    loop = StepLoop(model, opt, steps=steps, ckpt_path=ckpt_path, every=ckpt_every or max(1, steps), name=model.checkpoint_name,
+                    config=model.checkpoint_config, generators=[rng], resume=resume, device=device, progress=verbose,
+                    desc=f'{model.archi} training')
+    st = loop.state
+    st.setdefault('previews', []); st.setdefault('timelapse', []); st.setdefault('seconds', 0.0)
+    dev = loop.device; model.train()
     ct = None
     if ct_mode:
         def ct(img): return color_transfer(ct_mode, img, dst.images[rng.integers(0, len(dst), len(img))].to(img.device))
-    def save():
-        if ckpt_path is not None:
-            save_swap_checkpoint(ckpt_path, model, opt, dict(step=step, history=hist, seconds=seconds, previews=previews,
-                                                             timelapse=timelapse, np_rng=rng.bit_generator.state))
-    def snap():
+    def snap(step):
         g = preview_grid(model, src, dst, preview_n)
-        previews.append((step, g)); timelapse.append((step, g[4 * min(preview_n, len(dst))]))
-    if step == 0 and preview_every: snap()
-    for step_i in progress(range(step, steps), verbose=verbose, total=steps, initial=step, desc=f'{model.archi} training'):
+        st['previews'].append((step, g)); st['timelapse'].append((step, g[4 * min(preview_n, len(dst))]))
+    if loop.step == 0 and preview_every: snap(0)
+    for step_i in loop:
         t0 = time.perf_counter()
         bs, bd = rng.integers(0, len(src), batch_size), rng.integers(0, len(dst), batch_size)
         warp = step_i < warp_until   # DFL: random warp while the faces are learnt, then off to sharpen them
         for g in opt.param_groups: g['lr'] = lr_at(step_i)
         ws, ts, tms, tems = _augment(src, bs, rng, warp, random_flip, dev, ct)
         wd, td, tmd, temd = _augment(dst, bd, rng, warp, random_flip, dev)
-        ps, pms = model.autoencode(ws, 'src'); pd_, pmd = model.autoencode(wd, 'dst')
-        ls = swap_loss(ps, pms, ts, tms, tems if eyes_mouth_prio else None, masked)
-        ld = swap_loss(pd_, pmd, td, tmd, temd if eyes_mouth_prio else None, masked)
+        with loop.autocast():
+            ps, pms = model.autoencode(ws, 'src'); pd_, pmd = model.autoencode(wd, 'dst')
+        ls = swap_loss(ps.float(), pms.float(), ts, tms, tems if eyes_mouth_prio else None, masked)
+        ld = swap_loss(pd_.float(), pmd.float(), td, tmd, temd if eyes_mouth_prio else None, masked)
         loss = ls['total'] + ld['total']
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        step = step_i + 1; seconds += time.perf_counter() - t0
-        hist.append(dict(step=step, loss=loss.item(), src_loss=ls['total'].item(), dst_loss=ld['total'].item(),
-                         dssim=(ls['dssim'] + ld['dssim']).item() / 2, mse=(ls['mse'] + ld['mse']).item() / 2,
-                         mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, warp=warp, lr=lr_at(step_i), seconds=seconds))
-        if preview_every and step % preview_every == 0: snap()
-        if ckpt_every and step % ckpt_every == 0: save()
-        if on_step is not None: on_step(step, hist[-1])
-    if preview_every and (not previews or previews[-1][0] != step): snap()
-    save(); model.eval()
-    return SwapTrainResult(model, pd.DataFrame(hist), previews, timelapse, seconds, step, resumed)
+        step = step_i + 1; st['seconds'] += time.perf_counter() - t0
+        row = loop.log(loss=loss.item(), src_loss=ls['total'].item(), dst_loss=ld['total'].item(),
+                       dssim=(ls['dssim'] + ld['dssim']).item() / 2, mse=(ls['mse'] + ld['mse']).item() / 2,
+                       mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, warp=warp, lr=lr_at(step_i),
+                       seconds=st['seconds'])
+        if preview_every and (step % preview_every == 0 or step == steps): snap(step)
+        if on_step is not None: on_step(step, row)
+    if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
+    model.eval()
+    return SwapTrainResult(model, pd.DataFrame(loop.history), list(st['previews']), list(st['timelapse']), st['seconds'],
+                           loop.step, loop.resumed_from)
 
 def timelapse_strip(result):
     "The swap of one fixed dst face at every preview step: (images, titles) for show_images."
     return [img for _, img in result.timelapse], [f'step {s}' for s, _ in result.timelapse]
 
 # %% ../../nbs/20_faceswap.ipynb #cell-45
-class SmallCNN(nn.Module):
-    "A small CNN: 4 strided conv-BN-ReLU blocks, then global pooling (classes) or, given `size`, the flattened map (where things are)."
-    def __init__(self, n_out, width=16, size=None):
-        super().__init__()
-        c = [3, width, 2 * width, 4 * width, 8 * width]
-        self.features = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(c[i], c[i + 1], 3, 2, 1), nn.BatchNorm2d(c[i + 1]), nn.ReLU())])
-        self.flat = size is not None
-        self.head = nn.Linear(c[-1] * (math.ceil(size / 16) ** 2 if self.flat else 1), n_out)
-    def forward(self, x):
-        f = self.features(x)
-        return self.head(f.flatten(1) if self.flat else f.mean((2, 3)))
-
-def _fit_small(net, x, y, loss_fn, epochs, batch_size, lr, seed, augment, device, desc, verbose=None):
-    dev = get_device(device); net.to(dev).train()
-    g = torch.Generator().manual_seed(seed); rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    per_epoch = sum(1 for s in range(0, len(x), batch_size) if len(x) - s >= 2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * per_epoch))  # a cosine to 0: a stable last epoch
-    for _ in progress(range(epochs), verbose=verbose, desc=desc):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), batch_size):
-            b = perm[s:s + batch_size]
-            if len(b) < 2: continue
-            xb, yb = augment(x[b], y[b], rng)
-            loss = loss_fn(net(xb.to(dev)), yb.to(dev))
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-    return net.eval()
-
-def face_ellipse(size, face_type='full'):
-    "A fixed 1 x S x S ellipse around the template's eyes, nose and mouth: the inner face of an aligned crop."
-    t = _template(size, face_type); c = t.mean(0); iod = t[1, 0] - t[0, 0]; h = t[3:, 1].mean() - t[:2, 1].mean()
-    yy, xx = np.mgrid[0:size, 0:size]
-    return torch.from_numpy((((xx - c[0]) / (0.95 * iod)) ** 2 + ((yy - c[1]) / (1.1 * h)) ** 2 <= 1).astype(np.float32))[None]
-
-def _judge_input(images, masks, region):
-    x = torch.as_tensor(images).float() * (torch.as_tensor(masks).float() > 0.5)
-    if region is not None:
-        r = torch.as_tensor(region).float()
-        if r.shape[-2:] != x.shape[-2:]: raise ValueError(f"region is {tuple(r.shape[-2:])} px but the faces are {tuple(x.shape[-2:])} px")
-        x = x * r
-    return x
-
-def train_identity_classifier(images, masks, labels, epochs=10, batch_size=32, lr=2e-3, seed=0, device='auto', width=16,
-                              max_blur=1.5, region=None, verbose=None):
-    """A small CNN naming the identity of a face from the face region only (image x mask), trained on real faces.
-    `region` (1 x S x S, e.g. `face_ellipse(S)`) narrows what it sees further, to the inner face that a swap replaces;
-    `predict_identity` applies the same. Training faces are blurred at random (Gaussian sigma up to `max_blur` px,
-    0: never) so that the judge names *who* is shown, not how sharp the picture is: generated faces are softer."""
-    labels = torch.as_tensor(np.asarray(labels)).long(); classes = torch.unique(labels)
-    if len(classes) < 2: raise ValueError("train_identity_classifier needs faces of at least 2 identities")
-    y = torch.searchsorted(classes, labels)
-    x = _judge_input(images, masks, region)
-    def aug(xb, yb, rng):
-        p = gen_warp_params(len(xb), xb.shape[-1], rng, rotation=5, scale=0.05, shift=0.03, flip_p=0.5, warp=False)
-        xb = apply_warp(xb, p, warp=False, padding='zeros')
-        sel = torch.as_tensor(rng.random(len(xb)) < 0.5)   # half the batch blurred, each face by its own sigma
-        if max_blur > 0 and sel.any():
-            sig = torch.as_tensor(rng.uniform(0.3, max_blur, int(sel.sum())), dtype=torch.float32)
-            k = _blur_kernel(max_blur)
-            xb = xb.clone(); xb[sel] = gaussian_blur2d(xb[sel], (k, k), torch.stack([sig, sig], 1))
-        return xb, yb
-    torch.manual_seed(seed)
-    net = _fit_small(SmallCNN(len(classes), width), x, y, F.cross_entropy, epochs, batch_size, lr, seed, aug, device, 'identity classifier', verbose)
-    net.classes, net.region = classes, None if region is None else torch.as_tensor(region).float()
-    return net
-
-@torch.no_grad()
-def predict_identity(net, images, masks):
-    "Identity ids predicted by a `train_identity_classifier` net (faces masked, and cut to its region, the same way)."
-    dev = next(net.parameters()).device
-    x = _judge_input(images, masks, getattr(net, 'region', None))
-    logits = torch.cat([net(x[s:s + 256].to(dev)).cpu() for s in range(0, len(x), 256)])
-    return net.classes[logits.argmax(1)]
-
-def train_landmark_regressor(images, landmarks, epochs=12, batch_size=32, lr=1e-3, seed=0, device='auto', width=16, verbose=None):
-    "A small CNN regressing K landmarks (5 or 68) of aligned faces as offsets from their mean position, trained on ground truth."
-    x = torch.as_tensor(images).float(); S_ = x.shape[-1]
-    lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32); K = lm.shape[1]
-    y = lm.reshape(len(x), 2 * K) / S_
-    def aug(xb, yb, rng):  # small rotation/scale/shift of image and points alike (no flip: it would swap left and right)
-        p = gen_warp_params(len(xb), S_, rng, rotation=5, scale=0.05, shift=0.03, flip=False, warp=False)
-        pts = transform_points(yb.reshape(-1, K, 2).numpy() * S_, p['mats'][:, :2])
-        return apply_warp(xb, p, warp=False), torch.as_tensor(pts / S_, dtype=torch.float32).reshape(-1, 2 * K)
-    torch.manual_seed(seed)
-    net = SmallCNN(2 * K, width, S_)
-    with torch.no_grad(): net.head.weight.zero_(); net.head.bias.copy_(y.mean(0))   # start from the mean face: never worse than it
-    net = _fit_small(net, x, y, F.smooth_l1_loss, epochs, batch_size, lr, seed, aug, device, 'landmark regressor', verbose)
-    net.size, net.k = S_, K
-    return net
-
-@torch.no_grad()
-def predict_landmarks(net, images):
-    "N x K x 2 landmarks (crop pixels) from a `train_landmark_regressor` net."
-    dev = next(net.parameters()).device; x = torch.as_tensor(images).float()
-    out = torch.cat([net(x[s:s + 256].to(dev)).cpu() for s in range(0, len(x), 256)])
-    return out.reshape(len(x), -1, 2) * x.shape[-1]
-
-def landmark_nme(pred, ref):
-    "Normalised mean error per face: mean point distance / the reference's inter-ocular distance (5 points, or eye centres of 68)."
-    pred, ref = torch.as_tensor(np.asarray(pred), dtype=torch.float32), torch.as_tensor(np.asarray(ref), dtype=torch.float32)
-    if ref.shape[1] == 68: le, re = ref[:, 36:42].mean(1), ref[:, 42:48].mean(1)
-    else: le, re = ref[:, 0], ref[:, 1]
-    return (pred - ref).norm(dim=-1).mean(-1) / (re - le).norm(dim=-1).clamp_min(1e-6)
-
-def masked_ssim(a, b, mask, window=11):
-    "SSIM map (kornia, Gaussian window) averaged over the face mask, per image (N)."
-    s = kornia.metrics.ssim(a.clamp(0, 1), b.clamp(0, 1), window, padding='same').mean(1, keepdim=True)
-    m = (torch.as_tensor(mask).float() > 0.5).float()
-    return (s * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp_min(1)
-
 @torch.no_grad()
 def reconstruct(model, faces, side, batch_size=64):
     "Faces (N x 3 x S x S) autoencoded through `side`'s path, un-warped: (images, masks)."
@@ -695,13 +449,13 @@ def evaluate_swap(model, src_ho, dst_ho, id_net, lm_net):
     comp, _ = swap_crops(model, dst_ho)
     ids = predict_identity(id_net, comp, dst_ho.masks)
     drive = predict_landmarks(lm_net, dst_ho.images)
-    nme = landmark_nme(predict_landmarks(lm_net, comp), drive)
+    nme = landmark_nme_iod(predict_landmarks(lm_net, comp), drive)
     other = drive[torch.roll(torch.arange(len(drive)), 1)]   # another driving face: what a swap that ignores expression would score
     s_src, s_dst = recon_ssim(model, src_ho, 'src'), recon_ssim(model, dst_ho, 'dst')
     return dict(recon_ssim=(s_src + s_dst) / 2, recon_ssim_src=s_src, recon_ssim_dst=s_dst,
                 identity_transfer=(ids == src_ho.identity).float().mean().item(),
                 identity_kept_dst=(ids == dst_ho.identity).float().mean().item(), landmark_nme=nme.mean().item(),
-                landmark_nme_other_face=landmark_nme(other, drive).mean().item())
+                landmark_nme_other_face=landmark_nme_iod(other, drive).mean().item())
 
 # %% ../../nbs/20_faceswap.ipynb #cell-52
 def refine_mask(mask, erode=0, blur=0):
@@ -764,7 +518,7 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
     idx = np.flatnonzero(ok)
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
-        crops, M, M_inv = align_faces(frames[b], np.stack([np.asarray(landmarks5[i], np.float64) for i in b]), S_, face_type)
+        crops, M, M_inv = align_swap_faces(frames[b], np.stack([np.asarray(landmarks5[i], np.float64) for i in b]), S_, face_type)
         faces, masks = model.swap(crops.to(dev))
         faces, masks = faces.cpu(), masks.cpu()
         for j, i in enumerate(b):
@@ -774,33 +528,9 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
                 n_swapped=int(ok.sum()), n_passed=int((~ok).sum()))
 
 # %% ../../nbs/20_faceswap.ipynb #cell-60
-SYNTHETIC_TAG = 'synthetic: made by deepfake-course'
-
-from ..core import write_mp4  # the course's one mp4 writer (notebook 00): H.264 + AAC + metadata tags
-
-def read_mp4(path):
-    "Read an mp4: dict(frames uint8 T x H x W x 3, audio float32 mono, sample_rate, fps, metadata)."
-    import av
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"No video at {str(path)!r}")
-    with av.open(str(path)) as c:
-        meta = dict(c.metadata)
-        if not c.streams.video: raise ValueError(f"{str(path)!r} has no video stream")
-        fps = float(c.streams.video[0].average_rate or 25)
-        frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
-    audio, sr = np.zeros(0, np.float32), 0
-    with av.open(str(path)) as c:
-        if c.streams.audio:
-            sr = c.streams.audio[0].rate
-            chunks = [f.to_ndarray().astype(np.float32).reshape(f.layout.nb_channels if f.format.is_planar else 1, -1).mean(0)
-                      for f in c.decode(audio=0)]
-            if chunks: audio = np.concatenate(chunks)
-    return dict(frames=np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), audio=audio, sample_rate=sr, fps=fps, metadata=meta)
-
 def detect_landmarks5(frames, device='cpu', min_prob=0.9):
     "5 landmarks per frame from `deepfake_course.faces.FaceExtractor` (MTCNN), the most confident face; None where none."
-    try: from deepfake_course.faces import FaceExtractor
-    except ImportError as e: raise ImportError("detect_landmarks5 needs deepfake_course.faces; pass landmarks5 instead") from e
+    from deepfake_course.faces import FaceExtractor
     out = []
     for d in FaceExtractor(device=device, min_prob=min_prob).detect(_frames_tensor(frames)):
         lms, probs = getattr(d, 'landmarks', None), getattr(d, 'probs', None)
@@ -809,99 +539,60 @@ def detect_landmarks5(frames, device='cpu', min_prob=0.9):
         out.append(np.asarray(lms[k], np.float64).reshape(5, 2))
     return out
 
-def _frames_tensor(frames):
-    f = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
-    if f.dtype == torch.uint8: f = f.float() / 255
-    if f.ndim == 4 and f.shape[-1] == 3 and f.shape[1] != 3: f = f.permute(0, 3, 1, 2)
-    return f.float().contiguous()
-
 def swap_clip(model, clip, out_path=None, landmarks5=None, detector=None, mode='alpha', erode=0, blur=0, color=None,
               face_type='full', metadata=None):
-    "Swap a clip (dict with frames/audio/fps, or an mp4 path) frame by frame; optionally write an mp4 with the clip's audio."
+    "Swap a clip (dict with frames/audio/fps, or a video file) frame by frame; optionally write a tagged mp4 with the clip's audio."
+    from deepfake_course.media import read_video, provenance_tags, SAMPLE_RATE
     if isinstance(clip, (str, Path)):
-        v = read_mp4(clip); clip = dict(frames=v['frames'], audio=v['audio'], fps=v['fps'], sample_rate=v['sample_rate'])
+        frames, fps, wav = read_video(clip)
+        clip = dict(frames=frames, audio=wav, fps=fps, sample_rate=SAMPLE_RATE)
     frames = _frames_tensor(clip['frames'])
     if landmarks5 is None: landmarks5 = (detector or detect_landmarks5)(frames)
     r = swap_frames(model, frames, list(landmarks5), face_type, mode, erode, blur, color)
     r['fps'] = float(clip.get('fps', 25))
     if out_path is not None:
-        meta = {'comment': SYNTHETIC_TAG, 'deepfake_method': f'faceswap-{model.archi}', **(metadata or {})}
         r['path'] = write_mp4(out_path, r['frames'].permute(0, 2, 3, 1).numpy(), r['fps'], clip.get('audio'),
-                              int(clip.get('sample_rate', clip.get('sr', 16000))), meta)
+                              int(clip.get('sample_rate', clip.get('sr', 16000))), provenance_tags(model.checkpoint_name, **(metadata or {})))
     return r
 
-def temporal_flicker(frames, masks=None, valid=None):
-    "Mean absolute frame-to-frame change of T x 3 x H x W frames in [0,1], inside the masks, over pairs of valid frames."
-    f = _frames_tensor(frames)
-    if len(f) < 2: raise ValueError("temporal_flicker needs at least 2 frames")
-    d = (f[1:] - f[:-1]).abs().mean(1, keepdim=True)
-    m = torch.ones_like(d) if masks is None else ((torch.as_tensor(masks).float()[1:] > 0.5) | (torch.as_tensor(masks).float()[:-1] > 0.5)).float()
-    if valid is not None:
-        v = torch.as_tensor(np.asarray(valid), dtype=torch.bool); m = m * (v[1:] & v[:-1]).float()[:, None, None, None]
-    return ((d * m).sum() / m.sum().clamp_min(1)).item()
-
 # %% ../../nbs/20_faceswap.ipynb #cell-68
-MANIFEST_COLUMNS = ['path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind']
-
-def save_png(path, img, text=None):
-    "Write a 3 x H x W [0,1] image as PNG with text chunks (e.g. the synthetic-content tag), atomically."
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for k, v in (text or {}).items(): info.add_text(str(k), str(v))
-    buf = io.BytesIO(); Image.fromarray(_u8(torch.as_tensor(img))).save(buf, format='PNG', pnginfo=info)
-    return atomic_write_bytes(path, buf.getvalue())
-
-def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, cfg, root=None, splits=None, clips=(),
-                      mode='alpha', erode=0, blur=0, color=None, face_type='full', verbose=None) -> Path:
-    """Swap driving images of `dst_identity` to `src_identity` and write `fakes/faceswap-<archi>/<cfg_hash>/`
-    (images/*.png, clips/*.mp4 + .npz, manifest.csv, card.json); a complete build of the same config is reused."""
-    import datetime, deepfake_course
-    method = f'faceswap-{model.archi}'
+def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, split, config, data_root=None, clips=(),
+                      mode='alpha', erode=0, blur=0, color=None, face_type='full', verbose=None) -> str:
+    """Swap driving images of `dst_identity` to `src_identity`, all in one `split`, and write the fake set
+    `faceswap-<archi>/<hash of config, model, pair and merge>` with `data.fakes.FakeSetWriter` (images, clips with
+    their SynthFaces-format .npz, manifest, card); an existing set of the same configuration is reused. Returns its name."""
+    from deepfake_course.data.fakes import FakeSetWriter
+    from deepfake_course.data.manifest import SPLITS
+    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS} (the pair's split in the real set), got {split!r}")
+    bad = [str(c.get('clip_id')) for c in clips if c.get('split', split) != split]
+    if bad: raise ValueError(f"clips {bad} carry another split than the pair's {split!r}: a swap keeps both identities in one split")
+    if len(landmarks5) != len(images): raise ValueError(f"{len(landmarks5)} landmark sets for {len(images)} images")
+    method = model.checkpoint_name
     merge = dict(mode=mode, erode=erode, blur=blur, color=color, face_type=face_type)
-    full_cfg = dict(cfg, model=model.config, n_images=len(images), src_identity=int(src_identity), dst_identity=int(dst_identity),
-                    clips=[str(c['clip_id']) for c in clips], merge=merge)
-    h = cfg_hash(full_cfg)
-    final = get_data_root(root) / 'fakes' / method / h
-    if (final / 'manifest.csv').exists(): return final
-    splits = list(splits) if splits is not None else ['test'] * len(images)
-    if len(splits) != len(images): raise ValueError(f"{len(splits)} splits for {len(images)} images")
-    tags = {'Software': f'deepfake-course {deepfake_course.__version__}', 'Description': SYNTHETIC_TAG, 'synthetic': 'true',
-            'method': method, 'identity': str(dst_identity), 'target_identity': str(src_identity)}
-    try:
-        with atomic_dir(final) as tmp:
-            rows = []
-            r = swap_frames(model, _frames_tensor(images), list(np.asarray(landmarks5, np.float64)), face_type, mode, erode, blur, color)
-            for i, img in enumerate(progress(r['frames'], verbose=verbose, desc=f'{method} images')):
-                rel = f'images/{i:05d}.png'
-                save_png(tmp / rel, img, tags)
-                rows.append(dict(path=rel, label=1, source=method, identity=int(dst_identity), target_identity=int(src_identity),
-                                 split=splits[i], clip_id='', frame=-1, kind='image', swapped=bool(r['swapped'][i]),
-                                 n_frames=1, n_swapped=int(r['swapped'][i]), n_passed=1 - int(r['swapped'][i])))
-            for c in clips:
-                cid = f"{method}-{h}-{c['clip_id']}"
-                res_ = swap_clip(model, c, tmp / 'clips' / f'{cid}.mp4', landmarks5=c['landmarks5'], mode=mode, erode=erode,
-                                 blur=blur, color=color, face_type=face_type,
-                                 metadata={'identity': dst_identity, 'target_identity': src_identity, 'source_clip': c['clip_id']})
-                fr = (res_['frames'].permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-                audio = np.asarray(c.get('audio', np.zeros(0, np.float32)))
-                audio = audio if audio.dtype == np.int16 else (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-                extra = {k: np.asarray(c[k]) for k in ('mel', 'landmarks68') if c.get(k) is not None}
-                lm = np.stack([np.full((5, 2), np.nan) if l is None else np.asarray(l, np.float64) for l in c['landmarks5']])
-                buf = io.BytesIO()
-                np.savez_compressed(buf, frames=fr, audio=audio, fps=np.float32(res_['fps']), landmarks5=lm.astype(np.float32),
-                                    swapped=res_['swapped'].numpy(), **extra)
-                atomic_write_bytes(tmp / 'clips' / f'{cid}.npz', buf.getvalue())
-                rows.append(dict(path=f'clips/{cid}.mp4', label=1, source=method, identity=int(dst_identity), target_identity=int(src_identity),
-                                 split=c.get('split', 'test'), clip_id=cid, frame=-1, kind='clip', swapped=res_['n_swapped'] > 0,
-                                 n_frames=len(fr), n_swapped=res_['n_swapped'], n_passed=res_['n_passed']))
-            df = pd.DataFrame(rows)
-            df = df[MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]]
-            atomic_write_text(tmp / 'manifest.csv', df.to_csv(index=False))
-            atomic_write_json(tmp / 'card.json', dict(
-                config=full_cfg, cfg_hash=h, method=method, seed=cfg.get('seed'),
-                counts=dict(images=int((df.kind == 'image').sum()), clips=int((df.kind == 'clip').sum()),
-                            clip_frames_passed=int(df.n_passed[df.kind == 'clip'].sum())),
-                library_version=deepfake_course.__version__, time=datetime.datetime.now(datetime.timezone.utc).isoformat()))
-    except FileExistsError:
-        pass  # another process finished the same build first: use theirs
-    return final
+    full_cfg = dict(config, model=model.config, n_images=len(images), src_identity=int(src_identity), dst_identity=int(dst_identity),
+                    split=split, clips=[str(c['clip_id']) for c in clips], merge=merge)
+    w = FakeSetWriter(method, full_cfg, data_root, description=f'{method}: identity {int(dst_identity)} driving, swapped to {int(src_identity)}')
+    if w.exists: return w.name
+    ids = dict(split=split, identity=int(dst_identity), target_identity=int(src_identity))
+    with w:
+        r = swap_frames(model, _frames_tensor(images), list(np.asarray(landmarks5, np.float64)), face_type, mode, erode, blur, color)
+        for i, img in enumerate(progress(r['frames'], verbose=verbose, desc=f'{method} images')):
+            ok = bool(r['swapped'][i])
+            w.add_image(img, **ids, swapped=ok, n_frames=1, n_swapped=int(ok), n_passed=1 - int(ok))
+        for c in clips:
+            name = str(c['clip_id'])
+            res_ = swap_clip(model, c, landmarks5=c['landmarks5'], mode=mode, erode=erode, blur=blur, color=color, face_type=face_type)
+            fr = (res_['frames'].permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+            audio = np.asarray(c.get('audio', np.zeros(0, np.float32)))
+            rate = int(c.get('sample_rate', c.get('sr', 16000)))
+            w.add_clip(fr, name=name, fps=res_['fps'], audio=audio if len(audio) else None, sample_rate=rate, **ids,
+                       swapped=res_['n_swapped'] > 0, n_frames=len(fr), n_swapped=res_['n_swapped'], n_passed=res_['n_passed'])
+            # beside the mp4, the clip in the SynthFaces format the clip datasets read first (frames, audio, landmarks, mel)
+            audio16 = audio if audio.dtype == np.int16 else (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+            lm = np.stack([np.full((5, 2), np.nan) if l is None else np.asarray(l, np.float64) for l in c['landmarks5']])
+            extra = {k: np.asarray(c[k]) for k in ('mel', 'landmarks68') if c.get(k) is not None}
+            buf = io.BytesIO()
+            np.savez_compressed(buf, frames=fr, audio=audio16, fps=np.float32(res_['fps']), landmarks5=lm.astype(np.float32),
+                                swapped=res_['swapped'].numpy(), **extra)
+            (w.dir / 'clips' / f'{name}.npz').write_bytes(buf.getvalue())
+    return w.name
