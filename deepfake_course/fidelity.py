@@ -182,8 +182,8 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, epochs: int = 
         train_dl = DataLoader(_Mirrored(images[ti], labels[ti]), batch_size=batch, shuffle=True)
         val_dl = DataLoader(TensorDataset(images[vi], labels[vi]), batch_size=256) if n_val else None
         res = fit(net, train_dl, val_dl, epochs=epochs, lr=lr, opt='adamw', weight_decay=1e-4, schedule='cosine',
-                  schedule_per='step', device=dev, seed=seed, progress=verbose,
-                  ckpt_dir=Path(ckpt_dir) / 'fit' if ckpt_dir is not None else None)
+                  schedule_per='step', device=dev, seed=seed, progress=verbose, name=FEATURES, config=config,
+                  ckpt_dir=Path(ckpt_dir) / 'fit' if ckpt_dir is not None else None)  # another run's checkpoints are refused
     net = res.model.eval()
     acc = {'train_acc': _accuracy(net, images[ti], labels[ti]), 'val_acc': _accuracy(net, images[vi], labels[vi])}
     if final is not None: save_feature_net(final, net, config, accuracy=acc)

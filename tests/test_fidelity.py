@@ -69,6 +69,8 @@ def test_feature_net_training_resumes_exactly(tmp_path):
         with pytest.raises(KeyboardInterrupt): FID.train_feature_net(x, y, epochs=3, batch=8, size=16, device='cpu', seed=1, ckpt_dir=tmp_path)
     finally: fmod.fit = real_fit
     assert not (tmp_path / FID.FEATURES_FILE).exists() and (tmp_path / 'fit' / 'last.pt').exists()
+    with pytest.raises(CheckpointError, match='another configuration.*lr'):  # half a run of another configuration is not resumed
+        FID.train_feature_net(x, y, epochs=3, batch=8, size=16, device='cpu', seed=1, lr=1e-3, ckpt_dir=tmp_path)
     resumed, _ = FID.train_feature_net(x, y, epochs=3, batch=8, size=16, device='cpu', seed=1, ckpt_dir=tmp_path)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()): assert torch.equal(a, b), k
 
