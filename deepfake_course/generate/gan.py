@@ -226,7 +226,7 @@ class GANTrainer:
     def fit(self, steps: int, ckpt_dir=None, ckpt_every: int = 250, resume: bool = True, eval_fn: Callable | None = None,
             eval_every: int | None = None, snapshot_every: int | None = None, n_snapshot: int = 16,
             callback: Callable | None = None, verbose: bool | None = None):
-        "Train until `self.step == steps`, resuming from `<ckpt_dir>/checkpoint.pt` when it exists; `callback(self)` after each step."
+        "Train until `self.step == steps`, resuming from `<ckpt_dir>/checkpoint.pt` when it exists; `callback(self)` after each step (before its checkpoint)."
         ckpt = Path(ckpt_dir) / 'checkpoint.pt' if ckpt_dir is not None else None
         found = ckpt is not None and resume and ckpt.exists()
         loop = self._loop(steps, ckpt, ckpt_every, resume, verbose)  # loads the checkpoint (or refuses another model's)
