@@ -30,17 +30,18 @@ def main():
     from deepfake_course.data import synth
     from deepfake_course.faces import transform_points
     from deepfake_course.generate import faceswap as fs
+    from deepfake_course import quality
 
     def faceset(identity, n, seed):
         r = synth.render_faces([identity], n, size=128, seed=seed)
-        return fs.make_faceset(r['images'], r['mask'], r['landmarks5'], identity, 64, 'full', min_images=1)
+        return fs.make_swap_faceset(r['images'], r['mask'], r['landmarks5'], identity, 64, 'full', min_images=1)
     src, dst = faceset(0, a.n_train, a.seed), faceset(1, a.n_train, a.seed + 1)
     src_ho, dst_ho = faceset(0, 48, a.seed + 1000), faceset(1, 48, a.seed + 1001)
     aux = synth.render_faces(list(range(8)), 160, size=128, seed=a.seed + 2000)
-    crops, M, _ = fs.align_faces(aux['images'], aux['landmarks5'], 64, 'full')
+    crops, M, _ = fs.align_swap_faces(aux['images'], aux['landmarks5'], 64, 'full')
     masks = fs.warp_affine(aux['mask'].float().reshape(-1, 1, 128, 128), M, (64, 64))
-    id_net = fs.train_identity_classifier(crops, masks, aux['identity'], epochs=15, seed=a.seed, region=fs.face_ellipse(64))
-    lm_net = fs.train_landmark_regressor(crops, transform_points(np.asarray(aux['landmarks68'], np.float64), M), epochs=15, seed=a.seed)
+    id_net = quality.train_identity_classifier(crops, masks, aux['identity'], epochs=15, seed=a.seed, region=quality.face_ellipse(64))
+    lm_net = quality.train_landmark_regressor(crops, transform_points(np.asarray(aux['landmarks68'], np.float64), M), epochs=15, seed=a.seed)
 
     final = {}
     for wf in a.warp_fractions:

@@ -220,15 +220,6 @@ def temporal_flicker(frames, masks=None, valid=None):
     return ((d * m).sum() / m.sum().clamp_min(1)).item()
 
 # %% ../nbs/19_quality.ipynb #cell-18
-_EXTRACTORS: dict = {}
-
-def _face_extractor(device):
-    "One `faces.FaceExtractor` per device, kept: building MTCNN takes longer than running it on a batch."
-    from deepfake_course.faces import FaceExtractor
-    dev = get_device(device)
-    if str(dev) not in _EXTRACTORS: _EXTRACTORS[str(dev)] = FaceExtractor(device=dev, min_prob=0.0, noise_ratio=None)
-    return _EXTRACTORS[str(dev)]
-
 def _as_images(images, who: str) -> torch.Tensor:
     "N x 3 x H x W float in [0,1] from a tensor/array (N x 3 x H x W or N x H x W x 3, float in [0,1] or uint8) or a list of them."
     if isinstance(images, (list, tuple)):
@@ -250,7 +241,8 @@ def mtcnn_face_found(images, device='cpu', min_prob: float = 0.9, upsample_to: i
     h, w = x.shape[-2:]
     if upsample_to and min(h, w) < upsample_to:
         f = upsample_to / min(h, w); x = resize(x.clamp(0, 1), (round(h * f), round(w * f)))
-    ext, found = _face_extractor(device), []
+    from deepfake_course.faces import FaceExtractor
+    ext, found = FaceExtractor(device=device, min_prob=min_prob, noise_ratio=None, batch_size=batch_size), []   # the shared MTCNN
     for s in range(0, len(x), batch_size):
         arr = (x[s:s + batch_size].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         found += [bool(len(d.probs) and float(np.max(d.probs)) >= min_prob) for d in ext.detect(list(arr), filter=False)]

@@ -222,6 +222,15 @@ def test_fake_set(tmp_path):
         fs.make_faceswap_set(m, frames, lm, 3, 5, 'train', dict(seed=0), data_root=tmp_path, clips=[dict(clip, split='test')])
     with pytest.raises(ValueError, match="split must be one of"):
         fs.make_faceswap_set(m, frames, lm, 3, 5, 'holdout', dict(seed=0), data_root=tmp_path)
+    # the real set's identity split instead of a split name: the pair's split, or refused when the pair spans two
+    from deepfake_course.data.manifest import LeakError
+    id_split = {3: 'test', 5: 'test', 7: 'train'}
+    assert read_card(resolve_fake_set(fs.make_faceswap_set(m, frames[:2], lm[:2], 3, 5, id_split, dict(seed=2), data_root=tmp_path),
+                                      tmp_path))['config']['split'] == 'test'
+    with pytest.raises(LeakError, match=r"src 7: 'train', dst 5: 'test'"):
+        fs.make_faceswap_set(m, frames[:2], lm[:2], 7, 5, id_split, dict(seed=2), data_root=tmp_path)
+    with pytest.raises(ValueError, match=r'identities \[9\] are not in the identity split'):
+        fs.make_faceswap_set(m, frames[:2], lm[:2], 3, 9, id_split, dict(seed=2), data_root=tmp_path)
     with pytest.raises(ValueError, match='5 landmark sets for 6 images'):
         fs.make_faceswap_set(m, frames, lm[:5], 3, 5, 'train', dict(seed=1), data_root=tmp_path)
 

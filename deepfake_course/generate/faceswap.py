@@ -558,11 +558,23 @@ def swap_clip(model, clip, out_path=None, landmarks5=None, detector=None, mode='
 # %% ../../nbs/20_faceswap.ipynb #cell-68
 def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, split, config, data_root=None, clips=(),
                       mode='alpha', erode=0, blur=0, color=None, face_type='full', verbose=None) -> str:
-    """Swap driving images of `dst_identity` to `src_identity`, all in one `split`, and write the fake set
-    `faceswap-<archi>/<hash of config, model, pair and merge>` with `data.fakes.FakeSetWriter` (images, clips with
-    their SynthFaces-format .npz, manifest, card); an existing set of the same configuration is reused. Returns its name."""
+    """Swap driving images of `dst_identity` to `src_identity` and write the fake set `faceswap-<archi>/<hash of config,
+    model, pair, split and merge>` with `data.fakes.FakeSetWriter` (images, clips with their SynthFaces-format .npz,
+    manifest, card); an existing set of the same configuration is reused. Returns its name. The whole set sits in one
+    `split`: a split name, or the real set's identity split (a dict identity -> split), in which both identities must
+    share a split (else `LeakError`)."""
     from deepfake_course.data.fakes import FakeSetWriter
-    from deepfake_course.data.manifest import SPLITS
+    from deepfake_course.data.manifest import SPLITS, LeakError
+    if isinstance(split, dict):
+        of = {int(k): v for k, v in split.items()}
+        pair = {int(src_identity): of.get(int(src_identity)), int(dst_identity): of.get(int(dst_identity))}
+        if None in pair.values():
+            raise ValueError(f"identities {[i for i, s in pair.items() if s is None]} are not in the identity split given ({sorted(of)})")
+        if len(set(pair.values())) > 1:
+            raise LeakError(f"the pair's identities sit in different splits of the real set (src {int(src_identity)}: "
+                            f"{pair[int(src_identity)]!r}, dst {int(dst_identity)}: {pair[int(dst_identity)]!r}); a swap shows both "
+                            f"people, so a pair must come from one split")
+        split = pair[int(dst_identity)]
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS} (the pair's split in the real set), got {split!r}")
     bad = [str(c.get('clip_id')) for c in clips if c.get('split', split) != split]
     if bad: raise ValueError(f"clips {bad} carry another split than the pair's {split!r}: a swap keeps both identities in one split")
