@@ -6,35 +6,40 @@
 from __future__ import annotations
 import base64, html, io, json, time, warnings
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .core import (get_data_root, get_device, seed_everything, cfg_hash, atomic_write_text,
-                                  atomic_write_json, atomic_write_bytes, progress)
+                                  atomic_write_json, atomic_write_bytes, n_params, progress)
+
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'main_config', 'Stages', 'build_real', 'real_faces', 'identity_splits', 'build_faceswap_fakes',
-           'build_gan_fakes', 'fake_manifest', 'match_real', 'source_data', 'train_main_detectors', 'evaluation_sets',
-           'score_all', 'results_table', 'md_table', 'pretty_table', 'report_figures', 'write_report', 'main_job']
+__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'JOB_VERSION', 'RESULT_KEYS', 'main_config', 'Stages', 'build_real',
+           'identity_split', 'render_identity', 'swap_pairs', 'build_faceswap_fakes', 'build_gan_fakes', 'match_real',
+           'source_data', 'train_main_detectors', 'evaluation_sets', 'score_all', 'results_table', 'md_table',
+           'report_figures', 'write_report', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
-QUICK = dict(n_identities=12, images_per_identity=24, size=64, fs_steps=600, fs_batch=16, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
+QUICK = dict(n_identities=12, images_per_identity=24, size=64, fs_steps=400, fs_batch=16, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
              gan='dcgan', gan_size=32, gan_steps=600, gan_width=32, n_gan=288, det_epochs=4, det_batch=32, det_lr=1e-3,
              detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), n_boot=300, n_examples=8)
 FULL = dict(QUICK, n_identities=24, images_per_identity=64, fs_steps=4000, fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16),
             gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
+MIN_IDENTITIES = 9  # SynthFaces' 70/15/15 identity split gives every split two identities from 9 on: a swap needs two people
 
 def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
     """The main job's configuration: `QUICK` or `FULL`, with `overrides` (unknown keys are an error).
-    An override that is None keeps the configuration's value: a parameter left at its default overrides nothing."""
+    An override that is None keeps the configuration's value: a parameter left at its default overrides nothing.
+    `fs_steps` is the training of each split's face-swap model."""
     base = dict(QUICK if quick else FULL)
     unknown = set(overrides) - set(base)
     if unknown: raise ValueError(f"main_config: unknown setting(s) {sorted(unknown)}; known: {sorted(base)}")
     cfg = {**base, **{k: v for k, v in overrides.items() if v is not None}, 'seed': int(seed), 'quick': bool(quick)}
-    if cfg['n_identities'] < 6: raise ValueError(f"n_identities={cfg['n_identities']}: the main job needs at least 6 (train/val/test by identity)")
+    if cfg['n_identities'] < MIN_IDENTITIES:
+        raise ValueError(f"n_identities={cfg['n_identities']}: the main job needs at least {MIN_IDENTITIES}, so that train, val "
+                         "and test each hold two identities to swap between")
     bad = [d for d in cfg['detectors'] if d not in ('shallownet_v3', 'meso4', 'fdftnet')]
     if bad: raise ValueError(f"main job detectors must be among shallownet_v3, meso4, fdftnet; got {bad}")
     if 'fdftnet' in cfg['detectors'] and 'shallownet_v3' not in cfg['detectors']:
@@ -44,14 +49,17 @@ def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
     cfg['detectors'], cfg['jpeg'] = list(cfg['detectors']), [int(q) for q in cfg['jpeg']]
     return cfg
 
+
 # %% ../nbs/60_benchmark.ipynb #cell-11
+JOB_VERSION = 2  # bump when a stage's saved result changes meaning: stages saved by another version run again
+
 class Stages:
     "Run folder bookkeeping: `done(name)`, `save(name, info)`, `load(name)`; a JSON file per finished stage."
     def __init__(self, run_dir: Path): self.dir = Path(run_dir); (self.dir/'stages').mkdir(parents=True, exist_ok=True)
     def _p(self, name): return self.dir/'stages'/f'{name}.json'
-    def done(self, name) -> bool: return self._p(name).exists()
+    def done(self, name) -> bool: return self._p(name).exists() and self.load(name).get('job_version') == JOB_VERSION
     def load(self, name) -> dict: return json.loads(self._p(name).read_text())
-    def save(self, name, info: dict) -> dict: atomic_write_json(self._p(name), info); return info
+    def save(self, name, info: dict) -> dict: atomic_write_json(self._p(name), {**info, 'job_version': JOB_VERSION}); return info
     def run(self, name, fn, log=print):
         "Return the saved result of stage `name`, or run `fn()` and save what it returns."
         if self.done(name): log(f"[{name}] done earlier: reusing it"); return self.load(name)
@@ -60,87 +68,121 @@ class Stages:
         log(f"[{name}] finished in {info['seconds']:.0f} s")
         return self.save(name, info)
 
-# %% ../nbs/60_benchmark.ipynb #cell-13
-def build_real(cfg: dict, data_root=None) -> Path:
-    "The SynthFaces build of the main job (images only)."
-    from deepfake_course.data.synth import make_synthfaces
-    return Path(make_synthfaces(data_root, n_identities=cfg['n_identities'], images_per_identity=cfg['images_per_identity'],
-                                clips_per_identity=0, size=cfg['size'], seed=cfg['seed']))
 
-def real_faces(cfg: dict, identity: int) -> dict:
+# %% ../nbs/60_benchmark.ipynb #cell-13
+def build_real(cfg: dict, data_root: Path) -> pd.DataFrame:
+    "The real still images of the main job's SynthFaces build (built if absent): absolute paths, `split` by identity."
+    from deepfake_course.detect.core import real_faces
+    return real_faces(data_root, cfg['n_identities'], cfg['images_per_identity'], cfg['size'], cfg['seed'])
+
+def identity_split(real: pd.DataFrame) -> dict:
+    "identity -> split (train/val/test) of the real faces (checked: no identity in two splits)."
+    from deepfake_course.data.manifest import check_no_leak
+    check_no_leak(real, 'identity')
+    return {int(k): v for k, v in real.groupby('identity')['split'].first().items()}
+
+def render_identity(cfg: dict, identity: int) -> dict:
     "Images, masks and 5-point landmarks of one identity, exactly as the build rendered them."
     from deepfake_course.data.synth import render_faces
     return render_faces([int(identity)], cfg['images_per_identity'], size=cfg['size'], seed=cfg['seed'])
 
-def identity_splits(real_dir) -> dict:
-    "identity -> split (train/val/test), from the build's `id_split` column."
-    from deepfake_course.data.manifest import read_manifest
-    df = read_manifest(real_dir); df = df[df['kind'] == 'image']
-    return {int(k): v for k, v in df.groupby('identity')['id_split'].first().items()}
 
 # %% ../nbs/60_benchmark.ipynb #cell-17
-def build_faceswap_fakes(cfg: dict, real_dir, data_root=None, device='auto', run_dir=None, verbose=None) -> dict:
-    "Train the DF swap (src = first training identity, dst = pool of the others) and swap every other identity's faces."
+def swap_pairs(id_split: dict) -> pd.DataFrame:
+    """The main job's face swaps, one model per split: in each split its first identity (`src`, swapped in) replaces the
+    face of each other identity of that split (`dst`, driving). Both identities of every pair come from one split."""
+    from deepfake_course.data.manifest import SPLITS
+    bad = {i: s for i, s in id_split.items() if s not in SPLITS}
+    if bad: raise ValueError(f"swap_pairs: splits must be one of {SPLITS}; got {bad}")
+    rows = []
+    for s in SPLITS:
+        ids = sorted(int(i) for i, t in id_split.items() if t == s)
+        if len(ids) < 2:
+            raise ValueError(f"swap_pairs: the {s} split holds {len(ids)} identity(ies) {ids}; a swap inside one split needs two "
+                             f"(use n_identities >= {MIN_IDENTITIES})")
+        rows += [dict(split=s, src=ids[0], dst=d) for d in ids[1:]]
+    return pd.DataFrame(rows, columns=['split', 'src', 'dst'])
+
+def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', run_dir=None, verbose=None) -> dict:
+    """Train one DF model per split on that split's faces (`swap_pairs`) and write every swap into one named fake set
+    (reused when a set with this configuration exists). Returns the set's name, the pairs and the models' sizes."""
+    from deepfake_course.data.fakes import FakeSetWriter
     from deepfake_course.generate import faceswap as fsw
-    id_split = identity_splits(real_dir)
-    src_id = min(i for i, s in id_split.items() if s == 'train')
-    others = [i for i in sorted(id_split) if i != src_id]
-    src = real_faces(cfg, src_id)
-    pool = [real_faces(cfg, i) for i in others]
-    cat = lambda k: torch.cat([p[k] for p in pool])
-    fs_src = fsw.make_faceset(src['images'], src['mask'], src['landmarks5'], identity=src_id, size=cfg['size'])
-    fs_dst = fsw.make_faceset(cat('images'), cat('mask'), cat('landmarks5'), identity=-1, size=cfg['size'])
-    model = fsw.build_model('df', cfg['size'], **cfg['fs_dims'])
-    ck = Path(run_dir)/'faceswap'/'df.pt' if run_dir is not None else None
-    res = fsw.train_faceswap(model, fs_src, fs_dst, steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], seed=cfg['seed'],
-                             device=device, ckpt_path=ck, verbose=verbose, preview_every=max(cfg['fs_steps'] // 4, 1))
-    model = res.model.cpu().eval()
-    fcfg = dict(kind='main-job', cfg=cfg_hash(cfg), steps=cfg['fs_steps'])
-    dirs = []
-    for i, p in zip(others, progress(pool, desc='face swaps', verbose=verbose)):
-        dirs.append(str(fsw.make_faceswap_set(model, p['images'], p['landmarks5'], src_identity=src_id, dst_identity=i,
-                                              cfg=fcfg, root=data_root, splits=[id_split[i]] * len(p['images']))))
-    return dict(src_identity=int(src_id), fake_dirs=dirs, n_params=int(sum(q.numel() for q in model.parameters())))
+    pairs = swap_pairs(identity_split(real))
+    real_set = f"synthfaces/{Path(real.attrs['real_dir']).name}"
+    recipe = dict(steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], dims=cfg['fs_dims'], size=cfg['size'], seed=cfg['seed'])
+    models = {s: dict(src=int(p.src.iloc[0]), dst=[int(d) for d in p.dst]) for s, p in pairs.groupby('split', sort=False)}
+    w = FakeSetWriter('faceswap-df', dict(real=real_set, pairs=pairs.values.tolist(), **recipe), data_root,
+                      description='main job (60_benchmark): one DF model per split; in each split its first identity is '
+                                  'swapped into the faces of the others',
+                      sources=dict(real=real_set, trained_on='each split\'s model learnt only that split\'s identities',
+                                   models=models, recipe=recipe))
+    out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
+    if w.exists: return out
+    faces = {i: render_identity(cfg, i) for i in sorted(set(pairs.src) | set(pairs.dst))}
+    swapped = {}
+    for s, m in models.items():
+        src = faces[m['src']]
+        dst = {k: torch.cat([faces[i][k] for i in m['dst']]) for k in ('images', 'mask', 'landmarks5')}
+        fs_src = fsw.make_swap_faceset(src['images'], src['mask'], src['landmarks5'], identity=m['src'], size=cfg['size'])
+        fs_dst = fsw.make_swap_faceset(dst['images'], dst['mask'], dst['landmarks5'], identity=-1, size=cfg['size'])
+        model = fsw.build_model('df', cfg['size'], **cfg['fs_dims'])
+        ck = Path(run_dir)/'faceswap'/w.hash/f'df_{s}.pt' if run_dir is not None else None  # resumes only this set's models
+        res = fsw.train_faceswap(model, fs_src, fs_dst, steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], seed=cfg['seed'],
+                                 device=device, ckpt_path=ck, preview_every=0, verbose=verbose)
+        model = res.model.cpu().eval()
+        for d in m['dst']:
+            f = faces[d]
+            r = fsw.swap_frames(model, f['images'], list(f['landmarks5'].double().numpy()))
+            swapped[d] = (r['frames'], r['swapped'])
+        out.setdefault('train_seconds', {})[s] = round(res.seconds, 1)
+        out['n_params'] = n_params(model)
+    with w:
+        for r in progress(list(pairs.itertuples()), desc='face swaps', verbose=verbose):
+            frames, ok = swapped[r.dst]
+            for k, img in enumerate(frames):
+                w.add_image(img, split=r.split, identity=r.dst, target_identity=r.src, name=f'{r.dst:04d}_{k:04d}', swapped=bool(ok[k]))
+    return out
+
 
 # %% ../nbs/60_benchmark.ipynb #cell-19
-def build_gan_fakes(cfg: dict, real_dir, data_root=None, device='auto', run_dir=None, verbose=None) -> dict:
-    "Train the main job's DCGAN on the training identities' real faces and sample its fake set."
+def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', run_dir=None, verbose=None) -> dict:
+    "Train the main job's GAN on the training identities' real faces only and sample its named fake set."
     from deepfake_course.generate import gan
-    from deepfake_course.data.manifest import read_manifest
-    from deepfake_course.detect.core import load_images
-    df = read_manifest(real_dir); df = df[(df['kind'] == 'image') & (df['id_split'] == 'train')]
-    x = load_images(df['path'].tolist(), cfg['gan_size'])
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    from deepfake_course.media import load_images
+    tr = real[real['split'] == 'train']
+    x = load_images(tr['path'].tolist(), cfg['gan_size'], dtype='float')
     w = cfg['gan_width']
-    tr = gan.build_generator(cfg['gan'], x, device=device, size=cfg['gan_size'], ngf=w, ndf=w, seed=cfg['seed'])
-    tr.fit(cfg['gan_steps'], ckpt_dir=Path(run_dir)/'gan' if run_dir is not None else None, ckpt_every=max(cfg['gan_steps'] // 4, 1), verbose=verbose)
-    d = gan.make_fake_set(tr, n=cfg['n_gan'], data_root=data_root, method=cfg['gan'], seed=cfg['seed'])
-    return dict(fake_dirs=[str(d)], train_images=len(x), train_seconds=round(tr.train_seconds, 1))
+    g = gan.build_generator(cfg['gan'], x, identities=tr['identity'].to_numpy(), device=device, size=cfg['gan_size'],
+                            ngf=w, ndf=w, seed=cfg['seed'])
+    g.fit(cfg['gan_steps'], ckpt_dir=Path(run_dir)/'gan' if run_dir is not None else None,
+          ckpt_every=max(cfg['gan_steps'] // 4, 1), verbose=verbose)
+    trained_on = dict(dataset=f"synthfaces/{Path(real.attrs['real_dir']).name}", split='train',
+                      identities=sorted(int(i) for i in tr['identity'].unique()))
+    name = gan.make_gan_fake_set(g, n=cfg['n_gan'], trained_on=trained_on, data_root=data_root, method=cfg['gan'],
+                                 seed=cfg['seed'], verbose=verbose)
+    return dict(fake_set=name, train_images=len(x), train_seconds=round(g.train_seconds, 1))
+
 
 # %% ../nbs/60_benchmark.ipynb #cell-21
-def fake_manifest(dirs: Sequence, out: Path) -> Path:
-    "Concatenate the manifests of fake-set folders `dirs` into `out` (absolute paths)."
-    from deepfake_course.data.manifest import read_manifest
-    df = pd.concat([read_manifest(d) for d in dirs], ignore_index=True)
-    atomic_write_text(out, df.to_csv(index=False)); return out
-
 def match_real(data, size: int):
     "`data` with every *real* face sent down to `size` px and back up, as a `size`-px generator's faces are."
-    from deepfake_course.detect.core import FaceSet, DetectionData, resize_faces
+    from deepfake_course.detect.core import FaceTensorSet
+    from deepfake_course.media import resize
     def one(fs):
         real = torch.as_tensor(fs.df['label'].to_numpy() == 0)[:, None, None, None]
-        x = torch.where(real, resize_faces(resize_faces(fs.x, size), fs.size), fs.x)
-        return FaceSet(x, fs.df, fs.transform)
-    return DetectionData(one(data.train), one(data.val), one(data.test), data.fake_source, data.real_dir, data.fake_dir,
-                         (data.note + ' ' if data.note else '') + f'real faces resampled through {size} px')
+        return FaceTensorSet(torch.where(real, resize(resize(fs.x, size), fs.size), fs.x), fs.df, fs.transform)
+    return data.replace(train=one(data.train), val=one(data.val), test=one(data.test),
+                        note=(data.note + ' ' if data.note else '') + f'Real faces resampled through {size} px.')
 
-def source_data(cfg, source: str, manifest: Path, data_root=None):
-    "Real SynthFaces + the fakes of `manifest` as a DetectionData at the detectors' size."
+def source_data(cfg: dict, fake_set: str, data_root: Path):
+    "Real SynthFaces + the named fake set as a leak-checked DetectionData at the detectors' size."
     from deepfake_course.detect.core import detection_data
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return detection_data(data_root, fake_source=source, size=cfg['size'], n_identities=cfg['n_identities'],
-                              images_per_identity=cfg['images_per_identity'], seed=cfg['seed'], fake_manifest=str(manifest), fallback=None)
+    with warnings.catch_warnings():  # the GAN's smaller faces: said in the report, and `match_real` evens them out
+        warnings.filterwarnings('ignore', message='.*size mismatch can itself be a cue')
+        return detection_data(data_root, fake_set=fake_set, size=cfg['size'], n_identities=cfg['n_identities'],
+                              images_per_identity=cfg['images_per_identity'], seed=cfg['seed'])
+
 
 # %% ../nbs/60_benchmark.ipynb #cell-23
 def _val_auroc(scores, labels):
@@ -148,15 +190,16 @@ def _val_auroc(scores, labels):
     return {'auroc': float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float('nan')}
 
 def train_main_detectors(cfg, data, source: str, run_dir: Path, device='auto', verbose=None) -> dict:
-    "Train the configured detectors on `data` (fakes of `source`); returns name -> trained model."
+    """Train the configured detectors on `data` (fakes of `source`); returns name -> trained model. Checkpoints sit in
+    `<run_dir>/detectors/<source>/<fake-set hash>/`: a detector is reused only for the very fake set it learnt."""
     from deepfake_course.detect.core import build_detector, train_detector, save_detector, load_detector
-    models = {}
+    models, base = {}, run_dir/'detectors'/source/data.fake_set.split('/')[-1]
     for name in cfg['detectors']:
-        ck = run_dir/'detectors'/source/name
+        ck = base/name
         final = ck/'final.pt'
         if final.exists(): models[name] = load_detector(final, expect=name); continue
         kw = {'input_size': cfg['size']}
-        if name == 'fdftnet': kw = dict(backbone='shallownet_v3', backbone_ckpt=str(run_dir/'detectors'/source/'shallownet_v3'/'final.pt'), input_size=cfg['size'])
+        if name == 'fdftnet': kw = dict(backbone='shallownet_v3', backbone_ckpt=str(base/'shallownet_v3'/'final.pt'), input_size=cfg['size'])
         model = build_detector(name, **kw)
         res = train_detector(model, data, epochs=cfg['det_epochs'], lr=cfg['det_lr'], batch_size=cfg['det_batch'], device=device,
                              ckpt_dir=ck, seed=cfg['seed'], metrics=_val_auroc, monitor='val_auroc', mode='max', progress=verbose)
@@ -164,9 +207,10 @@ def train_main_detectors(cfg, data, source: str, run_dir: Path, device='auto', v
         models[name] = res.model
     return models
 
+
 # %% ../nbs/60_benchmark.ipynb #cell-25
 def evaluation_sets(cfg, data: dict) -> dict:
-    "(test_source, condition) -> FaceSet for every evaluation the main job runs."
+    "(test_source, condition) -> FaceTensorSet for every evaluation the main job runs."
     sets = {}
     for src, d in data.items():
         sets[(src, 'clean')] = d.test
@@ -175,24 +219,26 @@ def evaluation_sets(cfg, data: dict) -> dict:
 
 def score_all(models: dict, sets: dict, train_source: str, device='auto') -> pd.DataFrame:
     "Per-face scores of every model of `train_source` on every evaluation set."
-    from deepfake_course.detect.core import evaluate
+    from deepfake_course.detect.core import score_faces
     out = []
     for name, m in models.items():
         for (test_source, cond), fs in sets.items():
             if cond.startswith('jpeg') and test_source != train_source: continue
-            df = evaluate(m, fs, device=device, name=name)
+            df = score_faces(m, fs, device=device, name=name)
             out.append(df.assign(train_source=train_source, test_source=test_source, condition=cond))
     return pd.concat(out, ignore_index=True)
 
+RESULT_KEYS = ['detector', 'train_source', 'test_source', 'condition']
+
 def results_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    "One row per (detector, train source, test source, condition): AUROC with 95% CI, ACC@0.5, EER, AP, n."
-    from deepfake_course.detect.core import score_table
-    key = ['detector', 'train_source', 'test_source', 'condition']
-    s = scores.assign(_k=scores[key].astype(str).agg(' | '.join, axis=1))
-    t = score_table(s, by='_k', n_boot=n_boot, seed=seed).reset_index()
-    t[key] = t['_k'].str.split(' \\| ', expand=True); t = t.drop(columns='_k')
-    t['setting'] = np.where(t.condition.str.startswith('jpeg'), 'jpeg', np.where(t.train_source == t.test_source, 'in-distribution', 'cross-generator'))
-    return t[key + ['setting', 'n', 'auroc', 'auroc_lo', 'auroc_hi', 'acc', 'eer', 'ap']]
+    """One row per (detector, train source, test source, condition) and its setting: AUROC, EER, AP and ACC@0.5, each
+    with a 95% interval resampling identities (`metrics.metrics_table`), n faces and n_groups identities."""
+    from deepfake_course.metrics import metrics_table
+    t = metrics_table(scores, by=RESULT_KEYS, group='identity', n_boot=n_boot, seed=seed).reset_index()
+    t['setting'] = np.where(t.condition.str.startswith('jpeg'), 'jpeg',
+                            np.where(t.train_source == t.test_source, 'in-distribution', 'cross-generator'))
+    return t[RESULT_KEYS + ['setting'] + [c for c in t.columns if c not in RESULT_KEYS + ['setting']]]
+
 
 # %% ../nbs/60_benchmark.ipynb #cell-27
 def md_table(df: pd.DataFrame, floatfmt: str = '.3f') -> str:
@@ -202,13 +248,6 @@ def md_table(df: pd.DataFrame, floatfmt: str = '.3f') -> str:
     lines = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '|'.join('---' for _ in cols) + '|']
     lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines)
-
-def pretty_table(t: pd.DataFrame) -> pd.DataFrame:
-    "The results table with 'AUROC [95% CI]' strings, for people."
-    out = t[['detector', 'train_source', 'test_source', 'condition', 'setting', 'n']].copy()
-    out['AUROC [95% CI]'] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(t.auroc, t.auroc_lo, t.auroc_hi)]
-    out['ACC'], out['EER'], out['AP'] = t.acc.round(3), t.eer.round(3), t.ap.round(3)
-    return out
 
 def _fig_png(fig) -> bytes:
     import matplotlib.pyplot as plt
@@ -257,21 +296,27 @@ def report_figures(scores: pd.DataFrame, sets: dict, models: dict, cfg: dict) ->
         figs['gradcam'] = _fig_png(fig)
     return figs
 
-def write_report(run_dir: Path, table: pd.DataFrame, figs: dict, cfg: dict, info: dict) -> dict:
-    "Write report.md, report.html (figures embedded), figures/*.png, results.csv and metrics.json into `run_dir`."
+def write_report(run_dir: Path, table: pd.DataFrame, figs: dict, cfg: dict, fake_sets: dict, info: dict) -> dict:
+    """Write report.md, report.html (figures embedded), figures/*.png, results.csv and metrics.json into `run_dir`;
+    `fake_sets` (source -> fake-set name) is recorded in metrics.json as `fake_set`."""
+    from deepfake_course.metrics import fmt_ci
     run_dir = Path(run_dir); (run_dir/'figures').mkdir(parents=True, exist_ok=True)
     for k, png in figs.items(): atomic_write_bytes(run_dir/'figures'/f'{k}.png', png)
     atomic_write_text(run_dir/'results.csv', table.to_csv(index=False))
-    pt = pretty_table(table)
+    view = table[RESULT_KEYS + ['setting', 'n', 'n_groups']].assign(**{
+        'AUROC [95% CI]': fmt_ci(table, 'auroc', pct=False, digits=3), 'ACC': table.acc.round(3), 'EER': table.eer.round(3), 'AP': table.ap.round(3)})
     metrics = {f"auroc|{r.detector}|{r.train_source}->{r.test_source}|{r.condition}": round(float(r.auroc), 4) for r in table.itertuples()}
     metrics.update({'config_hash': cfg_hash(cfg), 'n_rows': int(len(table))})
-    atomic_write_json(run_dir/'metrics.json', {'metrics': metrics, 'table': table.to_dict(orient='records'), 'config': cfg, 'info': info})
+    atomic_write_json(run_dir/'metrics.json', {'metrics': metrics, 'fake_set': dict(fake_sets), 'table': table.to_dict(orient='records'),
+                                               'config': cfg, 'info': info})
     intro = (f"Real faces: SynthFaces ({cfg['n_identities']} identities × {cfg['images_per_identity']} images, {cfg['size']} px, split by identity). "
-             f"Fakes: `faceswap-df` (DF autoencoder, {cfg['fs_steps']} steps) and `{cfg['gan']}` ({cfg['gan_size']} px, {cfg['gan_steps']} steps). "
-             f"Detectors trained {cfg['det_epochs']} epochs, selected on validation AUROC. AUROC intervals: {cfg['n_boot']} bootstrap resamples. "
+             f"Fakes: `faceswap-df` (one DF autoencoder per split, {cfg['fs_steps']} steps each, swapping only between identities of that split) "
+             f"and `{cfg['gan']}` ({cfg['gan_size']} px, {cfg['gan_steps']} steps, trained on the training identities only). "
+             f"Fake sets: {', '.join(f'{s} = `{n}`' for s, n in fake_sets.items())}. "
+             f"Detectors trained {cfg['det_epochs']} epochs, selected on validation AUROC. AUROC intervals: {cfg['n_boot']} bootstrap resamples of identities. "
              f"With the GAN's fakes, real faces are resampled through {cfg['gan_size']} px like the GAN's own, so resolution gives nothing away.")
-    sections = [('In-distribution', pt[pt.setting == 'in-distribution']), ('Cross-generator', pt[pt.setting == 'cross-generator']),
-                ('JPEG re-compression', pt[pt.setting == 'jpeg'])]
+    sections = [('In-distribution', view[view.setting == 'in-distribution']), ('Cross-generator', view[view.setting == 'cross-generator']),
+                ('JPEG re-compression', view[view.setting == 'jpeg'])]
     md = [f"# deepfake-course main job ({'quick' if cfg['quick'] else 'full'})", '', intro, '']
     for title, part in sections: md += [f'## {title}', '', md_table(part.drop(columns='setting')), '']
     md += ['## Figures', ''] + [f'![{k}](figures/{k}.png)' for k in figs] + ['', '## Run', '', '```', json.dumps(info, indent=1, default=str), '```']
@@ -284,11 +329,13 @@ def write_report(run_dir: Path, table: pd.DataFrame, figs: dict, cfg: dict, info
     atomic_write_text(run_dir/'report.html', f'<!doctype html><meta charset="utf-8"><title>deepfake-course report</title><style>{css}</style>' + ''.join(body))
     return {'markdown': run_dir/'report.md', 'html': run_dir/'report.html', 'metrics': run_dir/'metrics.json'}
 
+
 # %% ../nbs/60_benchmark.ipynb #cell-29
 def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, name: str | None = None,
              verbose: bool | None = None, log=print, **overrides) -> Path:
     "`deepfake-course run`: data → fakes → detectors → evaluation → report, resumable; returns the Markdown report's path."
-    dev = get_device(device); root = get_data_root(data_root)
+    root = get_data_root(data_root)  # resolved once here; every stage below gets this Path
+    dev = get_device(device)
     cfg = main_config(quick, seed, **overrides)
     run_dir = root/'runs'/'main'/(name or cfg_hash(cfg))
     if (run_dir/'config.json').exists():  # a named folder is reused only by the same configuration
@@ -300,12 +347,11 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     atomic_write_json(run_dir/'config.json', cfg)
     log(f"deepfake-course run: {'quick' if quick else 'full'} configuration on {dev}; run folder {run_dir}")
     seed_everything(seed)
-    real = st.run('real', lambda: {'dir': str(build_real(cfg, root))}, log)
-    real_dir = Path(real['dir'])
-    fs = st.run('faceswap', lambda: build_faceswap_fakes(cfg, real_dir, root, dev, run_dir, verbose), log)
-    gn = st.run('gan', lambda: build_gan_fakes(cfg, real_dir, root, dev, run_dir, verbose), log)
-    srcs = {'faceswap-df': fake_manifest(fs['fake_dirs'], run_dir/'faceswap-df.csv'), cfg['gan']: fake_manifest(gn['fake_dirs'], run_dir/f"{cfg['gan']}.csv")}
-    data = {s: source_data(cfg, s, m, root) for s, m in srcs.items()}
+    real = build_real(cfg, root)
+    fs = st.run('faceswap', lambda: build_faceswap_fakes(cfg, real, root, dev, run_dir, verbose), log)
+    gn = st.run('gan', lambda: build_gan_fakes(cfg, real, root, dev, run_dir, verbose), log)
+    fake_sets = {'faceswap-df': fs['fake_set'], cfg['gan']: gn['fake_set']}  # source -> the named set it reads
+    data = {s: source_data(cfg, n, root) for s, n in fake_sets.items()}
     data[cfg['gan']] = match_real(data[cfg['gan']], cfg['gan_size'])
     sets = evaluation_sets(cfg, data)
     models, parts = {}, []
@@ -322,8 +368,10 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     scores = pd.concat(parts, ignore_index=True)
     table = results_table(scores, n_boot=cfg['n_boot'], seed=seed)
     figs = report_figures(scores, sets, models, cfg)
-    info = {'device': str(dev), 'stages': {k: st.load(k).get('seconds') for k in ['real', 'faceswap', 'gan'] + [f'detectors_{s}' for s in data]},
-            'faceswap_src_identity': fs.get('src_identity'), 'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}
-    paths = write_report(run_dir, table, figs, cfg, json.loads(json.dumps(info, default=str)))
+    info = {'device': str(dev), 'data_root': str(root),
+            'stages': {k: st.load(k).get('seconds') for k in ['faceswap', 'gan'] + [f'detectors_{s}' for s in data]},
+            'swap_pairs': fs['pairs'], 'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}
+    paths = write_report(run_dir, table, figs, cfg, fake_sets, json.loads(json.dumps(info, default=str)))
     log(f"report: {paths['markdown']} and {paths['html']}")
     return paths['markdown']
+

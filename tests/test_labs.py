@@ -3,10 +3,13 @@ as the notebook and the CLI build it (deepfake_course.bench.main_config; no job 
 import json, pathlib
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 
 from deepfake_course import bench, labs
 from deepfake_course.bench import FULL, QUICK, main_config
+from deepfake_course.data.manifest import check_no_leak, make_manifest
 from deepfake_course.labs import LabError, _coerce, _parse_grid, _split_values, main, run_lab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,9 +40,10 @@ def test_notebook_defaults_with_quick_false_are_full():
 
 def test_none_overrides_nothing_and_a_set_value_overrides():
     assert main_config(False, n_identities=None, jpeg=None) == as_config(FULL, False)
-    cfg = main_config(False, n_identities=8, jpeg=[50])
-    assert (cfg['n_identities'], cfg['jpeg'], cfg['fs_steps']) == (8, [50], FULL['fs_steps'])
+    cfg = main_config(False, n_identities=10, jpeg=[50])
+    assert (cfg['n_identities'], cfg['jpeg'], cfg['fs_steps']) == (10, [50], FULL['fs_steps'])
     with pytest.raises(ValueError, match='unknown setting'): main_config(False, epochz=3)
+    with pytest.raises(ValueError, match='two identities to swap'): main_config(False, n_identities=8)
 
 
 def test_named_run_folder_refuses_another_configuration(tmp_path, monkeypatch):
@@ -51,6 +55,62 @@ def test_named_run_folder_refuses_another_configuration(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"another configuration.*n_boot"):
         bench.main_job(quick=True, data_root=tmp_path, device='cpu', name='mine', log=lambda *a: None, n_boot=10)
 
+
+
+# ---- the face swaps' pairs (bug: one swap model's src, the first training identity, was pasted into val and test fakes) ----
+
+def id_split_of(n_train, n_val, n_test, seed=0):
+    "identity -> split with identities shuffled, so a split's identities are not consecutive numbers."
+    splits = ['train'] * n_train + ['val'] * n_val + ['test'] * n_test
+    ids = np.random.default_rng(seed).permutation(len(splits))
+    return {int(i): s for i, s in zip(ids, splits)}
+
+
+@pytest.mark.parametrize('sizes', [(8, 2, 2), (16, 4, 4), (6, 2, 3)])
+def test_swap_pairs_keep_both_identities_in_one_split(sizes):
+    id_split = id_split_of(*sizes)
+    pairs = bench.swap_pairs(id_split)
+    assert len(pairs) and set(pairs.split) == {'train', 'val', 'test'}
+    for r in pairs.itertuples():
+        assert r.src != r.dst and id_split[r.src] == id_split[r.dst] == r.split, r
+    train = {i for i, s in id_split.items() if s == 'train'}
+    held = pairs[pairs.split != 'train']
+    assert not train & (set(held.src) | set(held.dst)), 'a val/test fake shows a training identity'
+    # every identity takes part, and one model per split: one src per split
+    assert set(pairs.src) | set(pairs.dst) == set(id_split)
+    assert pairs.groupby('split').src.nunique().eq(1).all()
+    # the fakes these pairs make pass the leak check together with the real faces
+    real = pd.DataFrame(dict(path=[f'r{i}.png' for i in id_split], label=0, source='synthfaces', identity=list(id_split),
+                             split=list(id_split.values())))
+    fakes = pd.DataFrame(dict(path='f.png', label=1, source='faceswap-df', identity=pairs.dst, target_identity=pairs.src, split=pairs.split))
+    assert check_no_leak(make_manifest(pd.concat([real, fakes], ignore_index=True)))
+
+
+def test_swap_pairs_need_two_identities_per_split():
+    with pytest.raises(ValueError, match=r"the test split holds 1 identity"): bench.swap_pairs(id_split_of(4, 2, 1))
+    with pytest.raises(ValueError, match='splits must be one of'): bench.swap_pairs({0: 'train', 1: 'train', 2: 'holdout'})
+
+
+def test_results_table_one_row_per_key_with_identity_intervals():
+    rng = np.random.default_rng(0)
+    rows = []
+    for det in ('meso4', 'shallownet_v3'):
+        for tr in ('faceswap-df', 'dcgan'):
+            for te, cond in [(tr, 'clean'), (tr, 'jpeg50'), ({'faceswap-df': 'dcgan', 'dcgan': 'faceswap-df'}[tr], 'clean')]:
+                for ident in range(6):
+                    y = np.r_[np.zeros(5), np.ones(5)]
+                    rows.append(pd.DataFrame(dict(detector=det, train_source=tr, test_source=te, condition=cond, identity=ident,
+                                                  label=y.astype(int), score=np.clip(0.3 * y + rng.random(10) * 0.7, 0, 1))))
+    scores = pd.concat(rows, ignore_index=True)
+    t = bench.results_table(scores, n_boot=50, seed=0)
+    assert len(t) == 12 and not t.duplicated(bench.RESULT_KEYS).any()
+    assert list(t.columns[:5]) == bench.RESULT_KEYS + ['setting']
+    assert (t.n == 60).all() and (t.n_groups == 6).all() and (t.auroc_lo <= t.auroc).all() and (t.auroc <= t.auroc_hi).all()
+    got = t.set_index(bench.RESULT_KEYS).setting
+    assert got[('meso4', 'dcgan', 'dcgan', 'clean')] == 'in-distribution'
+    assert got[('meso4', 'dcgan', 'faceswap-df', 'clean')] == 'cross-generator'
+    assert got[('meso4', 'dcgan', 'dcgan', 'jpeg50')] == 'jpeg'
+    assert not hasattr(bench, 'pretty_table')
 
 # ---- deepfake-course run ----
 
