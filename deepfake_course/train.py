@@ -220,6 +220,10 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, scaler=None, rn
 def _read(path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"No checkpoint file at {str(path)!r}")
+    with open(path, 'rb') as f: head = f.read(4)
+    if not (head.startswith(b'PK') or head[:1] == b'\x80'):   # neither a torch.save zip archive nor a pickle
+        raise CheckpointError(f"{str(path)!r} is not a deepfake_course checkpoint: it is not a PyTorch file at all "
+                              "(another kind of file, or truncated or corrupt); is it the right file?")
     try: ck = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:
         if 'Weights only load failed' in str(e):
