@@ -22,10 +22,11 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'JOB_VERSION', 'RESULT_KEYS', 'mai
            'report_figures', 'write_report', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
-QUICK = dict(n_identities=12, images_per_identity=24, size=64, fs_steps=400, fs_batch=16, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
+# QUICK is CPU-sized: its three face-swap models (one per split, 400 steps of 8 faces) cost what the first version's one model (600 steps of 16) did
+QUICK = dict(n_identities=12, images_per_identity=24, size=64, fs_steps=400, fs_batch=8, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
              gan='dcgan', gan_size=32, gan_steps=600, gan_width=32, n_gan=288, det_epochs=4, det_batch=32, det_lr=1e-3,
              detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), n_boot=300, n_examples=8)
-FULL = dict(QUICK, n_identities=24, images_per_identity=64, fs_steps=4000, fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16),
+FULL = dict(QUICK, n_identities=24, images_per_identity=64, fs_steps=4000, fs_batch=16, fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16),
             gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
 MIN_IDENTITIES = 9  # SynthFaces' 70/15/15 identity split gives every split two identities from 9 on: a swap needs two people
 
@@ -48,6 +49,7 @@ def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         if not (isinstance(q, (int, np.integer)) and 1 <= q <= 95): raise ValueError(f"JPEG quality must be an integer in 1..95, got {q!r}")
     cfg['detectors'], cfg['jpeg'] = list(cfg['detectors']), [int(q) for q in cfg['jpeg']]
     return cfg
+
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-11

@@ -8,12 +8,15 @@ import argparse, itertools, json, os, sys, time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .core import get_data_root, course_checkout, load_metrics, progress, atomic_write_text, Timer
 
 # %% auto #0
-__all__ = ['course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError', 'run_lab', 'run_grid', 'build_parser', 'main']
+__all__ = ['RUN_DETECTOR_COLUMNS', 'FACE_COLUMNS', 'course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError',
+           'run_lab', 'run_grid', 'build_parser', 'main', 'run_detectors', 'latest_run', 'choose_detector',
+           'expand_paths', 'iter_detect', 'detect_files', 'detect_command']
 
 # %% ../nbs/61_labs.ipynb #cell-8
 def course_notebooks_dir() -> Path | None:
@@ -191,6 +194,12 @@ def _parse_settings(items: Sequence[str], known) -> dict:
         out[k] = _coerce(v)
     return out
 
+def _positive_int(text: str) -> int:
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
 def build_parser() -> argparse.ArgumentParser:
     "The `deepfake-course` argument parser."
     ap = argparse.ArgumentParser(prog='deepfake-course', description='Make and catch deepfakes: the course toolkit.')
@@ -213,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help='run every combination; commas outside brackets separate values (sizes=[32,64],[64] is two values)')
     l.add_argument('--timeout', type=int, default=1800, help='seconds per cell')
     p = sub.add_parser('params', help="list a notebook's parameters"); p.add_argument('notebook')
+    d = sub.add_parser('detect', help="score images and videos with a trained detector (default: the latest run's best on validation)")
+    d.add_argument('paths', nargs='+', metavar='PATH', help='image or video files, or folders (their image and video files)')
+    which = d.add_mutually_exclusive_group()
+    which.add_argument('--model', metavar='CKPT', help='a detector checkpoint (save_detector / fit)')
+    which.add_argument('--run', metavar='RUN_DIR', help='a main-job run folder, or its name under <data root>/runs/main/ '
+                                                        '(default: the newest finished run); its best detector on validation')
+    d.add_argument('--json', action='store_true', help='print one JSON object: faces, per-file summaries, errors')
+    d.add_argument('--every', type=_positive_int, default=1, metavar='N', help='score every N-th video frame')
+    d.add_argument('--max-frames', type=_positive_int, default=None, metavar='N', help='at most N frames per video')
+    d.add_argument('--faces', choices=('auto', 'none'), default='auto',
+                   help='auto: find and align faces with MTCNN; none: the files are already face crops')
+    d.add_argument('--device', default='auto', help='auto, cpu, cuda or mps')
+    d.add_argument('--data-root', default=None, help=root_help)
     return ap
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 m = run_lab(nb, out, params, data_root=root, timeout=args.timeout)
                 print(json.dumps(m, indent=2)); print(f"\nexecuted notebook and metrics.json in {out}")
             return 0
+        if args.command == 'detect': return detect_command(args)
         if args.command == 'run':
             from deepfake_course.bench import main_config, main_job
             overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
@@ -249,3 +272,248 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"deepfake-course {args.command}: error: {e}", file=sys.stderr); return 2
     return 1
+
+# %% ../nbs/61_labs.ipynb #cell-24
+def _num(v) -> float | None:
+    "A recorded number as a float; None for missing, null or NaN."
+    if v is None or isinstance(v, bool): return None
+    try: f = float(v)
+    except (TypeError, ValueError): return None
+    return None if f != f else f
+
+def _read_json(path: Path):
+    "A JSON file's content (None when absent); unreadable JSON is an error naming the file."
+    try: return json.loads(path.read_text())
+    except FileNotFoundError: return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+
+def _best_val_auroc(ckpt: Path) -> float | None:
+    "The validation AUROC `fit` recorded in best.pt beside a run's final.pt (monitor 'val_auroc'), else None."
+    from deepfake_course.train import read_checkpoint, CheckpointError
+    best = ckpt.parent/'best.pt'
+    if not best.is_file(): return None
+    try: ck = read_checkpoint(best)
+    except CheckpointError: return None
+    return _num(ck.get('score')) if ck.get('monitor') == 'val_auroc' else None
+
+RUN_DETECTOR_COLUMNS = ['detector', 'train_source', 'checkpoint', 'val_auroc', 'threshold', 'temperature']
+
+def run_detectors(run_dir) -> pd.DataFrame:
+    """The detectors a main-job run saved, one row each: detector, train_source, checkpoint, val_auroc, threshold,
+    temperature. Checkpoints: `detectors/<source>/<fake-set hash>/<detector>/final.pt`. Figures: the `detectors`
+    records of the run's metrics.json where it wrote them, else the val AUROC `fit` kept in best.pt beside each."""
+    run_dir = Path(run_dir)
+    rows = {ck.resolve(): dict(detector=ck.parent.name, train_source=ck.parents[2].name, checkpoint=ck)
+            for ck in sorted(run_dir.glob('detectors/*/*/*/final.pt'))}
+    m = _read_json(run_dir/'metrics.json')
+    recs = m.get('detectors') if isinstance(m, dict) else None
+    if recs is not None and not isinstance(recs, list):
+        raise ValueError(f"{run_dir/'metrics.json'}: 'detectors' should be a list of records, got {type(recs).__name__}")
+    for r in recs or []:
+        if not isinstance(r, dict) or not r.get('checkpoint'):
+            raise ValueError(f"{run_dir/'metrics.json'}: a 'detectors' record has no 'checkpoint': {r!r}")
+        ck = Path(r['checkpoint']); ck = ck if ck.is_absolute() else run_dir/ck
+        if not ck.is_file(): raise FileNotFoundError(f"{run_dir/'metrics.json'} records the checkpoint {ck}, which does not exist")
+        t, T = _num(r.get('threshold')), _num(r.get('temperature'))
+        if t is not None and not 0 < t < 1: raise ValueError(f"{run_dir/'metrics.json'}: threshold {t} of {ck} is not in (0, 1)")
+        if T is not None and not T > 0: raise ValueError(f"{run_dir/'metrics.json'}: temperature {T} of {ck} is not > 0")
+        row = rows.setdefault(ck.resolve(), dict(detector=ck.parent.name, train_source=ck.parents[2].name, checkpoint=ck))
+        row.update({k: v for k, v in dict(detector=r.get('detector'), train_source=r.get('train_source'),
+                                          val_auroc=_num(r.get('val_auroc')), threshold=t, temperature=T).items() if v is not None})
+    for row in rows.values():
+        if row.get('val_auroc') is None: row['val_auroc'] = _best_val_auroc(row['checkpoint'])
+    df = pd.DataFrame(list(rows.values()), columns=RUN_DETECTOR_COLUMNS)
+    return df.astype({'val_auroc': float, 'threshold': float, 'temperature': float})
+
+def _run_state(d: Path) -> str | None:
+    "None for a finished main-job run holding detector checkpoints; else what it lacks."
+    if not (d/'metrics.json').is_file(): return 'unfinished: no metrics.json'
+    if not any(d.glob('detectors/*/*/*/final.pt')): return 'no detector checkpoints'
+    return None
+
+def latest_run(data_root=None) -> Path:
+    "The newest (by its metrics.json) finished main-job run under `<data root>/runs/main/` that holds detector checkpoints."
+    base = get_data_root(data_root, create=False)/'runs'/'main'
+    runs = sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    ok = [d for d in runs if _run_state(d) is None]
+    if not ok:
+        seen = '; runs there: ' + ', '.join(f"{d.name} ({_run_state(d)})" for d in runs) if runs else ''
+        raise FileNotFoundError(f"no finished main-job run with detector checkpoints under {base}{seen}. "
+                                "Run `deepfake-course run --quick` first, or pass --model CKPT or --run RUN_DIR")
+    return max(ok, key=lambda d: ((d/'metrics.json').stat().st_mtime_ns, d.name))
+
+def _run_folder(run, data_root=None) -> Path:
+    "`run` as a folder, or as a run name under `<data root>/runs/main/`."
+    p = Path(run).expanduser()
+    if p.is_dir(): return p.resolve()
+    base = get_data_root(data_root, create=False)/'runs'/'main'
+    if (base/str(run)).is_dir(): return (base/str(run)).resolve()
+    names = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+    raise FileNotFoundError(f"no run folder {str(run)!r}: neither a folder nor a run under {base}"
+                            + (f" (runs: {', '.join(names)})" if names else ''))
+
+def choose_detector(data_root=None, run=None, model=None) -> dict:
+    """Which checkpoint `deepfake-course detect` scores with, and its verdict threshold. `model`: that checkpoint
+    (calibrated when the run folder holding it records a threshold for it); else the detector with the best validation
+    AUROC of `run` (a folder or a name), or of the latest finished run. Without a recorded threshold: 0.5, uncalibrated."""
+    info = dict(checkpoint=None, detector=None, run_dir=None, train_source=None, val_auroc=None, threshold=0.5,
+                temperature=None, calibrated=False)
+    if model is not None:
+        ck = Path(model).expanduser()
+        if not ck.is_file(): raise FileNotFoundError(f"--model {model}: no such checkpoint file")
+        info['checkpoint'] = ck.resolve()
+        # inside a main-job run folder (its config.json and detectors/)? then that run's records for it count
+        d = next((a for a in ck.resolve().parents if (a/'detectors').is_dir() and (a/'config.json').is_file()), None)
+        if d is not None:
+            det = run_detectors(d)
+            hit = det[[Path(c).resolve() == ck.resolve() for c in det['checkpoint']]]
+            if len(hit): info.update(_chosen(hit.iloc[0], d))
+            info['checkpoint'] = ck.resolve()
+        return info
+    d = _run_folder(run, data_root) if run is not None else latest_run(data_root)
+    det = run_detectors(d)
+    if not len(det):
+        raise FileNotFoundError(f"run folder {d} holds no detector checkpoints (detectors/<source>/<fake-set hash>/<detector>/final.pt)")
+    if det['val_auroc'].isna().all():
+        lst = '\n  '.join(str(c) for c in det['checkpoint'])
+        raise ValueError(f"run folder {d} records no validation figure for its detectors (no val_auroc in metrics.json's "
+                         f"'detectors' records, no best.pt with the validation AUROC beside them), so none is 'best on "
+                         f"validation'; pick one with --model:\n  {lst}")
+    best = det.dropna(subset=['val_auroc']).sort_values(['val_auroc', 'train_source', 'detector'],
+                                                        ascending=[False, True, True], kind='stable').iloc[0]
+    return {**info, **_chosen(best, d)}
+
+def _chosen(row, run_dir: Path) -> dict:
+    t, T = _num(row['threshold']), _num(row['temperature'])
+    return dict(checkpoint=Path(row['checkpoint']).resolve(), detector=row['detector'], run_dir=Path(run_dir),
+                train_source=row['train_source'], val_auroc=_num(row['val_auroc']), threshold=t if t is not None else 0.5,
+                temperature=T, calibrated=t is not None)
+
+# %% ../nbs/61_labs.ipynb #cell-25
+def expand_paths(paths: Sequence) -> list[tuple[str, str | None]]:
+    """(file, error) per input: a folder becomes its image and video files (`media.IMAGE_EXTS`/`VIDEO_EXTS`, sorted,
+    sub-folders included, hidden ones skipped); a missing path or an empty folder is an error naming it."""
+    from deepfake_course.media import IMAGE_EXTS, VIDEO_EXTS, media_kind
+    out = []
+    for p in paths:
+        q = Path(p).expanduser()
+        if q.is_dir():
+            files = sorted(f for f in q.rglob('*') if f.is_file() and media_kind(f)
+                           and not any(s.startswith('.') for s in f.relative_to(q).parts))
+            out += [(str(f), None) for f in files] or [(str(p), f"{p}: the folder holds no image or video files "
+                                                                 f"({' '.join(IMAGE_EXTS + VIDEO_EXTS)})")]
+        elif not q.exists(): out.append((str(p), f"{p} does not exist"))
+        else: out.append((str(p), None))
+    return out
+
+FACE_COLUMNS = ['file', 'frame', 'face', 'x0', 'y0', 'x1', 'y1', 'face_prob', 'p_raw', 'p_fake', 'verdict']
+
+def _summary(file: str, r: pd.DataFrame, frames: list, threshold: float, calibrated: bool) -> dict:
+    "A file's verdict: each frame's highest face probability; the file is fake when their mean reaches the threshold."
+    per_frame = r.groupby('frame')['p_fake'].max()
+    mean = float(per_frame.mean())
+    return dict(file=file, kind='image' if list(frames) == [-1] else 'video', frames=len(frames),
+                face_frames=int(len(per_frame)), faces=int(len(r)), mean_prob=mean, max_prob=float(per_frame.max()),
+                fake_frames=float((per_frame >= threshold).mean()), verdict='fake' if mean >= threshold else 'real',
+                calibrated=bool(calibrated))
+
+def iter_detect(paths: Sequence, model, threshold: float = 0.5, temperature: float | None = None, calibrated: bool = False,
+                faces: str = 'auto', every: int = 1, max_frames: int | None = None, device='auto', min_prob: float = 0.9):
+    """Score each image and video of `paths` (folders expanded) with `model`, one file at a time. Yields dicts with
+    `file` and either `faces` (rows: frame, face, box, p_fake = sigmoid(logit / `temperature`), verdict at `threshold`) and `summary`,
+    or `error` (missing, not an image or video, unreadable, no face): the files after it are still scored."""
+    from deepfake_course.detect.core import detect, NoFaceError
+    from deepfake_course.metrics import apply_temperature
+    from deepfake_course.media import BadFileError, media_kind
+    items = expand_paths(paths)
+    bar = progress(items, desc='detect', unit='file') if len(items) > 1 else items
+    for f, err in bar:
+        if err is not None: yield dict(file=f, error=err); continue
+        try: r = detect(f, model, faces=faces, device=device, every=every, max_frames=max_frames, min_prob=min_prob)
+        except NoFaceError as e:
+            n = f"{e.n_frames} frames read, " if e.n_frames > 1 else ''
+            yield dict(file=f, error=f"no face found in {f} ({n}MTCNN, min_prob={min_prob}); pass --faces none if it is already a face crop")
+            continue
+        except FileNotFoundError: yield dict(file=f, error=f"{f} does not exist"); continue
+        except PermissionError as e: yield dict(file=f, error=f"{f} cannot be read: {e.strerror or e}"); continue
+        except BadFileError as e:
+            yield dict(file=f, error=f"{f} is not an image or video" if media_kind(f) is None else str(e)); continue
+        p = r['score'].to_numpy(dtype=np.float64)
+        if temperature is not None: p = apply_temperature(p, temperature, kind='probs')   # the course's one temperature scaling
+        rows = pd.DataFrame(dict(file=f, frame=r['frame'].astype(int), face=r['face'].astype(int),
+                                 x0=r['x0'], y0=r['y0'], x1=r['x1'], y1=r['y1'], face_prob=r['face_prob'],
+                                 p_raw=r['score'], p_fake=p, verdict=np.where(p >= threshold, 'fake', 'real')))[FACE_COLUMNS]
+        yield dict(file=f, faces=rows, summary=_summary(f, rows, r.attrs.get('frames', sorted(set(rows['frame']))), threshold, calibrated))
+
+def detect_files(paths: Sequence, model, **kw) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "`iter_detect` gathered: (one row per face and frame, one summary per scored file, one row per file that failed)."
+    res = list(iter_detect(paths, model, **kw))
+    faces = [r['faces'] for r in res if 'faces' in r]
+    return (pd.concat(faces, ignore_index=True) if faces else pd.DataFrame(columns=FACE_COLUMNS),
+            pd.DataFrame([r['summary'] for r in res if 'summary' in r]),
+            pd.DataFrame([dict(file=r['file'], error=r['error']) for r in res if 'error' in r], columns=['file', 'error']))
+
+# %% ../nbs/61_labs.ipynb #cell-26
+def _face_line(r) -> str:
+    frame = '-' if int(r.frame) == -1 else int(r.frame)
+    return (f"{r.file}  frame {frame}  face {int(r.face)}  box {r.x0:.0f},{r.y0:.0f},{r.x1:.0f},{r.y1:.0f}  "
+            f"p_fake {r.p_fake:.3f}  {r.verdict}")
+
+def _summary_line(s: dict) -> str:
+    return (f"{s['file']}  summary  {s['face_frames']}/{s['frames']} frames with a face  p_fake mean {s['mean_prob']:.3f} "
+            f"max {s['max_prob']:.3f}  fake frames {s['fake_frames']:.0%}  verdict {s['verdict']}"
+            + ('' if s['calibrated'] else ' (uncalibrated)'))
+
+def _header_lines(info: dict) -> list[str]:
+    where = ([f"run {info['run_dir'].name}"] if info['run_dir'] else []) + \
+            ([f"trained on {info['train_source']}"] if info['train_source'] else []) + \
+            ([f"val AUROC {info['val_auroc']:.3f}"] if info['val_auroc'] is not None else [])
+    T = f", temperature {info['temperature']:.3g}" if info['temperature'] is not None else ''
+    if info['calibrated']: how = f"threshold chosen on validation{T}"
+    else: how = ('uncalibrated: ' + ('the run records no validation threshold for it' if info['run_dir'] else
+                                     'no run folder records a threshold for this checkpoint') + T)
+    return [f"# detector {info['detector']} from {info['checkpoint']}" + (f" ({', '.join(where)})" if where else ''),
+            f"# verdict: fake when p_fake >= {info['threshold']:.3f} ({how})",
+            "# file  frame ('-': a still image)  face  box x0,y0,x1,y1  p_fake  verdict; then one summary line per file"]
+
+def _load_chosen(info: dict, device):
+    "Load the chosen checkpoint; one that holds no registered detector is a `ValueError` naming the file and the registry."
+    from deepfake_course.detect.core import load_detector, list_detectors
+    from deepfake_course.train import CheckpointError
+    try: model = load_detector(info['checkpoint'], device=device)
+    except CheckpointError as e:
+        msg = str(e)
+        if 'registered detector' not in msg:
+            msg = f"{msg.rstrip('.?! ')}. A detector checkpoint holds one of: {', '.join(list_detectors()['name'])}"
+        raise ValueError(msg) from None
+    return model
+
+def detect_command(args) -> int:
+    "`deepfake-course detect`: 0 when at least one file was scored, 1 when none was, 2 for bad usage or no usable detector."
+    from tqdm.auto import tqdm
+    from deepfake_course.core import get_device
+    say = lambda line, err=False: tqdm.write(line, file=sys.stderr if err else sys.stdout)
+    root = None if args.model else get_data_root(args.data_root, create=False)
+    info = choose_detector(root, run=args.run, model=args.model)
+    dev = get_device(args.device)
+    model = _load_chosen(info, dev)
+    info['detector'] = info['detector'] or getattr(model, 'detector_name', None)
+    if not args.json:
+        for line in _header_lines(info): say(line)
+    faces, files, errors = [], [], []
+    for res in iter_detect(args.paths, model, threshold=info['threshold'], temperature=info['temperature'],
+                           calibrated=info['calibrated'], faces=args.faces, every=args.every, max_frames=args.max_frames, device=dev):
+        if 'error' in res:
+            errors.append(dict(file=res['file'], error=res['error'])); say(f"deepfake-course detect: {res['error']}", err=True)
+            continue
+        faces.append(res['faces']); files.append(res['summary'])
+        if not args.json:
+            for r in res['faces'].itertuples(): say(_face_line(r))
+            say(_summary_line(res['summary']))
+    if args.json:
+        rows = pd.concat(faces, ignore_index=True) if faces else pd.DataFrame(columns=FACE_COLUMNS)
+        det = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
+        print(json.dumps(dict(detector=det, faces=json.loads(rows.to_json(orient='records')), files=files, errors=errors), indent=1))
+    if errors: say(f"deepfake-course detect: scored {len(files)} of {len(files) + len(errors)} files", err=True)
+    return 0 if files else 1

@@ -16,7 +16,7 @@ from deepfake_course.data.fakes import FakeSetWriter, FakeSetNotFound, list_fake
 from deepfake_course.detect.core import (DETECTORS, build_detector, list_detectors, fake_prob, detector_loss, save_detector,
                                          load_detector, FaceTensorSet, DetectionData, score_faces, detect, blend_swap,
                                          similarity_from_landmarks, Augment, detection_data, make_blendswap, blendswap_set,
-                                         real_faces)
+                                         real_faces, NoFaceError)
 from deepfake_course.detect.shallownet import ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2
 from deepfake_course.detect.baselines import MesoNet, load_weights_file
 from deepfake_course.detect.fdftnet import SelfAttention, FineTuneTransformer, MBBlockV3, MBStack, FDFtNet, Cutout
@@ -309,12 +309,17 @@ def test_detect_reads_video_frames(tmp_path):
     assert list(idx) == [0, 2, 4] and frames[0].shape == (32, 32, 3) and fps == 5
     r = detect(path, build_detector('shallownet_v3', input_size=32), faces='none', every=3, device='cpu')
     assert list(r['frame']) == [0, 3]
+    assert r.attrs['frames'] == [0, 3]                                    # every frame read
+    r = detect(path, build_detector('shallownet_v3', input_size=32), faces='none', max_frames=4, device='cpu')
+    assert list(r['frame']) == [0, 1, 2, 3] and r.attrs['frames'] == [0, 1, 2, 3]
 
 
 def test_detect_says_when_no_face():
     pytest.importorskip('deepfake_course.faces')
     m = build_detector('shallownet_v3', input_size=32)
     with pytest.raises(ValueError, match='no face found'): detect(np.full((96, 96, 3), 127, np.uint8), m)
+    with pytest.raises(NoFaceError, match='no face found') as e: detect([np.full((96, 96, 3), 127, np.uint8)] * 2, m)
+    assert (e.value.source, e.value.n_frames) == ('<array>', 2) and isinstance(e.value, ValueError)
 
 
 # ---------------------------------------------------------------- the data spine: named fake sets, no leaks

@@ -1,6 +1,6 @@
 """The `deepfake-course` command line (deepfake_course.labs.main, called in-process) and the main job's configuration
 as the notebook and the CLI build it (deepfake_course.bench.main_config; no job is run here)."""
-import json, pathlib
+import json, os, pathlib
 
 import nbformat
 import numpy as np
@@ -253,3 +253,209 @@ def test_lab_timeout_is_a_lab_error(tmp_path):
         run_lab(nb, tmp_path / 'run', data_root=tmp_path / 'd', timeout=2)
     msg = str(e.value)
     assert 'cell 3 of 3' in msg and 'time.sleep(30)' in msg and 'timeout=2' in msg, msg
+
+
+# ---- deepfake-course detect: score files with a trained detector ----
+
+def const_detector(bias: float):
+    "A thumbnail_logreg whose fake probability is sigmoid(bias) for every input: which detector scored is then visible."
+    import torch
+    from deepfake_course.detect.core import build_detector
+    m = build_detector('thumbnail_logreg', thumb=4, input_size=32)
+    with torch.no_grad(): m.fc.weight.zero_(); m.fc.bias.fill_(bias)
+    return m
+
+
+def sigmoid(x): return 1 / (1 + np.exp(-x))
+
+
+@pytest.fixture
+def media(tmp_path):
+    "A face crop, a six-frame clip, a text file and a flat grey picture (no face)."
+    from deepfake_course.core import write_mp4
+    from deepfake_course.media import write_png
+    rng = np.random.default_rng(0)
+    d = tmp_path / 'media'; d.mkdir()
+    write_png(d / 'face.png', (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+    write_mp4(d / 'clip.mp4', rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), fps=5)
+    (d / 'notes.txt').write_text('not a picture')
+    write_png(tmp_path / 'grey.png', np.full((96, 96, 3), 127, np.uint8))
+    return d
+
+
+def saved(model, path):
+    from deepfake_course.detect.core import save_detector
+    return save_detector(model, path)
+
+
+def test_detect_scores_image_and_video_and_goes_on_after_bad_files(media, tmp_path, capsys):
+    ck = saved(const_detector(1.0), tmp_path / 'det.pt')
+    rc = main(['detect', str(media / 'face.png'), str(media / 'notes.txt'), str(tmp_path / 'missing.png'),
+               str(media / 'clip.mp4'), '--model', str(ck), '--faces', 'none', '--every', '2', '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = [l for l in out.splitlines() if not l.startswith('#')]
+    p = f"{sigmoid(1.0):.3f}"
+    assert lines[0] == f"{media / 'face.png'}  frame -  face 0  box 0,0,32,32  p_fake {p}  fake"
+    assert lines[1].startswith(f"{media / 'face.png'}  summary  1/1 frames with a face  p_fake mean {p}")
+    assert [l.split('  ')[1] for l in lines[2:5]] == ['frame 0', 'frame 2', 'frame 4']    # --every 2 of 6 frames
+    assert lines[5].startswith(f"{media / 'clip.mp4'}  summary  3/3 frames with a face") and 'fake frames 100%' in lines[5]
+    assert lines[5].endswith('verdict fake (uncalibrated)') and len(lines) == 6
+    assert 'p_fake >= 0.500 (uncalibrated' in out and f'from {ck.resolve()}' in out
+    assert f"{media / 'notes.txt'} is not an image or video" in err
+    assert f"{tmp_path / 'missing.png'} does not exist" in err and 'scored 2 of 4 files' in err
+
+
+def test_detect_json_is_one_object(media, tmp_path, capsys):
+    ck = saved(const_detector(-1.0), tmp_path / 'det.pt')
+    rc = main(['detect', str(media), str(tmp_path / 'missing.png'), '--model', str(ck), '--faces', 'none',
+               '--max-frames', '4', '--json', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = json.loads(out)                                       # the whole of stdout is one JSON object
+    assert set(res) == {'detector', 'faces', 'files', 'errors'}
+    assert [pathlib.Path(f['file']).name for f in res['files']] == ['clip.mp4', 'face.png']   # the folder's media only
+    assert len(res['faces']) == 4 + 1 and {r['verdict'] for r in res['faces']} == {'real'}
+    clip, face = res['files']
+    assert (clip['kind'], clip['frames'], clip['face_frames'], clip['fake_frames']) == ('video', 4, 4, 0.0)
+    assert face['kind'] == 'image' and face['verdict'] == 'real' and abs(face['mean_prob'] - sigmoid(-1.0)) < 1e-6
+    row = res['faces'][-1]
+    assert row['frame'] == -1 and row['face_prob'] is None and [row[k] for k in ('x0', 'y0', 'x1', 'y1')] == [0, 0, 32, 32]
+    assert res['errors'] == [{'file': str(tmp_path / 'missing.png'), 'error': f"{tmp_path / 'missing.png'} does not exist"}]
+    assert res['detector']['detector'] == 'thumbnail_logreg' and res['detector']['calibrated'] is False
+    assert res['detector']['threshold'] == 0.5 and res['detector']['checkpoint'] == str(ck.resolve())
+
+
+def test_detect_no_face_says_so_and_nothing_scored_is_status_1(media, tmp_path, capsys):
+    pytest.importorskip('deepfake_course.faces')
+    ck = saved(const_detector(0.0), tmp_path / 'det.pt')
+    rc = main(['detect', str(tmp_path / 'grey.png'), str(media / 'notes.txt'), '--model', str(ck), '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"no face found in {tmp_path / 'grey.png'} (MTCNN" in err and 'pass --faces none if it is already a face crop' in err
+    assert 'scored 0 of 2 files' in err
+
+
+def test_detect_checkpoint_of_no_known_detector(media, tmp_path, capsys):
+    import torch
+    from deepfake_course.train import save_checkpoint
+    bad = save_checkpoint(tmp_path / 'other.pt', torch.nn.Linear(2, 1), rng=False, name='not-a-detector')
+    assert main(['detect', str(media / 'face.png'), '--model', str(bad), '--faces', 'none']) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "'not-a-detector'" in err and 'thumbnail_logreg' in err and 'shallownet_v3' in err
+    assert main(['detect', str(media / 'face.png'), '--model', str(media / 'notes.txt'), '--faces', 'none']) == 2
+    err = capsys.readouterr().err
+    assert str(media / 'notes.txt') in err and 'not a PyTorch file' in err and 'thumbnail_logreg' in err
+    assert main(['detect', str(media / 'face.png'), '--model', str(tmp_path / 'nope.pt')]) == 2
+    assert 'nope.pt: no such checkpoint file' in capsys.readouterr().err
+
+
+def test_detect_bad_usage_is_status_2(media, tmp_path, capsys):
+    for argv in (['detect'], ['detect', str(media), '--every', '0'], ['detect', str(media), '--faces', 'maybe'],
+                 ['detect', str(media), '--model', 'a.pt', '--run', 'r']):
+        with pytest.raises(SystemExit) as e: main(argv)
+        assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert 'expected a whole number >= 1, got 0' in err and 'not allowed with argument' in err
+
+
+def fake_run(root, name, dets, records=None, finished=True, mtime=None):
+    """A main-job run folder as bench writes it: config.json, stages/, detectors/<source>/<fake-set hash>/<detector>/
+    final.pt (save_detector) with fit's best.pt beside it (score = best val AUROC, monitor 'val_auroc'), metrics.json last.
+    `dets`: (source, bias, val_auroc or None for no best.pt)."""
+    from deepfake_course.train import save_checkpoint
+    run = root / 'runs' / 'main' / name
+    (run / 'stages').mkdir(parents=True)
+    (run / 'config.json').write_text(json.dumps(main_config(True, 0)))
+    cks = {}
+    for source, bias, val in dets:
+        d = run / 'detectors' / source / f'{abs(hash(source)) % 10**10:010d}' / 'thumbnail_logreg'
+        m = const_detector(bias)
+        cks[source] = saved(m, d / 'final.pt')
+        if val is not None:
+            save_checkpoint(d / 'best.pt', m, rng=False, name=m.checkpoint_name, config=m.checkpoint_config, epoch=1,
+                            score=val, monitor='val_auroc')
+    if finished:
+        m = {'metrics': {'n_rows': 1}, 'fake_set': {s: f'{s}/abc' for s, *_ in dets}}
+        if records is not None: m['detectors'] = records(cks)
+        (run / 'metrics.json').write_text(json.dumps(m))
+        if mtime is not None: os.utime(run / 'metrics.json', (mtime, mtime))
+    return run, cks
+
+
+def test_detect_default_is_the_newest_finished_runs_best_on_validation(media, tmp_path, capsys):
+    root = tmp_path / 'data'
+    fake_run(root, 'older', [('faceswap-df', 3.0, 0.99)], mtime=1_000_000)
+    newer, cks = fake_run(root, 'newer', [('faceswap-df', 2.0, 0.70), ('dcgan', -2.0, 0.95)], mtime=2_000_000)
+    fake_run(root, 'running', [('faceswap-df', 4.0, 1.0)], finished=False)  # newest folder, but no metrics.json
+    argv = ['detect', str(media / 'face.png'), '--faces', 'none', '--data-root', str(root), '--device', 'cpu']
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"from {cks['dcgan'].resolve()} (run newer, trained on dcgan, val AUROC 0.950)" in out
+    assert f"p_fake {sigmoid(-2.0):.3f}  real" in out
+    assert 'uncalibrated: the run records no validation threshold for it' in out
+    assert main(argv + ['--run', 'older']) == 0                       # a run by name under <data root>/runs/main
+    assert f"p_fake {sigmoid(3.0):.3f}  fake" in capsys.readouterr().out
+    assert main(argv + ['--run', str(root / 'runs' / 'newer'), '--json']) == 2   # neither a folder nor a run name
+    assert "no run folder" in capsys.readouterr().err
+
+
+def test_detect_uses_the_runs_recorded_threshold_and_temperature(media, tmp_path, capsys):
+    root = tmp_path / 'data'
+    recs = lambda cks: [dict(detector='thumbnail_logreg', train_source='faceswap-df', checkpoint=str(cks['faceswap-df'].relative_to(run_dir)),
+                             val_auroc=0.9, threshold=0.8, temperature=2.0),
+                        dict(detector='thumbnail_logreg', train_source='dcgan', checkpoint=str(cks['dcgan']), val_auroc=0.6)]
+    run_dir = root / 'runs' / 'main' / 'cal'
+    run, cks = fake_run(root, 'cal', [('faceswap-df', 2.0, None), ('dcgan', -2.0, 0.99)], records=recs)
+    # the records' val AUROC (0.9 > 0.6) wins over best.pt's; p = sigmoid(2 / 2) = 0.731 < 0.8: real
+    assert main(['detect', str(media / 'face.png'), '--faces', 'none', '--data-root', str(root), '--json', '--device', 'cpu']) == 0
+    res = json.loads(capsys.readouterr().out)
+    d = res['detector']
+    assert (d['calibrated'], d['threshold'], d['temperature'], d['val_auroc']) == (True, 0.8, 2.0, 0.9)
+    assert d['checkpoint'] == str(cks['faceswap-df'].resolve())
+    (row,) = res['faces']
+    assert abs(row['p_fake'] - sigmoid(1.0)) < 1e-9 and abs(row['p_raw'] - sigmoid(2.0)) < 1e-6 and row['verdict'] == 'real'
+    assert res['files'][0]['calibrated'] is True and res['files'][0]['verdict'] == 'real'
+    # --model naming a checkpoint of that run: the same calibration
+    assert main(['detect', str(media / 'face.png'), '--faces', 'none', '--model', str(cks['faceswap-df']), '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'p_fake >= 0.800 (threshold chosen on validation, temperature 2)' in out and 'uncalibrated' not in out
+    assert out.rstrip().endswith('verdict real')
+
+
+def test_detect_run_without_validation_figures_lists_its_checkpoints(media, tmp_path, capsys):
+    root = tmp_path / 'data'
+    run, cks = fake_run(root, 'noval', [('faceswap-df', 1.0, None), ('dcgan', 1.0, None)])
+    assert main(['detect', str(media / 'face.png'), '--faces', 'none', '--run', str(run)]) == 2
+    err = capsys.readouterr().err
+    assert 'records no validation figure' in err and str(cks['faceswap-df']) in err and str(cks['dcgan']) in err
+
+
+def test_detect_without_a_finished_run_says_what_exists(media, tmp_path, capsys):
+    root = tmp_path / 'data'
+    assert main(['detect', str(media / 'face.png'), '--data-root', str(root)]) == 2
+    assert 'no finished main-job run with detector checkpoints' in capsys.readouterr().err
+    fake_run(root, 'half', [('faceswap-df', 1.0, 0.8)], finished=False)
+    (root / 'runs' / 'main' / 'empty').mkdir()
+    (root / 'runs' / 'main' / 'empty' / 'metrics.json').write_text('{}')
+    assert main(['detect', str(media / 'face.png'), '--data-root', str(root)]) == 2
+    err = capsys.readouterr().err
+    assert 'empty (no detector checkpoints)' in err and 'half (unfinished: no metrics.json)' in err
+
+
+def test_run_detectors_reads_the_validation_auroc_fit_keeps(tmp_path):
+    "best.pt as `fit` itself writes it (not a hand-made copy): its score is the run's validation AUROC."
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from deepfake_course.detect.core import detector_loss
+    from deepfake_course.train import fit
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0., 1.] * 16); x = torch.rand(32, 3, 32, 32, generator=g) + y[:, None, None, None] * 0.2
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    run = tmp_path / 'run'; ck = run / 'detectors' / 'faceswap-df' / 'abc' / 'thumbnail_logreg'
+    res = fit(const_detector(0.0), dl, dl, loss_fn=detector_loss(), epochs=2, lr=1e-2, device='cpu', ckpt_dir=ck,
+              metrics=lambda s, l: {'auroc': roc_auc_score(l, s)}, monitor='val_auroc', mode='max', progress=False)
+    saved(res.model, ck / 'final.pt')
+    det = labs.run_detectors(run)
+    assert len(det) == 1 and det.detector[0] == 'thumbnail_logreg' and det.train_source[0] == 'faceswap-df'
+    assert det.val_auroc[0] == pytest.approx(res.best_score) and np.isnan(det.threshold[0])

@@ -24,7 +24,8 @@ from ..data.fakes import read_fake_set, ensure_fake_set
 __all__ = ['DETECTORS', 'BLENDSWAP_VERSION', 'register_detector', 'list_detectors', 'build_detector', 'fake_prob', 'layer_table',
            'detector_loss', 'save_detector', 'load_detector', 'jpeg_recompress', 'FaceTensorSet',
            'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
-           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg', 'detect']
+           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg',
+           'NoFaceError', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -103,7 +104,6 @@ def layer_table(model: nn.Module, input_size: int | None = None, depth: int = 2)
         for h in hooks: h.remove()
         model.train(was)
     return pd.DataFrame(rows)
-
 
 
 # %% ../../nbs/29_detect_core.ipynb #cell-11
@@ -449,10 +449,16 @@ def _crops_from_frames(frames, size, faces, min_prob, device='auto'):
             rows.append(dict(k=k, face=j, x0=b[0], y0=b[1], x1=b[2], y1=b[3], face_prob=float(d.probs[j])))
     return rows, crops, [d.reason for d in dets]
 
+class NoFaceError(ValueError):
+    "`detect` found no face in a file or array (with `faces='auto'`); `.source` names it, `.n_frames` is how many frames were read."
+    def __init__(self, msg: str, source: str = '', n_frames: int = 0):
+        super().__init__(msg); self.source, self.n_frames = source, n_frames
+
 def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, max_frames: int | None = None,
            min_prob: float = 0.9, expect: str | None = None) -> pd.DataFrame:
     """Fake probability per face and frame of an image/video file, an H×W×3 uint8 array, or a list of them.
-    `model`: a detector or a checkpoint path (`expect`: the detector name it must hold). `faces`: 'auto' (MTCNN) or 'none'."""
+    `model`: a detector or a checkpoint path (`expect`: the detector name it must hold). `faces`: 'auto' (MTCNN) or 'none'.
+    `attrs['frames']` lists the frame indices read (frames without a face have no row); no face at all raises `NoFaceError`."""
     if faces not in ('auto', 'none'): raise ValueError(f"detect: faces must be 'auto' or 'none', got {faces!r}")
     if every < 1: raise ValueError(f"detect: every must be >= 1, got {every}")
     if isinstance(model, (str, os.PathLike)): model = load_detector(model, expect=expect)
@@ -478,11 +484,12 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
     if not crops:
         what = 'image' if len(frames) == 1 else f'video ({len(frames)} frames read)'
         why = next((r for r in reasons if r), '')
-        raise ValueError(f"detect: no face found in the {what} {name!r} (MTCNN, min_prob={min_prob}{'; ' + why if why else ''}); "
-                         f"pass faces='none' if it is already a face crop")
+        raise NoFaceError(f"detect: no face found in the {what} {name!r} (MTCNN, min_prob={min_prob}{'; ' + why if why else ''}); "
+                          f"pass faces='none' if it is already a face crop", name, len(frames))
     scores = predict_scores(model, torch.stack(crops), device)
     out = pd.DataFrame(rows)
     out.insert(0, 'frame', [idx[k] for k in out.pop('k')]); out.insert(0, 'source', name)
     out['score'] = scores; out['detector'] = getattr(model, 'detector_name', type(model).__name__)
+    out.attrs['frames'] = list(idx)   # every frame read, with or without a face
     return out
 
