@@ -459,3 +459,12 @@ def test_run_detectors_reads_the_validation_auroc_fit_keeps(tmp_path):
     det = labs.run_detectors(run)
     assert len(det) == 1 and det.detector[0] == 'thumbnail_logreg' and det.train_source[0] == 'faceswap-df'
     assert det.val_auroc[0] == pytest.approx(res.best_score) and np.isnan(det.threshold[0])
+
+
+def test_detect_files_gathers_faces_summaries_and_errors(media, tmp_path):
+    faces, files, errors = labs.detect_files([media, tmp_path / 'missing.png'], const_detector(0.0), threshold=0.4,
+                                             faces='none', every=3, device='cpu')
+    assert [pathlib.Path(f).name for f in files.file] == ['clip.mp4', 'face.png']
+    assert list(faces.frame) == [0, 3, -1] and (faces.verdict == 'fake').all()       # p = 0.5 >= 0.4
+    assert list(files.frames) == [2, 1] and not files.calibrated.any()
+    assert list(errors.file) == [str(tmp_path / 'missing.png')]
