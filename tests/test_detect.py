@@ -17,7 +17,8 @@ from deepfake_course.detect.core import (DETECTORS, build_detector, list_detecto
                                          load_detector, FaceTensorSet, DetectionData, score_faces, detect, blend_swap,
                                          similarity_from_landmarks, Augment, detection_data, make_blendswap, blendswap_set,
                                          real_faces, NoFaceError)
-from deepfake_course.detect.shallownet import ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2
+from deepfake_course.detect.shallownet import (ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2, he_init,
+                                               recalibrate_bn)
 from deepfake_course.detect.baselines import MesoNet, load_weights_file
 from deepfake_course.detect.fdftnet import SelfAttention, FineTuneTransformer, MBBlockV3, MBStack, FDFtNet, Cutout
 
@@ -80,6 +81,95 @@ def test_keras_l2_adds_penalty():
     ref = 1e-4 * sum((mm.weight ** 2).sum() for mm in m.modules() if isinstance(mm, (nn.Conv2d, nn.Linear)))
     torch.testing.assert_close(extra, ref)
 
+
+
+# ---------------------------------------------------------------- ShallowNet: the score collapse and its fix
+def test_dc_free_init_gives_zero_mean_filters_at_he_scale():
+    m = ShallowNetV3(64)
+    spatial = [c for c in m.features.modules() if isinstance(c, nn.Conv2d) and c.kernel_size[0] > 1]
+    assert len(spatial) == 3 and all(float(c.weight.sum((2, 3)).abs().max()) < 1e-5 for c in spatial)
+    assert abs(float(m.features[0][0].weight.std()) / math.sqrt(2 / 75) - 1) < 0.1  # He's variance kept
+    plain = ShallowNetV3(64, dc_free=False)  # plain He filters respond to brightness
+    assert float(plain.features[0][0].weight.sum((2, 3)).abs().max()) > 1e-2
+    assert float(he_init(plain, dc_free=True).features[0][0].weight.sum((2, 3)).abs().max()) < 1e-5
+
+
+def _bn_input(m, x):
+    got = {}
+    h = m.head[3].register_forward_hook(lambda mod, i, o: got.__setitem__('x', i[0].detach()))
+    with torch.no_grad(): m(x)
+    h.remove(); return got['x']
+
+
+def test_precise_bn_re_estimates_head_statistics_for_the_eval_network():
+    torch.manual_seed(0)
+    m = ShallowNetV3(32, width_mult=0.25, dense=16, precise_bn=24); opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    xs = [torch.rand(8, 3, 32, 32) for _ in range(4)]
+    m.train()
+    for x in xs:
+        loss = m(x).square().mean(); opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad(): m(torch.rand(8, 3, 32, 32))  # no gradient: not a training step, not remembered
+    assert sum(len(t) for t in m._bn_inputs) == 24 and m._bn_stale  # the last 24 training faces only
+    n_steps = int(m.head[3].num_batches_tracked)
+    m.eval()
+    assert not m.training and not m._bn_stale and int(m.head[3].num_batches_tracked) == n_steps
+    assert all(not mod.training for mod in m.modules())
+    h = _bn_input(m, torch.cat(xs[1:]))  # the eval network's (dropout off) BN input on those faces
+    torch.testing.assert_close(m.head[3].running_mean, h.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m.head[3].running_var, h.var(0), atol=1e-5, rtol=1e-4)  # one part of 24: its variance
+    before = m.head[3].running_mean.clone(); m.eval()  # nothing new to learn from: unchanged
+    assert torch.equal(m.head[3].running_mean, before)
+    # precise_bn=0: PyTorch's running averages, which do not describe the eval network
+    torch.manual_seed(0)
+    p = ShallowNetV3(32, width_mult=0.25, dense=16, precise_bn=0); opt = torch.optim.SGD(p.parameters(), lr=1e-2)
+    p.train()
+    for x in xs:
+        loss = p(x).square().mean(); opt.zero_grad(); loss.backward(); opt.step()
+    p.eval()
+    assert p._bn_inputs == [] and (p.head[3].running_mean - _bn_input(p, torch.cat(xs[1:])).mean(0)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match='precise_bn must be a number of faces'): ShallowNetV3(64, precise_bn=-1)
+
+
+def test_recalibrate_bn_restores_modes_and_momentum():
+    m = ShallowNetV1(32, 0.125, precise_bn=0).train(); m.features[0].eval()
+    bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    recalibrate_bn(m, torch.rand(5, 3, 32, 32), batch_size=2)  # parts of 3 and 2: a part of 1 would break BatchNorm1d
+    assert m.training and not m.features[0].training and m.features[1].training
+    assert all(b.momentum == 0.1 for b in bns)
+    assert all(int(b.num_batches_tracked) == 0 for b in bns)  # the count of training steps is kept
+
+
+def _toy_faces(n, size, seed, ident0=0):
+    "Aligned toy 'faces' (a bright ellipse, smooth blotches, per-image brightness); fakes (odd rows) carry faint fine grain."
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
+    face = ((xx / 0.6) ** 2 + (yy / 0.8) ** 2 < 1).float()
+    low = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode='bilinear', align_corners=False)
+    x = 0.25 + 0.4 * face + 0.2 * (low - 0.5) + 0.1 * torch.rand(n, 1, 1, 1, generator=g)
+    y = torch.arange(n) % 2
+    x = (x + y[:, None, None, None] * 0.06 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+    df = pd.DataFrame({'path': '', 'label': y.numpy(), 'identity': ident0 + np.arange(n) // 4,
+                       'source': np.where(y.numpy() == 1, 'toy-fake', 'toy')})
+    return FaceTensorSet((x * 255).round().to(torch.uint8), df)
+
+
+def test_shallownet_v3_scores_do_not_collapse():
+    """A separable toy, a few epochs with train_detector's defaults: the threshold 0.5 must separate the classes about
+    as well as the best threshold does. Plain ShallowNetV3 (He init, PyTorch's running BatchNorm averages) puts every
+    score in a band a few thousandths wide on one side of 0.5 (ACC at 0.5 = 0.50 while AUROC = 0.96)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    from deepfake_course.detect.core import train_detector
+    torch.manual_seed(0)
+    data = DetectionData(_toy_faces(256, 32, 0), _toy_faces(64, 32, 100, 1000), _toy_faces(128, 32, 200, 2000), 'toy')
+    res = train_detector(build_detector('shallownet_v3', input_size=32), data, epochs=3, batch_size=32, device='cpu', seed=0,
+                         progress=False)
+    sc = score_faces(res.model, data.test, device='cpu'); y, s = sc['label'].to_numpy(), sc['score'].to_numpy()
+    fpr, tpr, _ = roc_curve(y, s)
+    best_bal = float(((tpr + 1 - fpr) / 2).max()); acc = float(((s >= 0.5) == y).mean())
+    assert roc_auc_score(y, s) > 0.9
+    assert abs(acc - best_bal) <= 0.05, (acc, best_bal)
+    assert 0.2 < (s >= 0.5).mean() < 0.8  # not all on one side of 0.5
+    assert s[y == 0].std() > 0.005 and s[y == 1].std() > 0.005
 
 # ---------------------------------------------------------------- MesoNet and timm
 def test_meso4_has_the_papers_27977_parameters():

@@ -15,7 +15,7 @@ from scipy.optimize import brentq
 from sklearn import metrics as skm
 
 from deepfake_course.metrics import (apply_temperature, binary_metrics, bootstrap_ci, check_binary, eer_score,
-                                     fit_temperature, fmt_ci, grad_cam, metrics_table, pick_threshold, plot_det, plot_roc,
+                                     fit_temperature, fmt_ci, grad_cam, grad_x_act, metrics_table, pick_threshold, plot_det, plot_roc,
                                      plot_scores, show_cam, threshold_metrics, tpr_at_fpr, video_metrics, aggregate_videos)
 
 KEYS = {'acc', 'balanced_acc', 'auroc', 'eer', 'eer_threshold', 'ap', 'tpr_at_fpr_1e-2', 'tpr_at_fpr_1e-3', 'logloss'}
@@ -591,3 +591,83 @@ def test_show_cam():
     fig = show_cam(x, grad_cam(m, x, m.conv), titles=['a', 'b', 'c'])
     assert len([a for a in fig.axes if a.images]) == 3
     with pytest.raises(ValueError, match='3 images but 2'): show_cam(x, grad_cam(m, x, m.conv)[:2])
+
+
+# ---------------------------------------------------------------- gradient × activation (saliency with a dense head)
+
+class DensePatch(nn.Module):
+    """A hand-made CNN with a flatten + dense head, like ShallowNetV3's: a brightness channel (1×1 conv, ReLU), read by a
+    dense layer as 'the patch at `where` is brighter than the rest of the image': +1 on the patch's positions, a
+    negative weight on every other position (twice the patch's total). Each position has its own weight, with mixed
+    signs, and their mean is negative: Grad-CAM's channel weight (the spatial mean of the gradient) is below zero."""
+    def __init__(self, size=16, where=(5, 9), k=2, n_out=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False); self.act = nn.ReLU()
+        w = torch.full((size, size), -2.0 * k * k / (size * size - k * k))
+        w[where[0]:where[0] + k, where[1]:where[1] + k] = 1.0
+        self.fc = nn.Linear(size * size, n_out)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 3); self.fc.bias.zero_(); self.fc.weight.zero_()
+            self.fc.weight[-1] = w.flatten()  # the fake logit (the only one with 1 output)
+            if n_out == 2: self.fc.weight[0] = -w.flatten()
+    def forward(self, x): return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+def patch_images(n=4, size=16, where=(5, 9), k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g) * 0.3
+    x[:, :, where[0]:where[0] + k, where[1]:where[1] + k] = 1.0
+    return x
+
+
+@pytest.mark.parametrize('n_out', [1, 2])
+def test_grad_x_act_finds_the_patch_where_grad_cam_is_blank(n_out):
+    where, k = (5, 9), 2
+    m = DensePatch(where=where, k=k, n_out=n_out); x = patch_images(where=where, k=k)
+    logits = m(x)
+    assert ((logits if n_out == 1 else logits[:, 1] - logits[:, 0]) > 0).all()  # every image is called fake
+    # Grad-CAM: mean gradient of the brightness channel < 0, so ReLU(weight × activation) is 0 everywhere: blank
+    assert float(grad_cam(m, x, m.conv, target=1).abs().max()) == 0.0
+    cams = grad_x_act(m, x, m.conv, target=1)
+    assert cams.shape == (4, 16, 16) and cams.dtype == torch.float32
+    assert float(cams.min()) >= 0 and float(cams.max()) == pytest.approx(1.0)
+    for c in cams:  # the peak is on the planted patch, and the map is 0 away from it (evidence against is cut)
+        r, cc = np.unravel_index(int(c.argmax()), c.shape)
+        assert where[0] <= r < where[0] + k and where[1] <= cc < where[1] + k
+        assert float(c[:where[0] - 1].abs().max()) == 0.0
+    signed = grad_x_act(m, x, 'conv', target=1, signed=True)  # the rest of the image counts against "fake"
+    assert float(signed.max()) == pytest.approx(1.0) and -1 <= float(signed.min()) < 0
+    assert float(signed[:, :where[0] - 1].max()) < 0
+    real = grad_x_act(m, x, m.conv, target=0)  # evidence for "real": everywhere but the patch
+    assert all(float(c[where[0]:where[0] + k, where[1]:where[1] + k].max()) < 0.5 for c in real)
+
+
+def test_grad_x_act_is_grad_cam_under_global_pooling():
+    "With a global-average-pooled head every position of a channel gets the same gradient: the two maps coincide."
+    m = Spot(2); x, _ = spot_images()
+    for t in (0, 1): torch.testing.assert_close(grad_x_act(m, x, m.conv, target=t), grad_cam(m, x, m.conv, target=t))
+
+
+def test_grad_x_act_leaves_model_alone_and_explains_errors():
+    m = DensePatch(); x = patch_images(2)
+    bn = nn.Sequential(nn.BatchNorm2d(3), m); bn.train()
+    assert grad_x_act(bn, x, m.act).shape == (2, 16, 16)
+    assert bn.training and int(bn[0].num_batches_tracked) == 0 and all(p.grad is None for p in bn.parameters())
+    with pytest.raises(ValueError, match="grad_x_act: the model has no layer 'nope'"): grad_x_act(m, x, 'nope')
+    with pytest.raises(ValueError, match='grad_x_act: layer output must be an N×K×h×w'): grad_x_act(m, x, m.fc)
+    with pytest.raises(ValueError, match='grad_x_act: 3 targets for 2 images'): grad_x_act(m, x, m.conv, target=[0, 1, 1])
+
+
+def test_show_cam_signed_maps():
+    m = DensePatch(); x = patch_images(3)
+    signed = grad_x_act(m, x, m.conv, signed=True)
+    fig = show_cam(x, signed, titles=['a', 'b', 'c'])
+    ims = [a.images[0].get_array() for a in fig.axes if a.images]
+    assert len(ims) == 3
+    # blue (bwr's low end) where the map is -1 ... red where it is +1: the overlay keeps the sign
+    r, c = np.unravel_index(int(signed[0].argmin()), signed[0].shape)
+    px = np.asarray(ims[0])[r, c]
+    assert px[2] > px[0]
+    r, c = np.unravel_index(int(signed[0].argmax()), signed[0].shape)
+    px = np.asarray(ims[0])[r, c]
+    assert px[0] > px[2]

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from .core import register_detector, build_detector, fake_prob, detector_loss
 
 # %% auto #0
-__all__ = ['V1_WIDTHS', 'V1_DENSE', 'he_init', 'conv_bn_relu', 'ShallowNetV1', 'shallownet_v1', 'ShallowNetV2', 'shallownet_v2',
-           'ShallowNetV3', 'shallownet_v3', 'ShallowNetEnsemble', 'shallownet_ensemble', 'keras_l2']
+__all__ = ['V1_WIDTHS', 'V1_DENSE', 'he_init', 'recalibrate_bn', 'PreciseBN', 'conv_bn_relu', 'ShallowNetV1', 'shallownet_v1',
+           'ShallowNetV2', 'shallownet_v2', 'ShallowNetV3', 'shallownet_v3', 'ShallowNetEnsemble',
+           'shallownet_ensemble', 'keras_l2']
 
 # %% ../../nbs/30_shallownet.ipynb #cell-8
 V1_WIDTHS = (96, 192, 257, 311, 396, 437)
@@ -23,22 +24,66 @@ V1_DENSE = 3933
 
 def _w(c, m): return max(4, int(round(c * m)))
 
-def he_init(model: nn.Module) -> nn.Module:
-    "He (Kaiming) normal init for conv and hidden dense kernels, zero biases: keeps the signal alive through ReLU stacks."
+def he_init(model: nn.Module, dc_free: bool = False) -> nn.Module:
+    """He (Kaiming) normal init for conv and hidden dense kernels, zero biases: keeps the signal alive through ReLU stacks.
+    `dc_free`: every k×k filter (k > 1) starts with zero mean over its window (rescaled to He's variance), so it answers
+    to local contrast and texture, not to brightness."""
     lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for m in model.modules():
         if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not lin[-1]):
             nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
             if m.bias is not None: nn.init.zeros_(m.bias)
+            k = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
+            if dc_free and k > 1:
+                with torch.no_grad():
+                    m.weight.sub_(m.weight.mean((2, 3), keepdim=True)).mul_(math.sqrt(k / (k - 1)))
     return model
+
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """Re-estimate the statistics of every BatchNorm of `model` for the network that eval mode runs: dropout off, the
+    current weights, the faces `x` (N×3×H×W, float), each batch weighted equally ("precise BN"). Modes are restored."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or len(x) < 2: return model
+    p = next(model.parameters())
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    try:
+        model.eval()
+        for m in bns: m.reset_running_stats(); m.momentum = None; m.train()  # momentum None: a plain average over batches
+        with torch.no_grad():
+            for xb in torch.tensor_split(x, min(math.ceil(len(x) / batch_size), len(x) // 2)):  # even parts, none of 1 face
+                model(xb.to(p.device, p.dtype))
+    finally:
+        for m, (mom, n) in zip(bns, saved): m.momentum = mom; m.num_batches_tracked.copy_(n)
+        for m, t in modes.items(): m.train(t)
+    return model
+
+class PreciseBN:
+    """Mixin for a model with dropout in front of BatchNorm: it keeps its last `precise_bn` training inputs, and when it is
+    switched from training to eval mode after training steps it re-estimates its BatchNorm statistics on them with
+    `recalibrate_bn` (0: PyTorch's running averages, kept as they are)."""
+    def _init_precise_bn(self, n: int):
+        if not isinstance(n, int) or n < 0: raise ValueError(f"precise_bn must be a number of faces >= 0, got {n!r}")
+        self.precise_bn, self._bn_inputs, self._bn_stale = n, [], False
+    def _remember(self, x: torch.Tensor):
+        if not (self.training and self.precise_bn and torch.is_grad_enabled()): return  # only training steps count
+        self._bn_inputs.append(x.detach()); self._bn_stale = True
+        total = sum(len(t) for t in self._bn_inputs)
+        while total - len(self._bn_inputs[0]) >= self.precise_bn: total -= len(self._bn_inputs.pop(0))
+    def train(self, mode: bool = True):
+        if not mode and self.training and getattr(self, '_bn_stale', False):
+            self._bn_stale = False
+            recalibrate_bn(self, torch.cat([t.to(self._bn_inputs[-1].device) for t in self._bn_inputs])[-self.precise_bn:])
+        return super().train(mode)
 
 def conv_bn_relu(cin, cout, k=3, p=None, drop=0.25):
     layers = [nn.Conv2d(cin, cout, k, padding=k // 2 if p is None else p), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return layers + ([nn.Dropout(drop)] if drop else [])
 
-class ShallowNetV1(nn.Module):
+class ShallowNetV1(PreciseBN, nn.Module):
     "ShallowNetV1 (VGG-like, BN, 3×3/s2 valid max pools); built for a fixed `input_size` (paper: 128)."
-    def __init__(self, input_size: int = 128, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, drop: float = 0.25):
+    def __init__(self, input_size: int = 128, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, drop: float = 0.25,
+                 precise_bn: int = 512):
         super().__init__()
         self.input_size = input_size
         w = [_w(c, width_mult) for c in V1_WIDTHS]
@@ -54,20 +99,23 @@ class ShallowNetV1(nn.Module):
         self.feat_shape = (w[5], s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(w[5] * s * s, dense), nn.BatchNorm1d(dense), nn.Dropout(drop),
                                   nn.Linear(dense, n_out))
-        he_init(self)
+        he_init(self); self._init_precise_bn(precise_bn)
     def forward(self, x):
+        self._remember(x)
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 @register_detector('shallownet_v1', input_size=128, paper='Tariq et al. 2018')
-def shallownet_v1(input_size: int = 128, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1):
+def shallownet_v1(input_size: int = 128, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, precise_bn: int = 512):
     "ShallowNetV1 (paper widths at width_mult=1; Dense 3933 = 3×3×437 at 128 px)."
-    return ShallowNetV1(input_size, width_mult, dense, n_out)
+    return ShallowNetV1(input_size, width_mult, dense, n_out, precise_bn=precise_bn)
+
 
 # %% ../../nbs/30_shallownet.ipynb #cell-11
-class ShallowNetV2(nn.Module):
+class ShallowNetV2(PreciseBN, nn.Module):
     "ShallowNetV2 (stride-2 convolutions instead of pooling, no BN in the conv part)."
-    def __init__(self, input_size: int = 64, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, drop: float = 0.25):
+    def __init__(self, input_size: int = 64, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, drop: float = 0.25,
+                 precise_bn: int = 512):
         super().__init__()
         self.input_size = input_size
         c1, c2 = _w(96, width_mult), _w(192, width_mult)
@@ -81,20 +129,25 @@ class ShallowNetV2(nn.Module):
         self.feat_shape = (c2, s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * s * s, dense), nn.ReLU(inplace=True), nn.BatchNorm1d(dense),
                                   nn.Dropout(drop), nn.Linear(dense, n_out))
-        he_init(self)
+        he_init(self); self._init_precise_bn(precise_bn)
     def forward(self, x):
+        self._remember(x)
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 @register_detector('shallownet_v2', input_size=64, paper='Tariq et al. 2018')
-def shallownet_v2(input_size: int = 64, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1):
+def shallownet_v2(input_size: int = 64, width_mult: float = 1.0, dense: int | None = None, n_out: int = 1, precise_bn: int = 512):
     "ShallowNetV2 (paper widths at width_mult=1)."
-    return ShallowNetV2(input_size, width_mult, dense, n_out)
+    return ShallowNetV2(input_size, width_mult, dense, n_out, precise_bn=precise_bn)
+
 
 # %% ../../nbs/30_shallownet.ipynb #cell-14
-class ShallowNetV3(nn.Module):
-    "ShallowNetV3 (1×1 network-in-network convolutions, valid padding, 2×2 pools); the paper's 64-px network."
-    def __init__(self, input_size: int = 64, width_mult: float = 1.0, dense: int = 1024, n_out: int = 1, drop: float = 0.25):
+class ShallowNetV3(PreciseBN, nn.Module):
+    """ShallowNetV3 (1×1 network-in-network convolutions, valid padding, 2×2 pools); the paper's 64-px network.
+    `dc_free`: zero-mean 5×5 and 3×3 filters at init; `precise_bn`: training faces kept to re-estimate the head's
+    BatchNorm statistics with dropout off (`dc_free=False, precise_bn=0` is the plain version, whose scores collapse)."""
+    def __init__(self, input_size: int = 64, width_mult: float = 1.0, dense: int = 1024, n_out: int = 1, drop: float = 0.25,
+                 dc_free: bool = True, precise_bn: int = 512):
         super().__init__()
         self.input_size = input_size
         a, b, c, d = _w(32, width_mult), _w(64, width_mult), _w(128, width_mult), _w(32, width_mult)
@@ -109,15 +162,18 @@ class ShallowNetV3(nn.Module):
         self.feat_shape = (d, s, s)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(d * s * s, dense), nn.ReLU(inplace=True), nn.BatchNorm1d(dense),
                                   nn.Dropout(drop), nn.Linear(dense, n_out))
-        he_init(self)
+        he_init(self, dc_free=dc_free); self._init_precise_bn(precise_bn)
     def forward(self, x):
+        self._remember(x)
         out = self.head(self.features(x))
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 @register_detector('shallownet_v3', input_size=64, paper='Tariq et al. 2019')
-def shallownet_v3(input_size: int = 64, width_mult: float = 1.0, dense: int = 1024, n_out: int = 1):
-    "ShallowNetV3 (paper widths at width_mult=1; 12×12×32 map at 64 px)."
-    return ShallowNetV3(input_size, width_mult, dense, n_out)
+def shallownet_v3(input_size: int = 64, width_mult: float = 1.0, dense: int = 1024, n_out: int = 1, dc_free: bool = True,
+                  precise_bn: int = 512):
+    "ShallowNetV3 (paper widths at width_mult=1; 12×12×32 map at 64 px); `dc_free=False, precise_bn=0`: without the fix."
+    return ShallowNetV3(input_size, width_mult, dense, n_out, dc_free=dc_free, precise_bn=precise_bn)
+
 
 # %% ../../nbs/30_shallownet.ipynb #cell-19
 class ShallowNetEnsemble(nn.Module):
