@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_metrics.ipynb #cell-4
 from __future__ import annotations
-import math, numbers
+import math, numbers, warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -379,6 +379,10 @@ def _resample(y, s, fns: dict, n_boot: int, seed: int, stratified: bool, units=N
     kind = y if units is None else units[3]
     strata = [np.flatnonzero(kind == c) for c in (0, 1, 2)] if stratified else [np.arange(len(kind))]
     strata = [st for st in strata if len(st)]
+    if all(len(st) < 2 for st in strata):   # e.g. one real-only and one mixed identity: every resample is the sample itself
+        warnings.warn(f"bootstrap: each stratum holds a single {'group' if units is not None else 'sample'} "
+                      f"({len(strata)} in all): the interval has zero width and says nothing about uncertainty; "
+                      "use more identities (or clips) in this split", stacklevel=3)
     rng = np.random.default_rng(seed)
     vals, tries, got = {k: np.empty(n_boot) for k in fns}, 0, 0
     while got < n_boot:

@@ -671,3 +671,18 @@ def test_show_cam_signed_maps():
     r, c = np.unravel_index(int(signed[0].argmax()), signed[0].shape)
     px = np.asarray(ims[0])[r, c]
     assert px[0] > px[2]
+
+
+def test_group_bootstrap_warns_when_every_stratum_has_one_group():
+    "Two identities, one real-only and one with both kinds: every cluster resample is the sample itself (zero width)."
+    import warnings
+    from deepfake_course.metrics import bootstrap_ci
+    y = np.array([0] * 10 + [0] * 5 + [1] * 5); s = np.r_[np.linspace(0, .4, 10), np.linspace(.2, .6, 5), np.linspace(.5, 1, 5)]
+    groups = np.array([1] * 10 + [2] * 10)
+    with pytest.warns(UserWarning, match='single group'):
+        _, lo, hi = bootstrap_ci(y, s, groups=groups, n_boot=50)
+    assert lo == hi
+    with warnings.catch_warnings():   # three identities with both kinds: a real interval, no warning
+        warnings.simplefilter('error')
+        _, lo, hi = bootstrap_ci(np.tile(y[10:], 3), np.tile(s[10:], 3) + np.repeat([0, .1, -.1], 10), groups=np.repeat([1, 2, 3], 10), n_boot=50)
+    assert hi > lo
