@@ -11,7 +11,8 @@ the best validation AUROC kept), once per variant, and scores the test split (`s
 
 Printed per variant: mean ± std of the real and of the fake scores, the fraction of scores in [0.1, 0.9], the share of
 each class on its own side of 0.5, ACC at 0.5, balanced accuracy at the best threshold, AUROC, and the head's
-BatchNorm input variance with dropout off over the variance with dropout on (training mode) on training faces.
+BatchNorm input variance with dropout off over the variance with dropout on (training mode) on training faces, and
+the share of test faces whose Grad-CAM / gradient × activation map of the evidence for their true class is blank.
 With --out DIR: scores.csv, summary.json and score_histograms.png there.
 
 usage: python benchmarks/shallownet_calibration.py [--variants before after] [--epochs 4] [--threads 2] [--out DIR]
@@ -60,6 +61,18 @@ def bn_variance_ratio(model, x) -> float:
     return float((clean.var(0)[alive] / noisy.var(0)[alive]).median())
 
 
+def blank_maps(model, fts) -> dict:
+    "Share of all-zero saliency maps (evidence for each face's true class) at the last conv layer, per method and class."
+    from deepfake_course.metrics import grad_cam, grad_x_act
+    layer = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)][-1]
+    x, lab = fts.x.float() / 255, torch.as_tensor(fts.df['label'].to_numpy())
+    out = {}
+    for fn in (grad_cam, grad_x_act):
+        blank = (fn(model, x, layer, target=lab).flatten(1).amax(1) == 0).numpy()
+        out.update({f'blank_{fn.__name__}_real': blank[lab.numpy() == 0].mean(), f'blank_{fn.__name__}_fake': blank[lab.numpy() == 1].mean()})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--variants', nargs='+', default=['before', 'after'], choices=list(VARIANTS))
@@ -89,7 +102,7 @@ def main():
         sec = time.time() - t
         sc = score_faces(res.model, data.test, device='cpu').assign(variant=v)
         r = dict(variant=v, **VARIANTS[v], seconds=sec, best_epoch=res.best_epoch, **spread(sc.label, sc.score),
-                 bn_var_ratio=bn_variance_ratio(res.model, xr))
+                 bn_var_ratio=bn_variance_ratio(res.model, xr), **blank_maps(res.model.cpu().eval(), data.test))
         rows.append(r); scores.append(sc)
         print(' '.join(f'{k}={val:.3f}' if isinstance(val, float) else f'{k}={val}' for k, val in r.items()), flush=True)
     tab = pd.DataFrame(rows).set_index('variant')
@@ -100,10 +113,11 @@ def main():
         (out / 'summary.json').write_text(json.dumps(dict(args=vars(a), fake_set=data.fake_set, rows=rows), indent=1, default=float))
         import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
         from deepfake_course.metrics import plot_scores
-        sets = {f"{v} (ACC@0.5 {tab.loc[v, 'acc_05']:.2f}, AUROC {tab.loc[v, 'auroc']:.2f})": (g.label.to_numpy(), g.score.to_numpy())
-                for v, g in pd.concat(scores).groupby('variant', sort=False)}
-        axs = plot_scores(sets, threshold=0.5, bins=np.linspace(0, 1, 41))
-        for ax in np.ravel(axs): ax.set_xlim(0, 1)
+        sets = {v: (g.label.to_numpy(), g.score.to_numpy()) for v, g in pd.concat(scores).groupby('variant', sort=False)}
+        axs = np.ravel(plot_scores(sets, threshold=0.5, bins=np.linspace(0, 1, 41)))
+        for ax, v in zip(axs, sets):
+            r = tab.loc[v]
+            ax.set_xlim(0, 1); ax.set_title(f"{v}: ACC@0.5 {r.acc_05:.2f}, best bal. ACC {r.best_bal_acc:.2f}, AUROC {r.auroc:.2f}", fontsize=8)
         plt.gcf().suptitle(f'ShallowNetV3 test scores on {data.fake_set} ({a.epochs} epochs)', fontsize=9); plt.gcf().tight_layout()
         plt.gcf().savefig(out / 'score_histograms.png', dpi=100); print('wrote', out)
 
