@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 
 def realism(n, seed, save=None):
-    from deepfake_course.data.synth import render_faces, mtcnn_agreement
+    from deepfake_course.data.synth import render_faces
+    from deepfake_course.quality import mtcnn_agreement
     out = {}
     for size in (128, 64):
         t = time.time()

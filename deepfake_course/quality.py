@@ -20,7 +20,7 @@ from .faces import face_template, transform_points
 # %% auto #0
 __all__ = ['IDENTITY_JUDGE', 'LANDMARK_JUDGE', 'SmallCNN', 'save_judge', 'load_judge', 'face_ellipse',
            'train_identity_classifier', 'predict_identity', 'train_landmark_regressor', 'predict_landmarks',
-           'landmark_nme_iod', 'masked_ssim', 'temporal_flicker', 'mtcnn_face_found', 'mtcnn_rate']
+           'landmark_nme_iod', 'masked_ssim', 'temporal_flicker', 'mtcnn_face_found', 'mtcnn_rate', 'mtcnn_agreement']
 
 # %% ../nbs/19_quality.ipynb #cell-9
 class SmallCNN(nn.Module):
@@ -251,3 +251,28 @@ def mtcnn_face_found(images, device='cpu', min_prob: float = 0.9, upsample_to: i
 def mtcnn_rate(images, device='cpu', min_prob: float = 0.9, upsample_to: int | None = 128) -> float:
     "Fraction of images in which MTCNN finds a face with probability >= `min_prob` (small images enlarged to `upsample_to` first)."
     return float(mtcnn_face_found(images, device, min_prob, upsample_to).mean())
+
+def mtcnn_agreement(images, landmarks5, upsample_to: int | None = 128, extractor=None, device='cpu') -> dict:
+    """Run facenet-pytorch's MTCNN (weights ship in the wheel) on rendered faces, through `faces.FaceExtractor` with
+    its noise filter off (every detection counts). Returns the detection rate, the landmark NME (mean distance of
+    MTCNN's 5 points to the ground truth over the inter-ocular distance, for the detection whose points fit best)
+    and per-image results. Images smaller than `upsample_to` are upsampled first. `extractor`: a `FaceExtractor`
+    to reuse (default: a new one on `device`)."""
+    from deepfake_course.faces import FaceExtractor
+    x = torch.as_tensor(images).detach().float().cpu()
+    gt = torch.as_tensor(landmarks5).detach().float().cpu().clone()
+    if upsample_to and x.shape[-1] < upsample_to:
+        f = upsample_to / x.shape[-1]
+        x = F.interpolate(x, size=(upsample_to, upsample_to), mode='bilinear', align_corners=False)
+        gt = gt * f                                     # continuous pixel coordinates scale exactly
+    if extractor is None: extractor = FaceExtractor(device=device)
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    found, nme = np.zeros(len(arr), bool), np.full(len(arr), np.nan)
+    for i, d in enumerate(extractor.detect(arr, filter=False)):
+        if d.empty: continue
+        g = gt[i].numpy(); iod = np.linalg.norm(g[0] - g[1])
+        e = [np.linalg.norm(np.asarray(l, np.float64) - g, axis=1).mean() / iod for l in np.asarray(d.landmarks, np.float64)]
+        found[i] = True; nme[i] = min(e)
+    return {'rate': float(found.mean()), 'nme': float(np.nanmean(nme)) if found.any() else float('nan'),
+            'found': found, 'nme_per_image': nme}
+

@@ -6,7 +6,8 @@ import torch
 
 from deepfake_course.data import synth
 from deepfake_course.data.synth import (identity_params, sample_params, render_faces, render_clip, make_synthfaces,
-                                        jpeg_approx, mtcnn_agreement)
+                                        jpeg_approx)
+from deepfake_course.quality import mtcnn_agreement
 from deepfake_course.data.audio import log_mel
 from deepfake_course.data.manifest import LeakError, check_no_leak
 

@@ -16,8 +16,8 @@ from .audio import SR, syllable_envelope, synth_voice, log_mel
 # %% auto #0
 __all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS',
            'SYNTH_VERSION', 'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project',
-           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'mtcnn_agreement', 'render_face', 'clip_params',
-           'render_clip', 'make_synthfaces']
+           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'render_face', 'clip_params', 'render_clip',
+           'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
 SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
@@ -843,31 +843,6 @@ def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu'
     return render(p, size, device)
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-34
-def mtcnn_agreement(images, landmarks5, upsample_to: int | None = 128, extractor=None, device='cpu') -> dict:
-    """Run facenet-pytorch's MTCNN (weights ship in the wheel) on rendered faces, through `faces.FaceExtractor` with
-    its noise filter off (every detection counts). Returns the detection rate, the landmark NME (mean distance of
-    MTCNN's 5 points to the ground truth over the inter-ocular distance, for the detection whose points fit best)
-    and per-image results. Images smaller than `upsample_to` are upsampled first. `extractor`: a `FaceExtractor`
-    to reuse (default: a new one on `device`)."""
-    from deepfake_course.faces import FaceExtractor
-    x = torch.as_tensor(images).detach().float().cpu()
-    gt = torch.as_tensor(landmarks5).detach().float().cpu().clone()
-    if upsample_to and x.shape[-1] < upsample_to:
-        f = upsample_to / x.shape[-1]
-        x = F.interpolate(x, size=(upsample_to, upsample_to), mode='bilinear', align_corners=False)
-        gt = gt * f                                     # continuous pixel coordinates scale exactly
-    if extractor is None: extractor = FaceExtractor(device=device)
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    found, nme = np.zeros(len(arr), bool), np.full(len(arr), np.nan)
-    for i, d in enumerate(extractor.detect(arr, filter=False)):
-        if d.empty: continue
-        g = gt[i].numpy(); iod = np.linalg.norm(g[0] - g[1])
-        e = [np.linalg.norm(np.asarray(l, np.float64) - g, axis=1).mean() / iod for l in np.asarray(d.landmarks, np.float64)]
-        found[i] = True; nme[i] = min(e)
-    return {'rate': float(found.mean()), 'nme': float(np.nanmean(nme)) if found.any() else float('nan'),
-            'found': found, 'nme_per_image': nme}
-
-
 def render_face(identity: int = 0, size: int = 128, seed: int = 0, device='cpu', **values) -> dict:
     "Render one face of `identity` with some parameters fixed to exact values (e.g. `yaw=20, smile=1`)."
     return render_faces([identity], 1, size=size, seed=seed, device=device, **values)
