@@ -65,7 +65,7 @@ def blank_maps(model, fts) -> dict:
     "Share of all-zero saliency maps (evidence for each face's true class) at the last conv layer, per method and class."
     from deepfake_course.metrics import grad_cam, grad_x_act
     layer = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)][-1]
-    x, lab = fts.x.float() / 255, torch.as_tensor(fts.df['label'].to_numpy())
+    x, lab = fts.x.float() / 255, torch.tensor(fts.df['label'].to_numpy(copy=True))
     out = {}
     for fn in (grad_cam, grad_x_act):
         blank = (fn(model, x, layer, target=lab).flatten(1).amax(1) == 0).numpy()

@@ -88,7 +88,7 @@ def test_dc_free_init_gives_zero_mean_filters_at_he_scale():
     m = ShallowNetV3(64)
     spatial = [c for c in m.features.modules() if isinstance(c, nn.Conv2d) and c.kernel_size[0] > 1]
     assert len(spatial) == 3 and all(float(c.weight.detach().sum((2, 3)).abs().max()) < 1e-5 for c in spatial)
-    assert abs(float(m.features[0][0].weight.std()) / math.sqrt(2 / 75) - 1) < 0.1  # He's variance kept
+    assert abs(float(m.features[0][0].weight.detach().std()) / math.sqrt(2 / 75) - 1) < 0.1  # He's variance kept
     plain = ShallowNetV3(64, dc_free=False)  # plain He filters respond to brightness
     assert float(plain.features[0][0].weight.detach().sum((2, 3)).abs().max()) > 1e-2
     assert float(he_init(plain, dc_free=True).features[0][0].weight.detach().sum((2, 3)).abs().max()) < 1e-5
