@@ -55,7 +55,7 @@ def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-11
-JOB_VERSION = 2  # bump when a stage's saved result changes meaning: stages saved by another version run again
+JOB_VERSION = 3  # 3: ShallowNetV3's training fix (DC-free init, precise BatchNorm); bump when a stage's saved result changes meaning: stages saved by another version run again
 
 class Stages:
     "Run folder bookkeeping: `done(name)`, `save(name, info)`, `load(name)`; a JSON file per finished stage."
@@ -260,9 +260,9 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 def report_figures(scores: pd.DataFrame, sets: dict, models: dict, cfg: dict) -> dict:
-    "name -> PNG bytes: ROC curves, score histograms, example faces with scores, Grad-CAM."
+    "name -> PNG bytes: ROC curves, score histograms, example faces with scores, saliency (gradient x activation)."
     import matplotlib.pyplot as plt
-    from deepfake_course.metrics import plot_roc, plot_scores, grad_cam, show_cam
+    from deepfake_course.metrics import plot_roc, plot_scores, grad_x_act, show_cam
     figs = {}
     clean = scores[scores.condition == 'clean']
     for tr in clean.train_source.unique():
@@ -295,7 +295,8 @@ def report_figures(scores: pd.DataFrame, sets: dict, models: dict, cfg: dict) ->
         idx = list(np.flatnonzero(lab == 0)[:3]) + list(np.flatnonzero(lab == 1)[:3])
         x = fs.x[idx].float() / 255
         layer = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)][-1]
-        cams = grad_cam(m.cpu().eval(), x, layer, target=torch.as_tensor(lab[idx]))  # evidence for each face's true class
+        # gradient x activation, not Grad-CAM: ShallowNetV3's dense head makes Grad-CAM's channel-mean weights cancel (02_metrics)
+        cams = grad_x_act(m.cpu().eval(), x, layer, target=torch.as_tensor(lab[idx]))  # evidence for each face's true class
         fig = show_cam(x, cams, titles=['real: evidence for real'] * 3 + ['fake: evidence for fake'] * 3)
         fig = fig if hasattr(fig, 'savefig') else plt.gcf()
         figs['gradcam'] = _fig_png(fig)
