@@ -425,15 +425,6 @@ class ThumbnailLogReg(nn.Module):
 def _thumb(thumb: int = 16, input_size=None): return ThumbnailLogReg(thumb, input_size)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-37
-_EXTRACTORS: dict = {}
-
-def _face_extractor(device, min_prob: float):
-    "One `deepfake_course.faces.FaceExtractor` (MTCNN) per device and threshold, kept for later calls."
-    from deepfake_course.faces import FaceExtractor
-    key = (str(get_device(device)), float(min_prob))
-    if key not in _EXTRACTORS: _EXTRACTORS[key] = FaceExtractor(device=device, min_prob=min_prob)
-    return _EXTRACTORS[key]
-
 def _crops_from_frames(frames, size, faces, min_prob, device='auto'):
     rows, crops = [], []
     if faces == 'none':
@@ -441,7 +432,8 @@ def _crops_from_frames(frames, size, faces, min_prob, device='auto'):
             crops.append(resize(torch.from_numpy(np.ascontiguousarray(fr)).permute(2, 0, 1), size))
             rows.append(dict(k=k, face=0, x0=0, y0=0, x1=fr.shape[1], y1=fr.shape[0], face_prob=np.nan))
         return rows, crops, []
-    dets = _face_extractor(device, min_prob).extract(list(frames), size=size)
+    from deepfake_course.faces import FaceExtractor   # cheap: it shares the course's one cached MTCNN (faces.get_mtcnn)
+    dets = FaceExtractor(device=device, min_prob=min_prob).extract(list(frames), size=size)
     for k, d in enumerate(dets):
         for j in range(len(d)):
             crops.append((d.crops[j].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
