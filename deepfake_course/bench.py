@@ -6,6 +6,7 @@
 from __future__ import annotations
 import base64, html, io, json, time, warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -16,20 +17,40 @@ from .core import (get_data_root, get_device, seed_everything, cfg_hash, atomic_
 
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'JOB_VERSION', 'RESULT_KEYS', 'main_config', 'Stages', 'build_real',
-           'identity_split', 'render_identity', 'swap_pairs', 'build_faceswap_fakes', 'build_gan_fakes', 'match_real',
-           'source_data', 'train_main_detectors', 'evaluation_sets', 'score_all', 'results_table', 'md_table',
-           'report_figures', 'write_report', 'main_job']
+__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'QUALITY_TARGETS', 'JOB_VERSION', 'SWAP_TRAIN_SEED',
+           'JUDGE_SEED', 'RESULT_KEYS', 'main_config', 'conditions', 'Stages', 'build_real', 'identity_split',
+           'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality', 'build_faceswap_fakes',
+           'build_gan_fakes', 'match_real', 'source_data', 'train_main_detectors', 'evaluation_sets', 'score_all',
+           'calibrate', 'results_table', 'md_table', 'quality_table', 'fake_examples_figure', 'report_figures',
+           'plain_summary', 'write_report', 'user_data', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
-# QUICK is CPU-sized: its three face-swap models (one per split, 400 steps of 8 faces) cost what the first version's one model
-# (600 steps of 16) did; 16 identities (10/3/3) so that val and test each hold two driving identities for the identity bootstrap
-QUICK = dict(n_identities=16, images_per_identity=18, size=64, fs_steps=400, fs_batch=8, fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8),
+# QUICK is CPU-sized (2 cores, <= 15 minutes): 24 identities (16/4/4, so the bootstrap resamples 4 test people),
+# 16 faces each; the face swap works at 32 px, the size a face has inside a 64-px SynthFaces frame, so one step
+# costs a quarter of a 64-px step and the swap is not upsampled blur; each split's model trains on 96 extra
+# renders per side, first with random warp, then sharpening as the learning rate falls (20_faceswap's recipe)
+QUICK = dict(n_identities=24, images_per_identity=16, size=64,
+             fs_size=32, fs_train_faces=96, fs_steps=500, fs_batch=8, fs_warp_fraction=0.5, fs_lr=5e-4, fs_lr_final=5e-5,
+             fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge_erode=1, merge_blur=3, merge_color='rct',
+             judge_faces=48, judge_epochs=12,
              gan='dcgan', gan_size=32, gan_steps=600, gan_width=32, n_gan=288, det_epochs=4, det_batch=32, det_lr=1e-3,
-             detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), n_boot=300, n_examples=8)
-FULL = dict(QUICK, n_identities=24, images_per_identity=64, fs_steps=4000, fs_batch=16, fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16),
-            gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
+             detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), blur=(1.0, 2.0), resize=(0.5, 0.25),
+             noise=(4.0, 8.0), n_boot=300, n_examples=8)
+FULL = dict(QUICK, n_identities=40, images_per_identity=48, fs_size=64, fs_train_faces=384, fs_steps=4000, fs_batch=16,
+            fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16), merge_erode=2, merge_blur=5, judge_faces=96,
+            judge_epochs=15, gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
 MIN_IDENTITIES = 9  # SynthFaces' 70/15/15 identity split gives every split two identities from 9 on: a swap needs two people
+DETECTOR_CHOICES = ('shallownet_v3', 'meso4', 'fdftnet')
+# what a face swap must reach before a detector result on it is quoted without a warning (issue 14; 20_faceswap's judges)
+QUALITY_TARGETS = dict(identity_transfer=0.90, recon_ssim=0.75, mtcnn_ratio=0.95)
+
+def _check_levels(cfg, key, ok, what):
+    vals = cfg[key]
+    if isinstance(vals, (str, bytes)) or not hasattr(vals, '__iter__'): raise ValueError(f"{key} must be a list of {what}, got {vals!r}")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not ok(v):
+            raise ValueError(f"{key}: each level must be {what}, got {v!r}")
+    return [float(v) for v in vals]
 
 def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
     """The main job's configuration: `QUICK` or `FULL`, with `overrides` (unknown keys are an error).
@@ -42,24 +63,38 @@ def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
     if cfg['n_identities'] < MIN_IDENTITIES:
         raise ValueError(f"n_identities={cfg['n_identities']}: the main job needs at least {MIN_IDENTITIES}, so that train, val "
                          "and test each hold two identities to swap between")
-    bad = [d for d in cfg['detectors'] if d not in ('shallownet_v3', 'meso4', 'fdftnet')]
-    if bad: raise ValueError(f"main job detectors must be among shallownet_v3, meso4, fdftnet; got {bad}")
+    bad = [d for d in cfg['detectors'] if d not in DETECTOR_CHOICES]
+    if bad: raise ValueError(f"main job detectors must be among {', '.join(DETECTOR_CHOICES)}; got {bad}")
     if 'fdftnet' in cfg['detectors'] and 'shallownet_v3' not in cfg['detectors']:
         raise ValueError("fdftnet is trained on a frozen ShallowNetV3: keep 'shallownet_v3' in detectors")
     for q in cfg['jpeg']:
-        if not (isinstance(q, (int, np.integer)) and 1 <= q <= 95): raise ValueError(f"JPEG quality must be an integer in 1..95, got {q!r}")
-    cfg['detectors'], cfg['jpeg'] = list(cfg['detectors']), [int(q) for q in cfg['jpeg']]
+        if not (isinstance(q, (int, np.integer)) and not isinstance(q, bool) and 1 <= q <= 95):
+            raise ValueError(f"JPEG quality must be an integer in 1..95, got {q!r}")
+    cfg['jpeg'] = [int(q) for q in cfg['jpeg']]
+    cfg['blur'] = _check_levels(cfg, 'blur', lambda v: 0 < v <= 8, 'a Gaussian sigma in (0, 8] px')
+    cfg['resize'] = _check_levels(cfg, 'resize', lambda v: 0 < v < 1, 'a down-scaling factor in (0, 1)')
+    cfg['noise'] = _check_levels(cfg, 'noise', lambda v: 0 < v <= 64, 'a noise std in (0, 64] (0-255 units)')
+    if cfg['fs_size'] % 16 or not 32 <= cfg['fs_size'] <= cfg['size'] * 2:
+        raise ValueError(f"fs_size={cfg['fs_size']}: the face-swap model size must be a multiple of 16 from 32 to {cfg['size'] * 2}")
+    if not 0 <= cfg['fs_warp_fraction'] <= 1: raise ValueError(f"fs_warp_fraction must be in [0, 1], got {cfg['fs_warp_fraction']}")
+    cfg['detectors'] = list(cfg['detectors'])
     return cfg
 
-
+def conditions(cfg: dict) -> dict:
+    "Robustness conditions of the configuration: name -> (kind, level), e.g. 'jpeg70' -> ('jpeg', 70), 'blur1' -> ('blur', 1.0)."
+    out = {}
+    for kind in ('jpeg', 'blur', 'resize', 'noise'):
+        for v in cfg[kind]: out[f'{kind}{v:g}'] = (kind, v)
+    return out
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-11
-JOB_VERSION = 3  # 3: ShallowNetV3's training fix (DC-free init, precise BatchNorm); bump when a stage's saved result changes meaning: stages saved by another version run again
+JOB_VERSION = 4  # 4: the quality-judged face swaps, validation calibration and robustness rows; bump when a stage's saved result changes meaning
 
 class Stages:
-    "Run folder bookkeeping: `done(name)`, `save(name, info)`, `load(name)`; a JSON file per finished stage."
-    def __init__(self, run_dir: Path): self.dir = Path(run_dir); (self.dir/'stages').mkdir(parents=True, exist_ok=True)
+    "Run folder bookkeeping: `done(name)`, `save(name, info)`, `load(name)`; a JSON file per finished stage; `ran`: those run by this object."
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir); (self.dir/'stages').mkdir(parents=True, exist_ok=True); self.ran = set()
     def _p(self, name): return self.dir/'stages'/f'{name}.json'
     def done(self, name) -> bool: return self._p(name).exists() and self.load(name).get('job_version') == JOB_VERSION
     def load(self, name) -> dict: return json.loads(self._p(name).read_text())
@@ -70,6 +105,7 @@ class Stages:
         log(f"[{name}] ..."); t0 = time.time()
         info = dict(fn() or {}); info['seconds'] = round(time.time() - t0, 1)
         log(f"[{name}] finished in {info['seconds']:.0f} s")
+        self.ran.add(name)
         return self.save(name, info)
 
 
@@ -85,10 +121,54 @@ def identity_split(real: pd.DataFrame) -> dict:
     check_no_leak(real, 'identity')
     return {int(k): v for k, v in real.groupby('identity')['split'].first().items()}
 
-def render_identity(cfg: dict, identity: int) -> dict:
-    "Images, masks and 5-point landmarks of one identity, exactly as the build rendered them."
+# seeds of the extra renders: the swap's training faces and the judges' faces are other pictures of the same people
+SWAP_TRAIN_SEED, JUDGE_SEED = 7919, 104729
+
+def render_identity(cfg: dict, identity: int, n: int | None = None, seed_offset: int = 0) -> dict:
+    """Images, masks and landmarks of one identity. With the defaults: exactly the job's own faces (as the build
+    rendered them); with `n` and `seed_offset`: `n` other pictures of that person (for training the swap or a judge)."""
     from deepfake_course.data.synth import render_faces
-    return render_faces([int(identity)], cfg['images_per_identity'], size=cfg['size'], seed=cfg['seed'])
+    return render_faces([int(identity)], n or cfg['images_per_identity'], size=cfg['size'], seed=cfg['seed'] + seed_offset)
+
+
+# %% ../nbs/60_benchmark.ipynb #cell-39
+class Judges(NamedTuple):
+    "The quality judges of one job (notebook 19), at the face swap's size: who is shown, where the landmarks are."
+    identity: torch.nn.Module
+    landmarks: torch.nn.Module
+    real_acc: float
+    nme_floor: float
+
+def _swap_faceset(r: dict, res: int, identity: int = -1):
+    from deepfake_course.generate.faceswap import make_swap_faceset
+    return make_swap_faceset(r['images'], r['mask'], r['landmarks5'], identity=identity, size=res, min_images=1)
+
+def train_judges(cfg: dict, identities, run_dir=None, device='auto', verbose=None) -> Judges:
+    """An identity classifier and a landmark regressor (notebook 19) for the job's people, at the swap's `fs_size`:
+    trained on `judge_faces` fresh renders of each identity (other pictures than the job's), checked on the job's own
+    faces. Checkpointed in `<run_dir>/judges/`, so a resumed run reuses them."""
+    from deepfake_course.data.synth import render_faces
+    from deepfake_course.faces import transform_points
+    from deepfake_course.generate.faceswap import align_swap_faces, warp_affine
+    from deepfake_course.quality import (train_identity_classifier, train_landmark_regressor, predict_identity,
+                                         predict_landmarks, landmark_nme_iod, face_ellipse)
+    ids, res = sorted(int(i) for i in identities), cfg['fs_size']
+    def aligned(r):
+        crops, M, _ = align_swap_faces(r['images'], r['landmarks5'], res, 'full')
+        masks = warp_affine(r['mask'].float(), M, (res, res))
+        return crops, masks, transform_points(np.asarray(r['landmarks68'], np.float64), M)
+    r = render_faces(ids, cfg['judge_faces'], size=cfg['size'], seed=cfg['seed'] + JUDGE_SEED)
+    x, m, lm = aligned(r)
+    ck = (lambda k: Path(run_dir)/'judges'/f'{k}.pt') if run_dir is not None else (lambda k: None)
+    idn = train_identity_classifier(x, m, r['identity'], epochs=cfg['judge_epochs'], seed=cfg['seed'], device=device,
+                                    region=face_ellipse(res, 'full'), ckpt_path=ck('identity'), verbose=verbose)
+    lmn = train_landmark_regressor(x, lm, epochs=cfg['judge_epochs'], seed=cfg['seed'], device=device,
+                                   ckpt_path=ck('landmarks'), verbose=verbose)
+    own = render_faces(ids, cfg['images_per_identity'], size=cfg['size'], seed=cfg['seed'])  # the job's own faces
+    ox, om, olm = aligned(own)
+    acc = (predict_identity(idn, ox, om) == own['identity']).float().mean().item()
+    nme = landmark_nme_iod(predict_landmarks(lmn, ox), olm).mean().item()
+    return Judges(idn.cpu().eval(), lmn.cpu().eval(), acc, nme)
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-17
@@ -107,53 +187,94 @@ def swap_pairs(id_split: dict) -> pd.DataFrame:
         rows += [dict(split=s, src=ids[0], dst=d) for d in ids[1:]]
     return pd.DataFrame(rows, columns=['split', 'src', 'dst'])
 
-def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', run_dir=None, verbose=None) -> dict:
-    """Train one DF model per split on that split's faces (`swap_pairs`) and write every swap into one named fake set
-    (reused when a set with this configuration exists). Returns the set's name, the pairs and the models' sizes."""
-    from deepfake_course.data.fakes import FakeSetWriter
+def swap_quality(model, src: dict, dst: dict, swapped: dict, judges: Judges, res: int) -> dict:
+    """The course's judges on one split's swaps: `identity_transfer` (share of swapped faces the identity judge calls
+    the src person), `recon_ssim` (masked SSIM of the src and dst faces autoencoded, the faces being the job's own, which
+    the model never trained on), `landmark_nme` (landmarks of the swap against the driving face's, over the inter-ocular
+    distance), and MTCNN's detection rate on the merged frames and on the real driving frames."""
+    from deepfake_course.generate.faceswap import recon_ssim, swap_crops
+    from deepfake_course.quality import predict_identity, predict_landmarks, landmark_nme_iod, mtcnn_face_found
+    s_set, d_set = _swap_faceset(src, res, -1), _swap_faceset(dst, res, -1)
+    comp, _ = swap_crops(model, d_set)
+    ids = predict_identity(judges.identity, comp, d_set.masks)
+    nme = landmark_nme_iod(predict_landmarks(judges.landmarks, comp), predict_landmarks(judges.landmarks, d_set.images))
+    ok = swapped['swapped'].numpy()
+    return dict(identity_transfer=float((ids == int(src['identity'][0])).float().mean()),
+                recon_ssim=(recon_ssim(model, s_set, 'src') + recon_ssim(model, d_set, 'dst')) / 2,
+                landmark_nme=float(nme.mean()), mtcnn_rate_fake=float(mtcnn_face_found(swapped['frames'][ok]).mean()),
+                mtcnn_rate_real=float(mtcnn_face_found(dst['images'][ok]).mean()), n=int(ok.sum()))
+
+def _pooled(parts: dict) -> dict:
+    "Quality of several splits pooled, weighted by their number of faces."
+    n = sum(q['n'] for q in parts.values())
+    return {k: sum(q[k] * q['n'] for q in parts.values()) / n for k in next(iter(parts.values())) if k != 'n'} | {'n': n}
+
+def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges: Judges, device='auto', run_dir=None,
+                         verbose=None) -> dict:
+    """Train one DF model per split on that split's people (`swap_pairs`), on `fs_train_faces` other renders of them, with
+    20_faceswap's recipe (random warp, then sharpening as the learning rate falls); swap the job's faces, merge them back
+    into their frames, judge them (`swap_quality`) and write them into one named fake set whose card keeps the quality.
+    Returns the set's name, the pairs, the quality per split and pooled."""
+    from deepfake_course.data.fakes import FakeSetWriter, read_card
     from deepfake_course.generate import faceswap as fsw
     pairs = swap_pairs(identity_split(real))
     real_set = f"synthfaces/{Path(real.attrs['real_dir']).name}"
-    recipe = dict(steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], dims=cfg['fs_dims'], size=cfg['size'], seed=cfg['seed'])
+    recipe = {k: cfg[k] for k in ('fs_size', 'fs_train_faces', 'fs_steps', 'fs_batch', 'fs_warp_fraction', 'fs_lr', 'fs_lr_final',
+                                  'fs_dims', 'merge_erode', 'merge_blur', 'merge_color', 'size', 'seed')}
     models = {s: dict(src=int(p.src.iloc[0]), dst=[int(d) for d in p.dst]) for s, p in pairs.groupby('split', sort=False)}
-    w = FakeSetWriter('faceswap-df', dict(real=real_set, pairs=pairs.values.tolist(), **recipe), data_root,
+    w = FakeSetWriter('faceswap-df', dict(real=real_set, pairs=pairs.values.tolist(), judge_faces=cfg['judge_faces'],
+                                          judge_epochs=cfg['judge_epochs'], **recipe), data_root,
                       description='main job (60_benchmark): one DF model per split; in each split its first identity is '
                                   'swapped into the faces of the others',
-                      sources=dict(real=real_set, trained_on='each split\'s model learnt only that split\'s identities',
+                      sources=dict(real=real_set, trained_on="each split's model learnt only that split's identities",
                                    models=models, recipe=recipe))
     out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
-    if w.exists: return out
-    faces = {i: render_identity(cfg, i) for i in sorted(set(pairs.src) | set(pairs.dst))}
+    if w.exists: return {**out, **read_card(w.path)['sources']['job']}
+    res, job = cfg['fs_size'], dict(quality={}, train_seconds={}, examples={})
     swapped = {}
     for s, m in models.items():
-        src = faces[m['src']]
-        dst = {k: torch.cat([faces[i][k] for i in m['dst']]) for k in ('images', 'mask', 'landmarks5')}
-        fs_src = fsw.make_swap_faceset(src['images'], src['mask'], src['landmarks5'], identity=m['src'], size=cfg['size'])
-        fs_dst = fsw.make_swap_faceset(dst['images'], dst['mask'], dst['landmarks5'], identity=-1, size=cfg['size'])
-        model = fsw.build_model('df', cfg['size'], **cfg['fs_dims'])
+        src = render_identity(cfg, m['src'])
+        dsts = {d: render_identity(cfg, d) for d in m['dst']}
+        tr_src = render_identity(cfg, m['src'], cfg['fs_train_faces'], SWAP_TRAIN_SEED)
+        per = max(cfg['fs_train_faces'] // len(m['dst']), 1)
+        tr_dst = [render_identity(cfg, d, per, SWAP_TRAIN_SEED) for d in m['dst']]
+        cat = lambda rs, k: torch.cat([r[k] for r in rs])
+        fs_src = fsw.make_swap_faceset(tr_src['images'], tr_src['mask'], tr_src['landmarks5'], identity=m['src'], size=res)
+        fs_dst = fsw.make_swap_faceset(cat(tr_dst, 'images'), cat(tr_dst, 'mask'), cat(tr_dst, 'landmarks5'), identity=-1, size=res)
+        model = fsw.build_model('df', res, **cfg['fs_dims'])
         ck = Path(run_dir)/'faceswap'/w.hash/f'df_{s}.pt' if run_dir is not None else None  # resumes only this set's models
-        res = fsw.train_faceswap(model, fs_src, fs_dst, steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], seed=cfg['seed'],
-                                 device=device, ckpt_path=ck, preview_every=0, verbose=verbose)
-        model = res.model.cpu().eval()
-        for d in m['dst']:
-            f = faces[d]
-            r = fsw.swap_frames(model, f['images'], list(f['landmarks5'].double().numpy()))
-            swapped[d] = (r['frames'], r['swapped'])
-        out.setdefault('train_seconds', {})[s] = round(res.seconds, 1)
-        out['n_params'] = n_params(model)
+        r = fsw.train_faceswap(model, fs_src, fs_dst, steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], lr=cfg['fs_lr'],
+                               lr_final=cfg['fs_lr_final'], warp_fraction=cfg['fs_warp_fraction'], seed=cfg['seed'],
+                               device=device, ckpt_path=ck, preview_every=0, verbose=verbose)
+        model = r.model.cpu().eval()
+        merge = dict(erode=cfg['merge_erode'], blur=cfg['merge_blur'], color=cfg['merge_color'])
+        for d, f in dsts.items(): swapped[d] = fsw.swap_frames(model, f['images'], list(f['landmarks5'].double().numpy()), **merge)
+        dst_all = {k: torch.cat([f[k] for f in dsts.values()]) for k in ('images', 'mask', 'landmarks5', 'identity')}
+        sw_all = {k: torch.cat([swapped[d][k] for d in dsts]) for k in ('frames', 'swapped')}
+        job['quality'][s] = swap_quality(model, src, dst_all, sw_all, judges, res)
+        job['train_seconds'][s] = round(r.seconds, 1)
+        job['n_params'] = n_params(model)
+        job['examples'][s] = dict(src=m['src'], dst=m['dst'][0])
+    job['quality']['all'] = _pooled({s: q for s, q in job['quality'].items()})
+    job['quality']['judges'] = dict(identity_acc_real=judges.real_acc, landmark_nme_real=judges.nme_floor)
+    w.sources['job'] = job  # kept in the card: a later run that reuses the set reads its quality from there
     with w:
         for r in progress(list(pairs.itertuples()), desc='face swaps', verbose=verbose):
-            frames, ok = swapped[r.dst]
-            for k, img in enumerate(frames):
-                w.add_image(img, split=r.split, identity=r.dst, target_identity=r.src, name=f'{r.dst:04d}_{k:04d}', swapped=bool(ok[k]))
-    return out
+            sw = swapped[r.dst]
+            for k, img in enumerate(sw['frames']):
+                w.add_image(img, split=r.split, identity=r.dst, target_identity=r.src, name=f'{r.dst:04d}_{k:04d}', swapped=bool(sw['swapped'][k]))
+    return {**out, **job}
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-19
 def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', run_dir=None, verbose=None) -> dict:
-    "Train the main job's GAN on the training identities' real faces only and sample its named fake set."
+    """Train the main job's GAN on the training identities' real faces only and sample its named fake set. Its quality:
+    MTCNN's detection rate on its test faces next to the rate on the test identities' real faces sent through the same
+    `gan_size` px (identity transfer, SSIM and landmarks do not apply: a GAN face is nobody's swap)."""
     from deepfake_course.generate import gan
-    from deepfake_course.media import load_images
+    from deepfake_course.data.fakes import read_fake_set
+    from deepfake_course.media import load_images, resize
+    from deepfake_course.quality import mtcnn_face_found
     tr = real[real['split'] == 'train']
     x = load_images(tr['path'].tolist(), cfg['gan_size'], dtype='float')
     w = cfg['gan_width']
@@ -165,8 +286,13 @@ def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto
                       identities=sorted(int(i) for i in tr['identity'].unique()))
     name = gan.make_gan_fake_set(g, n=cfg['n_gan'], trained_on=trained_on, data_root=data_root, method=cfg['gan'],
                                  seed=cfg['seed'], verbose=verbose)
-    return dict(fake_set=name, train_images=len(x), train_seconds=round(g.train_seconds, 1))
-
+    fk = read_fake_set(name, data_root); fk = fk[fk.split == 'test']
+    te = real[real.split == 'test']
+    fake_x = resize(load_images(fk['path'].tolist(), cfg['gan_size'], dtype='float'), cfg['size'])
+    real_x = resize(load_images(te['path'].tolist(), cfg['gan_size'], dtype='float'), cfg['size'])
+    q = dict(identity_transfer=None, recon_ssim=None, landmark_nme=None, mtcnn_rate_fake=float(mtcnn_face_found(fake_x).mean()),
+             mtcnn_rate_real=float(mtcnn_face_found(real_x).mean()), n=len(fk))
+    return dict(fake_set=name, train_images=len(x), train_seconds=round(g.train_seconds, 1), quality={'test': q, 'all': q})
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-21
@@ -215,33 +341,96 @@ def train_main_detectors(cfg, data, source: str, run_dir: Path, device='auto', v
 
 # %% ../nbs/60_benchmark.ipynb #cell-25
 def evaluation_sets(cfg, data: dict) -> dict:
-    "(test_source, condition) -> FaceTensorSet for every evaluation the main job runs."
+    """(test_source, split, condition) -> FaceTensorSet: each source's validation faces (for calibration) and test faces,
+    clean and under every robustness condition of `conditions(cfg)` (real and fake faces alike)."""
     sets = {}
     for src, d in data.items():
-        sets[(src, 'clean')] = d.test
-        for q in cfg['jpeg']: sets[(src, f'jpeg{q}')] = d.test.jpeg(q)
+        sets[(src, 'val', 'clean')], sets[(src, 'test', 'clean')] = d.val, d.test
+        for name, (kind, level) in conditions(cfg).items(): sets[(src, 'test', name)] = d.test.perturbed(kind, level, seed=cfg['seed'])
     return sets
 
 def score_all(models: dict, sets: dict, train_source: str, device='auto') -> pd.DataFrame:
-    "Per-face scores of every model of `train_source` on every evaluation set."
+    """Per-face scores of every model of `train_source`: its own source's validation and test faces (clean and perturbed),
+    and the other sources' clean test faces (cross-generator)."""
     from deepfake_course.detect.core import score_faces
     out = []
     for name, m in models.items():
-        for (test_source, cond), fs in sets.items():
-            if cond.startswith('jpeg') and test_source != train_source: continue
+        for (test_source, split, cond), fs in sets.items():
+            if test_source != train_source and (split != 'test' or cond != 'clean'): continue
             df = score_faces(m, fs, device=device, name=name)
-            out.append(df.assign(train_source=train_source, test_source=test_source, condition=cond))
+            out.append(df.assign(train_source=train_source, test_source=test_source, split=split, condition=cond))
     return pd.concat(out, ignore_index=True)
 
 RESULT_KEYS = ['detector', 'train_source', 'test_source', 'condition']
 
-def results_table(scores: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per (detector, train source, test source, condition) and its setting: AUROC, EER, AP and ACC@0.5, each
-    with a 95% interval resampling identities (`metrics.metrics_table`), n faces and n_groups identities."""
-    from deepfake_course.metrics import metrics_table
-    t = metrics_table(scores, by=RESULT_KEYS, group='identity', n_boot=n_boot, seed=seed).reset_index()
-    t['setting'] = np.where(t.condition.str.startswith('jpeg'), 'jpeg',
-                            np.where(t.train_source == t.test_source, 'in-distribution', 'cross-generator'))
+def _val_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The validation threshold: the largest balanced accuracy (Youden's J); where a range of thresholds ties, its middle
+    (in logit space), not its edge, so a test face a little past the validation faces is not decided by chance."""
+    from sklearn.metrics import roc_curve
+    f, t, thr = roc_curve(y, p, drop_intermediate=False)
+    j = t - f; best = np.flatnonzero(np.isclose(j, j.max()))
+    k = best[-1]  # the lowest threshold reaching the best J; the next one down (k + 1) is where J falls
+    lo = thr[k + 1] if k + 1 < len(thr) else 0.0
+    lg = lambda v: float(np.log(np.clip(v, 1e-6, 1 - 1e-6) / (1 - np.clip(v, 1e-6, 1 - 1e-6))))
+    mid = 0.5 * (lg(thr[k]) + lg(lo))
+    return float(1 / (1 + np.exp(-mid)))
+
+def calibrate(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (detector, train source), from its own source's **validation** faces only: the validation AUROC, the temperature
+    that calibrates its probabilities (`metrics.fit_temperature`) and the decision threshold on the calibrated ones
+    (`_val_threshold`). The test split plays no part."""
+    from sklearn.metrics import roc_auc_score
+    from deepfake_course.metrics import fit_temperature, apply_temperature
+    rows = []
+    val = scores[(scores.split == 'val') & (scores.condition == 'clean') & (scores.test_source == scores.train_source)]
+    for (det, src), g in val.groupby(['detector', 'train_source'], sort=False):
+        y, s = g.label.to_numpy(), g.score.to_numpy()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            T = fit_temperature(s, y)
+        p = apply_temperature(s, T)
+        rows.append(dict(detector=det, train_source=src, val_auroc=float(roc_auc_score(y, s)), temperature=float(T),
+                         threshold=_val_threshold(y, p), n_val=len(g), calibration_note='; '.join(str(c.message) for c in caught)))
+    return pd.DataFrame(rows)
+
+def _control_rows(test: pd.DataFrame) -> pd.DataFrame:
+    """The control: real test faces of the people the fakes show swapped in (`target_identity`), against those fakes.
+    A detector that learnt *who* is in a fake rather than *how* it was made flags these real faces too."""
+    out = []
+    for (det, tr), g in test[(test.condition == 'clean') & (test.test_source == test.train_source)].groupby(['detector', 'train_source'], sort=False):
+        shown = set(g.loc[g.label == 1, 'target_identity'].astype(int)) - {-1}
+        if not shown: continue
+        keep = (g.label == 1) | g.identity.astype(int).isin(shown)
+        if (g.label[keep] == 0).sum() == 0: continue
+        out.append(g[keep].assign(condition='control'))
+    return pd.concat(out, ignore_index=True) if out else test.iloc[:0]
+
+def results_table(scores: pd.DataFrame, calib: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (detector, train source, test source, condition) on the **test** split, with its setting
+    (in-distribution, cross-generator, robustness, control). Scores are the calibrated probabilities (temperature from
+    validation); AUROC, EER, AP, ACC and balanced ACC at the validation threshold, each with a 95% interval resampling
+    identities (`metrics.metrics_table`); `bacc_best` is the balanced accuracy at the best threshold *on test* (an
+    oracle, for comparison only), and `fpr_val_threshold` the share of real faces called fake."""
+    from deepfake_course.metrics import metrics_table, apply_temperature
+    from sklearn.metrics import roc_curve
+    c = calib.set_index(['detector', 'train_source'])
+    test = scores[scores.split == 'test'].copy()
+    test = pd.concat([g.assign(score=apply_temperature(g.score.to_numpy(), c.loc[k, 'temperature']))
+                      for k, g in test.groupby(['detector', 'train_source'], sort=False)], ignore_index=True)
+    test = pd.concat([test, _control_rows(test)], ignore_index=True)
+    thr = {k: float(c.loc[(k[0], k[1]), 'threshold']) for k in test.groupby(RESULT_KEYS, sort=False).groups}
+    t = metrics_table(test, by=RESULT_KEYS, group='identity', metrics=('auroc', 'eer', 'ap', 'acc', 'balanced_acc'),
+                      n_boot=n_boot, seed=seed, threshold=thr).reset_index()
+    extra = []
+    for k, g in test.groupby(RESULT_KEYS, sort=False):
+        f, tp, _ = roc_curve(g.label, g.score)
+        real = g.score[g.label == 0]
+        extra.append(dict(zip(RESULT_KEYS, k), bacc_best=float(0.5 * (1 + (tp - f).max())),
+                          fpr_val_threshold=float((real >= thr[k]).mean()), temperature=float(c.loc[k[:2], 'temperature'])))
+    t = t.merge(pd.DataFrame(extra), on=RESULT_KEYS).rename(columns={'acc': 'acc_val_threshold', 'acc_lo': 'acc_val_threshold_lo',
+                                                                      'acc_hi': 'acc_val_threshold_hi'})
+    t['setting'] = np.select([t.condition == 'control', t.condition != 'clean', t.train_source == t.test_source],
+                             ['control', 'robustness', 'in-distribution'], 'cross-generator')
     return t[RESULT_KEYS + ['setting'] + [c for c in t.columns if c not in RESULT_KEYS + ['setting']]]
 
 
@@ -259,106 +448,279 @@ def _fig_png(fig) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100, bbox_inches='tight'); plt.close(fig)
     return buf.getvalue()
 
-def report_figures(scores: pd.DataFrame, sets: dict, models: dict, cfg: dict) -> dict:
-    "name -> PNG bytes: ROC curves, score histograms, example faces with scores, saliency (gradient x activation)."
+def quality_table(quality: dict) -> pd.DataFrame:
+    """source × split rows of the fakes' quality with the targets met or not (`QUALITY_TARGETS`); `passes` is False
+    where a judged figure misses its target (a figure that does not apply to the source, such as a GAN face's identity
+    transfer, is left out)."""
+    rows = []
+    for src, q in quality.items():
+        for split, v in q.items():
+            if split == 'judges' or not isinstance(v, dict): continue
+            ratio = v['mtcnn_rate_fake'] / v['mtcnn_rate_real'] if v['mtcnn_rate_real'] else float('nan')
+            checks = [v['mtcnn_rate_fake'] >= QUALITY_TARGETS['mtcnn_ratio'] * v['mtcnn_rate_real']]
+            for k in ('identity_transfer', 'recon_ssim'):
+                if v.get(k) is not None: checks.append(v[k] >= QUALITY_TARGETS[k])
+            rows.append(dict(source=src, split=split, n=v['n'], identity_transfer=v['identity_transfer'], recon_ssim=v['recon_ssim'],
+                             landmark_nme=v['landmark_nme'], mtcnn_rate_fake=v['mtcnn_rate_fake'], mtcnn_rate_real=v['mtcnn_rate_real'],
+                             mtcnn_ratio=ratio, passes=bool(all(checks))))
+    return pd.DataFrame(rows)
+
+def fake_examples_figure(fake_manifest: pd.DataFrame, real: pd.DataFrame, k: int = 4):
+    """For each split: driving real faces (top), their swaps (middle) and a real face of the person swapped in (bottom)."""
     import matplotlib.pyplot as plt
-    from deepfake_course.metrics import plot_roc, plot_scores, grad_x_act, show_cam
-    figs = {}
-    clean = scores[scores.condition == 'clean']
-    for tr in clean.train_source.unique():
-        d = clean[clean.train_source == tr]
+    from deepfake_course.media import load_image
+    splits = [s for s in ('train', 'val', 'test') if (fake_manifest.split == s).any()]
+    fig, axes = plt.subplots(3, k * len(splits), figsize=(1.25 * k * len(splits), 4.1), squeeze=False)
+    by_id = {i: g.sort_values('path') for i, g in real.groupby('identity')}
+    for j, s in enumerate(splits):
+        f = fake_manifest[fake_manifest.split == s].sort_values('path').iloc[:k]
+        for c, r in enumerate(f.itertuples()):
+            n = int(Path(r.path).stem.split('_')[-1])
+            drive = by_id[int(r.identity)].iloc[n % len(by_id[int(r.identity)])].path
+            src = by_id[int(r.target_identity)].iloc[n % len(by_id[int(r.target_identity)])].path
+            for row, p in enumerate([drive, r.path, src]):
+                ax = axes[row, j * k + c]; ax.imshow(load_image(p).permute(1, 2, 0).numpy()); ax.set_xticks([]); ax.set_yticks([])
+            if c == 0:
+                for row, lab in enumerate(['driving (real)', 'face swap', 'swapped-in (real)']): axes[row, j * k].set_ylabel(lab, fontsize=8)
+            axes[0, j * k + c].set_title(f'{s}: {int(r.identity)}←{int(r.target_identity)}', fontsize=7)
+    fig.suptitle('Face swaps next to the faces they were made from', fontsize=10)
+    return fig
+
+def report_figures(scores: pd.DataFrame, calib: pd.DataFrame, sets: dict, models: dict, cfg: dict, examples: dict | None = None) -> dict:
+    """name -> PNG bytes: fakes next to their sources, the perturbations, ROC curves, score histograms (calibrated, with the
+    validation threshold), example test faces with their scores, and saliency (gradient x activation)."""
+    import matplotlib.pyplot as plt
+    from deepfake_course.metrics import plot_roc, plot_scores, grad_x_act, show_cam, apply_temperature
+    from deepfake_course.detect.core import show_perturbations
+    figs = {k: _fig_png(f) for k, f in (examples or {}).items()}
+    test = scores[(scores.split == 'test') & (scores.condition == 'clean')]
+    c = calib.set_index(['detector', 'train_source'])
+    test = pd.concat([g.assign(score=apply_temperature(g.score.to_numpy(), c.loc[k, 'temperature']))
+                      for k, g in test.groupby(['detector', 'train_source'], sort=False)], ignore_index=True)
+    srcs = list(dict.fromkeys(test.train_source))
+    fs0 = sets[(srcs[0], 'test', 'clean')]
+    pick = list(np.flatnonzero(fs0.df.label.to_numpy() == 0)[:1]) + list(np.flatnonzero(fs0.df.label.to_numpy() == 1)[:1])
+    figs['perturbations'] = _fig_png(show_perturbations(fs0.x[pick], {n: kl for n, kl in conditions(cfg).items()}))
+    for tr in srcs:
+        d = test[test.train_source == tr]
         fig, ax = plt.subplots(figsize=(5, 4.5))
-        named = {f"{r.detector} → {r.test_source} ({r.condition})": (g.label.to_numpy(), g.score.to_numpy())
-                 for r, g in ((g.iloc[0], g) for _, g in d.groupby(['detector', 'test_source', 'condition']))}
-        plot_roc(named, ax=ax); ax.set_title(f'ROC, trained on {tr}'); figs[f'roc_{tr}'] = _fig_png(fig)
-    d = clean[clean.train_source == clean.test_source]
-    dets = list(d.detector.unique()); srcs = list(d.train_source.unique())
+        plot_roc({f"{r.detector} → {r.test_source}": (g.label.to_numpy(), g.score.to_numpy())
+                  for r, g in ((g.iloc[0], g) for _, g in d.groupby(['detector', 'test_source'], sort=False))}, ax=ax)
+        ax.set_title(f'ROC on test, trained on {tr}'); figs[f'roc_{tr}'] = _fig_png(fig)
+    d = test[test.train_source == test.test_source]
+    dets = list(dict.fromkeys(d.detector))
     fig, axes = plt.subplots(len(srcs), len(dets), figsize=(3.4 * len(dets), 2.8 * len(srcs)), squeeze=False)
     for i, s in enumerate(srcs):
         for j, m in enumerate(dets):
             g = d[(d.train_source == s) & (d.detector == m)]
-            plot_scores((g.label.to_numpy(), g.score.to_numpy()), ax=axes[i, j])
-            axes[i, j].set_title(f'{m} on {s}', fontsize=9)
+            if not len(g): axes[i, j].axis('off'); continue
+            plot_scores((g.label.to_numpy(), g.score.to_numpy()), threshold=float(c.loc[(m, s), 'threshold']), ax=axes[i, j])
+            axes[i, j].set_title(f'{m} on {s} (calibrated; line: val threshold)', fontsize=8)
     fig.tight_layout(); figs['score_histograms'] = _fig_png(fig)
-    for s in srcs:  # example faces with ShallowNetV3's scores
-        fs = sets[(s, 'clean')]; g = d[(d.train_source == s) & (d.detector == cfg['detectors'][0])].reset_index(drop=True)
+    for s in srcs:  # example faces with the first detector's calibrated scores
+        fs = sets[(s, 'test', 'clean')]; g = d[(d.train_source == s) & (d.detector == cfg['detectors'][0])].reset_index(drop=True)
         k = cfg['n_examples'] // 2
         idx = list(np.flatnonzero(g.label == 0)[:k]) + list(np.flatnonzero(g.label == 1)[:k])
+        t = float(c.loc[(cfg['detectors'][0], s), 'threshold'])
         fig, axes = plt.subplots(1, len(idx), figsize=(1.5 * len(idx), 1.9))
         for ax, i in zip(np.ravel(axes), idx):
             ax.imshow(fs.x[i].permute(1, 2, 0).numpy()); ax.axis('off')
-            ax.set_title(f"{'fake' if g.label[i] else 'real'}\np={g.score[i]:.2f}", fontsize=8, color='crimson' if g.label[i] else 'black')
-        fig.suptitle(f'{cfg["detectors"][0]} on {s} test faces', fontsize=9); figs[f'examples_{s}'] = _fig_png(fig)
+            wrong = (g.score[i] >= t) != bool(g.label[i])
+            ax.set_title(f"{'fake' if g.label[i] else 'real'}\np={g.score[i]:.2f}{' ✗' if wrong else ''}", fontsize=8,
+                         color='crimson' if g.label[i] else 'black')
+        fig.suptitle(f'{cfg["detectors"][0]} on {s} test faces (✗: wrong at the validation threshold)', fontsize=9)
+        figs[f'examples_{s}'] = _fig_png(fig)
     m = models.get((srcs[0], 'shallownet_v3'))
     if m is not None:
-        fs = sets[(srcs[0], 'clean')]; lab = fs.df['label'].to_numpy()
+        fs = sets[(srcs[0], 'test', 'clean')]; lab = fs.df['label'].to_numpy()
         idx = list(np.flatnonzero(lab == 0)[:3]) + list(np.flatnonzero(lab == 1)[:3])
         x = fs.x[idx].float() / 255
         layer = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)][-1]
         # gradient x activation, not Grad-CAM: ShallowNetV3's dense head makes Grad-CAM's channel-mean weights cancel (02_metrics)
         cams = grad_x_act(m.cpu().eval(), x, layer, target=torch.as_tensor(lab[idx]))  # evidence for each face's true class
         fig = show_cam(x, cams, titles=['real: evidence for real'] * 3 + ['fake: evidence for fake'] * 3)
-        fig = fig if hasattr(fig, 'savefig') else plt.gcf()
-        figs['gradcam'] = _fig_png(fig)
+        figs['saliency'] = _fig_png(fig if hasattr(fig, 'savefig') else plt.gcf())
     return figs
 
-def write_report(run_dir: Path, table: pd.DataFrame, figs: dict, cfg: dict, fake_sets: dict, info: dict) -> dict:
-    """Write report.md, report.html (figures embedded), figures/*.png, results.csv and metrics.json into `run_dir`;
-    `fake_sets` (source -> fake-set name) is recorded in metrics.json as `fake_set`."""
+
+# %% ../nbs/60_benchmark.ipynb #cell-41
+def _pct(v): return '–' if v is None or v != v else f'{100 * v:.0f}%'
+def _num(v, d=3): return '–' if v is None or v != v else f'{v:.{d}f}'
+
+def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, cfg: dict, data_note: str, test_ids: int) -> list[str]:
+    "The report's opening, in plain words: what was trained on what, the headline numbers with intervals, what they mean."
+    best = calib.sort_values(['val_auroc', 'detector'], ascending=[False, True]).iloc[0]
+    ind = table[(table.setting == 'in-distribution')]
+    row = ind[(ind.detector == best.detector) & (ind.train_source == best.train_source)].iloc[0]
+    out = [f"**What was done.** {data_note} Each detector ({', '.join(cfg['detectors'])}) was trained on one fake source's "
+           f"training split and chosen, calibrated (temperature scaling) and given its decision threshold on the validation "
+           f"split alone. The test split, {test_ids} people no detector or generator of that split's fakes saw in training, "
+           "was scored once.",
+           f"**Headline.** The detector best on validation, {best.detector} trained on {best.train_source}, separates real from "
+           f"fake test faces with AUROC {row.auroc:.3f} (95% interval {row.auroc_lo:.3f}–{row.auroc_hi:.3f}, resampling people). "
+           f"At its validation threshold it labels {_pct(row.acc_val_threshold)} of the test faces correctly "
+           f"(interval {_pct(row.acc_val_threshold_lo)}–{_pct(row.acc_val_threshold_hi)}) and calls {_pct(row.fpr_val_threshold)} "
+           "of the real faces fake."]
+    cross = table[(table.setting == 'cross-generator') & (table.detector == best.detector) & (table.train_source == best.train_source)]
+    for r in cross.itertuples():
+        out.append(f"On fakes of a generator it never saw ({r.test_source}) the same detector reaches AUROC {r.auroc:.3f} "
+                   f"({r.auroc_lo:.3f}–{r.auroc_hi:.3f}): a detector learns the traces of *its* generator.")
+    rob = table[(table.setting == 'robustness') & (table.detector == best.detector) & (table.train_source == best.train_source)]
+    if len(rob):
+        worst = rob.sort_values('auroc').iloc[0]
+        out.append(f"Its hardest robustness condition is {worst.condition} (AUROC {worst.auroc:.3f}); the table below has every one.")
+    if len(qual):
+        bad = qual[(~qual.passes) & qual.split.isin(['all', 'test'])]
+        if len(bad):
+            out.append("**Fake quality.** " + '; '.join(f"{r.source} ({r.split}) misses a quality target" for r in bad.itertuples())
+                       + ": results on those fakes are marked ⚠ below, since a detector can win by spotting a bad fake.")
+        else:
+            out.append("**Fake quality.** Every fake source meets the course's quality targets (table below).")
+    out.append("**What this does not show.** These are rendered faces (SynthFaces) and fakes made here: the numbers teach how "
+               "the methods behave and compare, not how they would do on real photographs or on deepfakes made by other tools. "
+               f"With {test_ids} test people the intervals are wide; a difference inside them is not a finding.")
+    return out
+
+def write_report(run_dir: Path, table: pd.DataFrame, calib: pd.DataFrame, figs: dict, cfg: dict, fake_sets: dict, quality: dict,
+                 info: dict, data_note: str = '') -> dict:
+    """Write report.md, report.html (one file, figures embedded), figures/*.png, results.csv and metrics.json into `run_dir`.
+    metrics.json holds `fake_set` (source -> name), `fake_quality`, the table's rows, `detectors` (checkpoint, validation
+    AUROC, temperature and threshold, read by `deepfake-course detect`), `test_identities` and `seconds`."""
     from deepfake_course.metrics import fmt_ci
     run_dir = Path(run_dir); (run_dir/'figures').mkdir(parents=True, exist_ok=True)
     for k, png in figs.items(): atomic_write_bytes(run_dir/'figures'/f'{k}.png', png)
     atomic_write_text(run_dir/'results.csv', table.to_csv(index=False))
+    qual = quality_table(quality)
+    failing = set(qual.loc[~qual.passes & qual.split.isin(['all', 'test']), 'source']) if len(qual) else set()
     view = table[RESULT_KEYS + ['setting', 'n', 'n_groups']].assign(**{
-        'AUROC [95% CI]': fmt_ci(table, 'auroc', pct=False, digits=3), 'ACC': table.acc.round(3), 'EER': table.eer.round(3), 'AP': table.ap.round(3)})
-    metrics = {f"auroc|{r.detector}|{r.train_source}->{r.test_source}|{r.condition}": round(float(r.auroc), 4) for r in table.itertuples()}
-    metrics.update({'config_hash': cfg_hash(cfg), 'n_rows': int(len(table))})
-    atomic_write_json(run_dir/'metrics.json', {'metrics': metrics, 'fake_set': dict(fake_sets), 'table': table.to_dict(orient='records'),
+        'AUROC [95% CI]': fmt_ci(table, 'auroc', pct=False, digits=3), 'EER': table.eer.round(3), 'AP': table.ap.round(3),
+        'ACC@val-thr [95% CI]': fmt_ci(table, 'acc_val_threshold', pct=False, digits=3),
+        'bal. ACC@val-thr': table.balanced_acc.round(3), 'bal. ACC best (oracle)': table.bacc_best.round(3),
+        'real called fake': table.fpr_val_threshold.round(3),
+        'fakes pass quality': np.where(table.test_source.isin(failing), '⚠ no', 'yes')})
+    det_recs = [dict(detector=r.detector, train_source=r.train_source, fake_set=fake_sets.get(r.train_source),
+                     checkpoint=str(Path('detectors')/r.train_source/str(fake_sets.get(r.train_source, '')).split('/')[-1]/r.detector/'final.pt'),
+                     val_auroc=round(float(r.val_auroc), 4), temperature=round(float(r.temperature), 4), threshold=float(r.threshold))
+                for r in calib.itertuples()]
+    keep = ['auroc', 'auroc_lo', 'auroc_hi', 'eer', 'ap', 'acc_val_threshold', 'acc_val_threshold_lo', 'acc_val_threshold_hi',
+            'balanced_acc', 'bacc_best', 'fpr_val_threshold', 'n', 'n_groups']
+    rows = [{**{k: r[k] for k in RESULT_KEYS + ['setting']}, **{k: (None if pd.isna(r[k]) else round(float(r[k]), 4)) for k in keep}}
+            for r in table.to_dict(orient='records')]
+    flat = {f"{m}|{r['detector']}|{r['train_source']}->{r['test_source']}|{r['condition']}": r[m] for r in rows for m in ('auroc', 'acc_val_threshold')}
+    fq = {s: {k: (None if v.get(k) is None else round(float(v[k]), 4)) for k in ('identity_transfer', 'recon_ssim', 'landmark_nme',
+                                                                                   'mtcnn_rate_fake', 'mtcnn_rate_real')}
+          for s, q in quality.items() for v in [q['all']]}
+    test_ids = int(info.get('test_identities', 0))
+    atomic_write_json(run_dir/'metrics.json', {'metrics': flat, 'fake_set': dict(fake_sets), 'fake_quality': fq, 'table': rows,
+                                               'detectors': det_recs, 'test_identities': test_ids, 'seconds': info.get('seconds'),
                                                'config': cfg, 'info': info})
-    intro = (f"Real faces: SynthFaces ({cfg['n_identities']} identities × {cfg['images_per_identity']} images, {cfg['size']} px, split by identity). "
-             f"Fakes: `faceswap-df` (one DF autoencoder per split, {cfg['fs_steps']} steps each, swapping only between identities of that split) "
-             f"and `{cfg['gan']}` ({cfg['gan_size']} px, {cfg['gan_steps']} steps, trained on the training identities only). "
-             f"Fake sets: {', '.join(f'{s} = `{n}`' for s, n in fake_sets.items())}. "
-             f"Detectors trained {cfg['det_epochs']} epochs, selected on validation AUROC. AUROC intervals: {cfg['n_boot']} bootstrap resamples of identities. "
-             f"With the GAN's fakes, real faces are resampled through {cfg['gan_size']} px like the GAN's own, so resolution gives nothing away.")
-    sections = [('In-distribution', view[view.setting == 'in-distribution']), ('Cross-generator', view[view.setting == 'cross-generator']),
-                ('JPEG re-compression', view[view.setting == 'jpeg'])]
-    md = [f"# deepfake-course main job ({'quick' if cfg['quick'] else 'full'})", '', intro, '']
-    for title, part in sections: md += [f'## {title}', '', md_table(part.drop(columns='setting')), '']
-    md += ['## Figures', ''] + [f'![{k}](figures/{k}.png)' for k in figs] + ['', '## Run', '', '```', json.dumps(info, indent=1, default=str), '```']
+    summary = plain_summary(table, calib, qual, cfg, data_note, test_ids)
+    sections = [('In-distribution', 'in-distribution'), ('Cross-generator', 'cross-generator'),
+                ('Robustness (test faces perturbed; threshold and temperature from clean validation)', 'robustness'),
+                ('Control: real faces of the people swapped in, against the fakes', 'control')]
+    qview = qual.drop(columns='mtcnn_ratio') if len(qual) else qual
+    title = f"deepfake-course main job ({'quick' if cfg['quick'] else 'full'})"
+    md = [f'# {title}', ''] + [p + '\n' for p in summary]
+    if len(qual):
+        md += ['## The fakes and their quality', '', f"Targets: identity transfer ≥ {QUALITY_TARGETS['identity_transfer']}, masked SSIM ≥ "
+               f"{QUALITY_TARGETS['recon_ssim']}, MTCNN finds the fakes at least {QUALITY_TARGETS['mtcnn_ratio']:.0%} as often as the real faces.", '',
+               md_table(qview), '']
+    for head, key in sections:
+        part = view[view.setting == key]
+        if len(part): md += [f'## {head}', '', md_table(part.drop(columns='setting')), '']
+    md += ['## Detectors (validation)', '', md_table(calib.drop(columns='calibration_note')), '',
+           '## Figures', ''] + [f'![{k}](figures/{k}.png)' for k in figs] + ['', '## Run', '', '```', json.dumps(info, indent=1, default=str), '```']
     atomic_write_text(run_dir/'report.md', '\n'.join(md) + '\n')
-    body = [f"<h1>deepfake-course main job ({'quick' if cfg['quick'] else 'full'})</h1><p>{html.escape(intro)}</p>"]
-    for title, part in sections: body.append(f'<h2>{title}</h2>' + part.drop(columns='setting').to_html(index=False, border=0))
+    md2html = lambda p: html.escape(p).replace('**', '')
+    body = [f"<h1>{html.escape(title)}</h1>"] + [f'<p>{md2html(p)}</p>' for p in summary]
+    if len(qual): body.append('<h2>The fakes and their quality</h2>' + qview.to_html(index=False, border=0, float_format='%.3f'))
+    for head, key in sections:
+        part = view[view.setting == key]
+        if len(part): body.append(f'<h2>{html.escape(head)}</h2>' + part.drop(columns='setting').to_html(index=False, border=0))
+    body.append('<h2>Detectors (validation)</h2>' + calib.drop(columns='calibration_note').to_html(index=False, border=0, float_format='%.3f'))
     body.append('<h2>Figures</h2>' + ''.join(f'<figure><img src="data:image/png;base64,{base64.b64encode(p).decode()}"/>'
                                              f'<figcaption>{html.escape(k)}</figcaption></figure>' for k, p in figs.items()))
-    css = 'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}img{max-width:100%}'
-    atomic_write_text(run_dir/'report.html', f'<!doctype html><meta charset="utf-8"><title>deepfake-course report</title><style>{css}</style>' + ''.join(body))
+    body.append(f'<h2>Run</h2><pre>{html.escape(json.dumps(info, indent=1, default=str))}</pre>')
+    css = 'body{font-family:sans-serif;max-width:1150px;margin:auto}table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd}img{max-width:100%}'
+    atomic_write_text(run_dir/'report.html', f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>{css}</style>' + ''.join(body))
     return {'markdown': run_dir/'report.md', 'html': run_dir/'report.html', 'metrics': run_dir/'metrics.json'}
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-29
+def _data_spec(real_dir=None, fake_dir=None, dataset=None, dataset_root=None) -> dict | None:
+    "The user's data as given on the command line (None: SynthFaces and the course's own fakes); bad combinations are errors."
+    from deepfake_course.yourdata import DATASETS
+    if real_dir is None and fake_dir is None and dataset is None and dataset_root is None: return None
+    if dataset is not None or dataset_root is not None:
+        if real_dir is not None or fake_dir is not None: raise ValueError("give either --real-dir/--fake-dir or --dataset/--dataset-root, not both")
+        if dataset is None or dataset_root is None: raise ValueError("--dataset and --dataset-root go together")
+        if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+        return dict(dataset=dataset, dataset_root=str(Path(dataset_root).expanduser().resolve()))
+    if real_dir is None or fake_dir is None: raise ValueError("--real-dir and --fake-dir go together")
+    return dict(real_dir=str(Path(real_dir).expanduser().resolve()), fake_dir=str(Path(fake_dir).expanduser().resolve()))
+
+def user_data(spec: dict, cfg: dict, data_root: Path, device='auto', verbose=None, log=print):
+    """The user's data as the job's one source `yours`: manifest (checked, split by identity or video), MTCNN face crops
+    (cached under the data root, resumable), and a DetectionData; its quality is MTCNN's detection rate on fake and real files."""
+    from deepfake_course.yourdata import folder_pair_manifest, dataset_manifest, extract_face_crops, user_detection_data
+    if 'dataset' in spec: man = dataset_manifest(spec['dataset'], spec['dataset_root'], seed=cfg['seed'])
+    else: man = folder_pair_manifest(spec['real_dir'], spec['fake_dir'], seed=cfg['seed'])
+    crops = extract_face_crops(man, data_root=data_root, size=cfg['size'], device=device, verbose=verbose)
+    data = user_detection_data(crops, size=cfg['size'])
+    found = man.assign(face=~man['path'].isin(set(crops.attrs.get('no_face', []))))
+    rate = lambda lab: float(found.loc[found.label == lab, 'face'].mean())
+    q = dict(identity_transfer=None, recon_ssim=None, landmark_nme=None, mtcnn_rate_fake=rate(1), mtcnn_rate_real=rate(0),
+             n=int((man.label == 1).sum()))
+    return data, {'all': q, 'test': q}
+
 def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, name: str | None = None,
-             verbose: bool | None = None, log=print, **overrides) -> Path:
-    "`deepfake-course run`: data → fakes → detectors → evaluation → report, resumable; returns the Markdown report's path."
+             verbose: bool | None = None, log=print, real_dir=None, fake_dir=None, dataset: str | None = None,
+             dataset_root=None, **overrides) -> Path:
+    """`deepfake-course run`: data → fakes → quality → detectors → calibration on validation → test tables → report,
+    resumable; returns the Markdown report's path. With `real_dir`/`fake_dir` or `dataset`/`dataset_root` it runs on the
+    user's data instead of SynthFaces and the course's fakes (faces found with MTCNN, split by identity or video)."""
+    t0 = time.time()
     root = get_data_root(data_root)  # resolved once here; every stage below gets this Path
     dev = get_device(device)
     cfg = main_config(quick, seed, **overrides)
-    run_dir = root/'runs'/'main'/(name or cfg_hash(cfg))
+    spec = _data_spec(real_dir, fake_dir, dataset, dataset_root)
+    key = cfg if spec is None else {**cfg, 'data': spec}
+    run_dir = root/'runs'/'main'/(name or cfg_hash(key))
     if (run_dir/'config.json').exists():  # a named folder is reused only by the same configuration
-        prev, now = json.loads((run_dir/'config.json').read_text()), json.loads(json.dumps(cfg))
+        prev, now = json.loads((run_dir/'config.json').read_text()), json.loads(json.dumps(key))
         diff = sorted(k for k in set(prev) | set(now) if prev.get(k) != now.get(k))
         if diff: raise ValueError(f"run folder {run_dir} holds a run with another configuration (differs in {diff}); "
                                   "choose another name or delete that folder")
     st = Stages(run_dir)
-    atomic_write_json(run_dir/'config.json', cfg)
+    atomic_write_json(run_dir/'config.json', key)
     log(f"deepfake-course run: {'quick' if quick else 'full'} configuration on {dev}; run folder {run_dir}")
     seed_everything(seed)
-    real = build_real(cfg, root)
-    fs = st.run('faceswap', lambda: build_faceswap_fakes(cfg, real, root, dev, run_dir, verbose), log)
-    gn = st.run('gan', lambda: build_gan_fakes(cfg, real, root, dev, run_dir, verbose), log)
-    fake_sets = {'faceswap-df': fs['fake_set'], cfg['gan']: gn['fake_set']}  # source -> the named set it reads
-    data = {s: source_data(cfg, n, root) for s, n in fake_sets.items()}
-    data[cfg['gan']] = match_real(data[cfg['gan']], cfg['gan_size'])
+    examples, stages = {}, []
+    if spec is None:
+        from deepfake_course.data.fakes import read_fake_set
+        real = build_real(cfg, root); ids = identity_split(real)
+        def faceswap():
+            judges = train_judges(cfg, ids, run_dir, dev, verbose)
+            return build_faceswap_fakes(cfg, real, root, judges, dev, run_dir, verbose)
+        fs = st.run('faceswap', faceswap, log)
+        gn = st.run('gan', lambda: build_gan_fakes(cfg, real, root, dev, run_dir, verbose), log)
+        stages = ['faceswap', 'gan']
+        fake_sets = {'faceswap-df': fs['fake_set'], cfg['gan']: gn['fake_set']}  # source -> the named set it reads
+        quality = {'faceswap-df': fs['quality'], cfg['gan']: gn['quality']}
+        data = {s: source_data(cfg, n, root) for s, n in fake_sets.items()}
+        data[cfg['gan']] = match_real(data[cfg['gan']], cfg['gan_size'])
+        test_ids = sum(s == 'test' for s in ids.values())
+        examples['fakes_vs_sources'] = fake_examples_figure(read_fake_set(fs['fake_set'], root), real)
+        note = (f"Real faces: SynthFaces, {cfg['n_identities']} rendered people × {cfg['images_per_identity']} images at "
+                f"{cfg['size']} px, split by person. Fakes: face swaps (faceswap-df: one DF autoencoder per split at {cfg['fs_size']} px, "
+                f"{cfg['fs_steps']} steps, swapping only between that split's people) and {cfg['gan']} faces ({cfg['gan_size']} px, "
+                f"trained on the training people only; next to them the real faces go through {cfg['gan_size']} px too, so "
+                "resolution gives nothing away).")
+    else:
+        d, q = user_data(spec, cfg, root, dev, verbose, log)
+        fake_sets, quality, data = {'yours': d.fake_set}, {'yours': q}, {'yours': d}
+        test_ids = int(d.test.df['identity'].nunique())
+        note = f"Your data: {d.note}"
     sets = evaluation_sets(cfg, data)
     models, parts = {}, []
     for s in data:
@@ -368,16 +730,20 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
             sc = score_all(ms, sets, s, dev); atomic_write_text(run_dir/f'scores_{s}.csv', sc.to_csv(index=False))
             return {'detectors': list(ms)}
         st.run(f'detectors_{s}', train_and_score, log)
+        stages.append(f'detectors_{s}')
         if not ms: ms = train_main_detectors(cfg, data[s], s, run_dir, dev, verbose)  # finished earlier: load them
         models.update({(s, k): v for k, v in ms.items()})
         parts.append(pd.read_csv(run_dir/f'scores_{s}.csv'))
     scores = pd.concat(parts, ignore_index=True)
-    table = results_table(scores, n_boot=cfg['n_boot'], seed=seed)
-    figs = report_figures(scores, sets, models, cfg)
-    info = {'device': str(dev), 'data_root': str(root),
-            'stages': {k: st.load(k).get('seconds') for k in ['faceswap', 'gan'] + [f'detectors_{s}' for s in data]},
-            'swap_pairs': fs['pairs'], 'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}
-    paths = write_report(run_dir, table, figs, cfg, fake_sets, json.loads(json.dumps(info, default=str)))
+    calib = calibrate(scores)
+    table = results_table(scores, calib, n_boot=cfg['n_boot'], seed=seed)
+    figs = report_figures(scores, calib, sets, models, cfg, examples)
+    stage_s = {k: st.load(k).get('seconds') for k in stages}
+    info = {'device': str(dev), 'data_root': str(root), 'stages': stage_s, 'test_identities': test_ids,
+            'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}
+    # the run's time: this call's, plus what the stages it reused from an interrupted or earlier call had cost
+    info['seconds'] = round(time.time() - t0 + sum(v or 0 for k, v in stage_s.items() if k not in st.ran), 1)
+    paths = write_report(run_dir, table, calib, figs, cfg, fake_sets, quality, json.loads(json.dumps(info, default=str)), note)
     log(f"report: {paths['markdown']} and {paths['html']}")
     return paths['markdown']
 

@@ -14,8 +14,8 @@ from deepfake_course.core import write_mp4
 from deepfake_course.data import manifest as manifest_module
 from deepfake_course.data.audio import N_MELS
 from deepfake_course.data.manifest import (MANIFEST_COLUMNS, SPLITS, LeakError, ManifestError, assign_splits, check_no_leak,
-                                           concat_manifests, load_celeba, load_celebdf, load_ffhq, load_ffpp, load_folder_tree,
-                                           load_lrw, make_manifest, read_manifest, split_groups, split_summary, tiny_image,
+                                           concat_manifests, load_celeba, load_celebdf, load_dfdc, load_ffhq, load_ffpp, load_ffpp_dfd,
+                                           load_folder_tree, load_lrw, make_manifest, read_manifest, split_groups, split_summary, tiny_image,
                                            tiny_video, validate_manifest, write_manifest)
 from deepfake_course.data.datasets import ClipDataset, FaceDataset, make_real_samples, real_samples
 from deepfake_course.media import BadFileError, check_image, check_video, load_image, read_video, video_info
@@ -93,6 +93,25 @@ def test_split_by_identity_keeps_pairs_together_and_is_seeded():
     assert any(assign_splits(df, 'identity', seed=k).split.tolist() != s.split.tolist() for k in range(4, 10))
     with pytest.raises(ValueError, match='summing to 1'): assign_splits(df, fractions=(0.8, 0.3, 0.1))
     with pytest.raises(ValueError, match='cannot split 1 group'): assign_splits(df[df.identity <= 1].reset_index(drop=True))
+
+
+def test_split_cover_gives_every_split_both_labels():
+    sides = make_manifest([row(f'{lab}{i}.png', int(lab == 'f'), identity=i + 10 * (lab == 'f')) for lab in 'rf' for i in range(3)]
+                          + [row('s.png', 0, identity=20), row('s2.png', 1, identity=20), row('x.png', 0, identity=30)])
+    for seed in range(10):
+        df = assign_splits(sides, 'identity', seed=seed, cover='label')
+        assert df.groupby('split').label.nunique().to_dict() == {'test': 2, 'train': 2, 'val': 2}
+        assert check_no_leak(df, 'identity')
+    # without cover a split can miss one label; with cover=None the split is exactly the old one
+    assert any(assign_splits(sides, 'identity', seed=s).groupby('split').label.nunique().min() < 2 for s in range(10))
+    toy = make_manifest([row(f'{i}_{k}.png', identity=i) for i in range(7) for k in range(i + 1)])
+    assert assign_splits(toy, seed=4).split.tolist() == assign_splits(toy, seed=4, cover=None).split.tolist()
+    # the minimum: as many groups holding each label as splits (a group holding both counts for both)
+    few = sides[~sides.path.isin(['r0.png', 'r1.png', 'x.png'])]          # real: r2 and the shared group 20
+    with pytest.raises(ValueError, match=r"needs at least 3 groups holding each value \(one per split\); 2 group\(s\) hold label=0"):
+        assign_splits(few, 'identity', cover='label')
+    assert set(assign_splits(few, 'identity', fractions=(0.5, 0.5, 0), cover='label').split) == {'train', 'val'}
+    with pytest.raises(ValueError, match="cannot cover 'kind'"): assign_splits(sides.drop(columns='kind'), cover='kind')
 
 
 def test_split_fractions_by_clip_are_close():
@@ -372,6 +391,39 @@ def test_ffpp(tmp_path):
         assert load_ffpp(root, skip_bad=True).attrs['n_bad'] == 1
 
 
+def make_dfd(root, actors=range(1, 10), c='c23'):
+    for a in actors: tiny_video(root / 'original_sequences/actors' / c / 'videos' / f'{a:02d}__outside_talk.mp4', n_frames=3, size=16, audio=False, seed=a)
+    (root / 'manipulated_sequences/DeepFakeDetection' / c / 'videos').mkdir(parents=True, exist_ok=True)
+
+
+def test_ffpp_dfd(tmp_path):
+    root = tmp_path / 'FF'
+    make_dfd(root)
+    fakes = root / 'manipulated_sequences/DeepFakeDetection/c23/videos'
+    reals = load_ffpp_dfd(root, seed=3)
+    assert len(reals) == 9 and (reals.label == 0).all() and reals.attrs['dropped'] == []
+    split = dict(zip(reals.identity, reals.split))
+    by = {s: sorted(a for a, t in split.items() if t == s) for s in SPLITS}
+    assert all(len(v) >= 2 for v in by.values())                      # 9 actors: 5/2/2
+    for k, s in enumerate(SPLITS): tiny_video(fakes / f'{by[s][0]:02d}_{by[s][1]:02d}__outside_talk__ABCD{k:04d}.mp4', n_frames=3, size=16, audio=False)
+    tiny_video(fakes / f'{by["train"][0]:02d}_{by["test"][0]:02d}__outside_talk__ZZZZ0000.mp4', n_frames=3, size=16, audio=False)
+    with pytest.warns(UserWarning, match=r'1 of 4 fake video\(s\) join actors of two splits: dropped'):
+        df = load_ffpp_dfd(root, seed=3)
+    assert df.attrs['dropped'] == [f'ffpp-dfd/ffpp-deepfakedetection/c23/{by["train"][0]:02d}_{by["test"][0]:02d}__outside_talk__ZZZZ0000']
+    assert len(df) == 12 and df.groupby('split').label.nunique().to_dict() == {'test': 2, 'train': 2, 'val': 2}
+    r = df[df.label == 1].set_index('experiment').loc['ABCD0000']       # TT_SS: the source actor SS is the face shown
+    assert (r.target_identity, r.identity, r.split, r.scene, r.dataset) == (by['train'][0], by['train'][1], 'train', 'outside_talk', 'ffpp-dfd')
+    assert check_no_leak(df, 'identity') and check_no_leak(df, 'clip_id')
+    assert df.split.tolist() == load_ffpp_dfd(root, seed=3).split.tolist()
+    with pytest.raises(FileNotFoundError, match=r"original_sequences/actors/c40'"): load_ffpp_dfd(root, compression='c40')
+    with pytest.raises(ValueError, match='compression must be one of'): load_ffpp_dfd(root, compression='hq')
+    tiny_video(fakes / '01_02_outside.mp4', n_frames=3, size=16, audio=False)
+    with pytest.raises(ValueError, match=r'01_02_outside.mp4 \(expected <target actor>_<source actor>__<scene>__<experiment id>\)'): load_ffpp_dfd(root)
+    (fakes / '01_02_outside.mp4').unlink()
+    (root / 'manipulated_sequences' / 'DeepFakeDetection').rename(root / 'manipulated_sequences' / 'DeepFakeDetections')
+    with pytest.raises(FileNotFoundError, match="found 'DeepFakeDetections': rename it to 'DeepFakeDetection'"): load_ffpp_dfd(root)
+
+
 def make_celebdf(root, youtube='YouTube-real'):
     for k, n in enumerate(['id0_0000', 'id0_0001', 'id1_0000', 'id2_0000']): tiny_video(root / 'Celeb-real' / f'{n}.mp4', n_frames=3, size=16, seed=k)
     for k, n in enumerate(['id0_id1_0000', 'id1_id0_0000', 'id2_id1_0000']): tiny_video(root / 'Celeb-synthesis' / f'{n}.mp4', n_frames=3, size=16, seed=9 + k)
@@ -405,6 +457,46 @@ def test_celebdf(tmp_path):
     assert load_celebdf(root, skip_bad=True).attrs['n_bad'] == 1
     (root / 'List_of_testing_videos.txt').write_text('YouTube-real/00001.mp4\n')
     with pytest.raises(ValueError, match='line 1'): load_celebdf(root)
+
+
+def make_dfdc(root, n=4, parts=2):
+    for k in range(parts):
+        meta = {}
+        for i in range(n):
+            meta[f'r{k}{i}.mp4'] = dict(label='REAL', split='train', original=None)
+            meta[f'f{k}{i}.mp4'] = dict(label='FAKE', split='train', original=f'r{k}{i}.mp4')
+        if k == 0: meta['f00b.mp4'] = dict(label='FAKE', split='train', original='r00.mp4')   # a second fake of one original
+        for j, name in enumerate(meta): tiny_video(root / f'dfdc_train_part_{k}' / name, n_frames=3, size=16, audio=False, seed=10 * k + j)
+        (root / f'dfdc_train_part_{k}' / 'metadata.json').write_text(json.dumps(meta))
+
+
+def test_dfdc(tmp_path):
+    root = tmp_path / 'dfdc'
+    make_dfdc(root)
+    df = load_dfdc(root, seed=1)
+    assert len(df) == 17 and int(df.label.sum()) == 9 and set(df.part) == {'dfdc_train_part_0', 'dfdc_train_part_1'}
+    assert df.groupby('split').label.nunique().to_dict() == {'test': 2, 'train': 2, 'val': 2}
+    assert df.groupby('group').split.nunique().max() == 1 and df.groupby('group').identity.nunique().max() == 1
+    r = df.set_index('clip_id').loc['dfdc/dfdc_train_part_0/f00b']
+    assert (r.label, r.group, r.original, r.source) == (1, 'r00', 'r00.mp4', 'dfdc-fake')
+    assert df.identity.nunique() == 8 and check_no_leak(df, 'identity') and check_no_leak(df, 'clip_id')
+    assert len(load_dfdc(root / 'dfdc_train_part_1', seed=1)) == 8        # one part given directly
+    assert load_dfdc(root, seed=1).split.tolist() == df.split.tolist()
+    (root / 'dfdc_train_part_1' / 'f13.mp4').unlink()
+    with pytest.raises(FileNotFoundError, match=r'1 video\(s\) listed in metadata.json are missing, e.g. .*dfdc_train_part_1/f13.mp4'): load_dfdc(root)
+    skipped = load_dfdc(root, skip_bad=True)
+    assert len(skipped) == 16 and skipped.attrs['n_bad'] == 1 and 'f13.mp4: missing' in skipped.attrs['bad_files'][0]
+    meta = json.loads((root / 'dfdc_train_part_1' / 'metadata.json').read_text())
+    meta['f13.mp4'] = dict(label='fake?', split='train', original='r13.mp4')
+    (root / 'dfdc_train_part_1' / 'metadata.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r'the entry of f13.mp4 should have "label": "REAL" or "FAKE"'): load_dfdc(root, skip_bad=True)
+    meta['f13.mp4'] = dict(label='FAKE', split='train', original=None)
+    (root / 'dfdc_train_part_1' / 'metadata.json').write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='the fake f13.mp4 names no "original" video'): load_dfdc(root)
+    (root / 'dfdc_train_part_1' / 'metadata.json').unlink()
+    with pytest.raises(FileNotFoundError, match=r"expected the file '.*dfdc_train_part_1/metadata.json'"): load_dfdc(root)
+    with pytest.raises(FileNotFoundError, match='expected the training parts'): load_dfdc(tmp_path)
+    with pytest.raises(FileNotFoundError, match='does not exist'): load_dfdc(tmp_path / 'nowhere')
 
 
 def test_lrw(tmp_path):

@@ -16,11 +16,11 @@ from ..media import IMAGE_EXTS, VIDEO_EXTS, SAMPLE_RATE, BadFileError, check_ima
 
 
 # %% auto #0
-__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'FFHQ_FOLDERS', 'FFPP_METHODS', 'FFPP_COMPRESSIONS', 'CELEBDF_FOLDERS',
-           'ManifestError', 'validate_manifest', 'make_manifest', 'read_manifest', 'write_manifest', 'concat_manifests',
-           'LeakError', 'split_groups', 'assign_splits', 'check_no_leak', 'split_summary', 'find_dir',
-           'load_folder_tree', 'tiny_image', 'tiny_video', 'load_celeba', 'load_ffhq', 'load_ffpp', 'load_celebdf',
-           'load_lrw']
+__all__ = ['MANIFEST_COLUMNS', 'SPLITS', 'KINDS', 'FFHQ_FOLDERS', 'FFPP_METHODS', 'FFPP_COMPRESSIONS', 'FFPP_DFD',
+           'CELEBDF_FOLDERS', 'ManifestError', 'validate_manifest', 'make_manifest', 'read_manifest', 'write_manifest',
+           'concat_manifests', 'LeakError', 'split_groups', 'assign_splits', 'check_no_leak', 'split_summary',
+           'find_dir', 'load_folder_tree', 'tiny_image', 'tiny_video', 'load_celeba', 'load_ffhq', 'load_ffpp',
+           'load_ffpp_dfd', 'load_celebdf', 'load_dfdc', 'load_lrw']
 
 # %% ../../nbs/11_datasets.ipynb #cell-8
 MANIFEST_COLUMNS = ('path', 'label', 'source', 'identity', 'target_identity', 'split', 'clip_id', 'frame', 'kind')
@@ -152,9 +152,31 @@ def split_groups(df: pd.DataFrame, by: str = 'identity') -> pd.Series:
     col = df[by].astype(str)
     return pd.Series([f"{by}:{n}:{v}" if v not in ('', '-1', 'nan') else f"row:{i}" for i, n, v in zip(df.index, ns, col)], index=df.index)
 
+def _cover_anchors(df, groups: pd.Series, order: list, fr: np.ndarray, cover: str, by: str) -> dict:
+    "One or two groups per split with a positive share, chosen in the seeded `order`, so that each such split holds every value of `cover`."
+    if cover not in df.columns: raise ValueError(f"cannot cover {cover!r}: not a column of the manifest")
+    held = {g: frozenset(v) for g, v in df[cover].groupby(groups.values, sort=False)}
+    values, pos = sorted(set(df[cover])), [s for s in range(3) if fr[s] > 0]
+    count = {v: sum(v in held[g] for g in order) for v in values}
+    if short := {v: n for v, n in count.items() if n < len(pos)}:
+        raise ValueError(f"cannot split by {by!r} so that each of the {len(pos)} splits {', '.join(SPLITS[s] for s in pos)} holds every "
+                         f"{cover}: needs at least {len(pos)} groups holding each value (one per split); "
+                         + ', '.join(f"{n} group(s) hold {cover}={v!r}" for v, n in short.items()))
+    anchors: dict = {}
+    for s in pos:
+        missing = set(values)
+        while missing:    # the first group (in seeded order) that holds the most of what the split still lacks
+            cand = [g for g in order if g not in anchors and held[g] & missing]
+            if not cand: raise ValueError(f"cannot split by {by!r} so that every split holds each {cover} {values}: the groups do not allow it")
+            g = max(cand, key=lambda g: len(held[g] & missing))
+            anchors[g] = s; missing -= held[g]
+    return anchors
+
 def assign_splits(df: pd.DataFrame, by: str = 'identity', fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-                  column: str = 'split') -> pd.DataFrame:
-    "A copy of `df` whose `column` splits the rows train/val/test by groups (`by='identity'` or `'clip_id'`), seeded."
+                  column: str = 'split', cover: str | None = None) -> pd.DataFrame:
+    """A copy of `df` whose `column` splits the rows train/val/test by groups (`by='identity'` or `'clip_id'`), seeded.
+    `cover='label'`: every split with a positive share also gets a group holding each label (real and fake) first;
+    that needs, for each value, as many groups holding it as there are splits, else a `ValueError` says how many."""
     fr = np.asarray(fractions, dtype=float)
     if fr.shape != (3,) or (fr < 0).any() or not math.isclose(fr.sum(), 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {tuple(fractions)}")
@@ -163,13 +185,15 @@ def assign_splits(df: pd.DataFrame, by: str = 'identity', fractions: Sequence[fl
     uniq = sorted(sizes.index)
     need = int((fr > 0).sum())
     if len(uniq) < need: raise ValueError(f"cannot split {len(uniq)} group(s) by {by!r} into {need} non-empty splits {dict(zip(SPLITS, fr.tolist()))}")
-    order = np.random.default_rng(seed).permutation(len(uniq))
+    order = [uniq[i] for i in np.random.default_rng(seed).permutation(len(uniq))]
     target, got, where = fr * len(df), np.zeros(3), {}
-    for k, gi in enumerate(order):
-        g = uniq[gi]
+    anchors = _cover_anchors(df, groups, order, fr, cover, by) if cover else {}
+    for g, s in anchors.items(): where[g] = SPLITS[s]; got[s] += sizes[g]
+    rest = [g for g in order if g not in anchors]
+    for k, g in enumerate(rest):
         empty = [s for s in range(3) if fr[s] > 0 and got[s] == 0]
         # make every split with a positive share non-empty first, then fill the one furthest below its target
-        s = empty[0] if len(empty) >= len(uniq) - k else int(np.argmax(np.where(fr > 0, (target - got) / np.maximum(target, 1e-9), -np.inf)))
+        s = empty[0] if len(empty) >= len(rest) - k else int(np.argmax(np.where(fr > 0, (target - got) / np.maximum(target, 1e-9), -np.inf)))
         where[g] = SPLITS[s]; got[s] += sizes[g]
     out = df.copy(); out[column] = groups.map(where).values
     return out
@@ -206,6 +230,7 @@ def split_summary(df: pd.DataFrame) -> pd.DataFrame:
                         'identities': g.identity.apply(lambda s: int(s[s >= 0].nunique())),
                         'clips': g.clip_id.apply(lambda s: int(s[s != ''].nunique()))})
     return out.reindex([s for s in SPLITS if s in out.index])
+
 
 # %% ../../nbs/11_datasets.ipynb #cell-24
 def _check_files(paths, kind_of, skip_bad: bool, verify: bool, what: str):
@@ -414,6 +439,56 @@ def load_ffpp(root, compression: str = 'c23', methods: Sequence[str] | None = No
     if crossing: raise LeakError(f"{what}: {len(crossing)} fake video(s) join people of two splits: {', '.join(crossing[:5])}")
     return _checked(_finish(rows, skip_bad, verify, what), what)
 
+# %% ../../nbs/11_datasets.ipynb #cell-57
+FFPP_DFD = 'DeepFakeDetection'
+
+def load_ffpp_dfd(root, compression: str = 'c23', seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                  skip_bad: bool = False, verify: bool = True) -> pd.DataFrame:
+    """Manifest of FaceForensics++'s DeepFakeDetection videos at one compression, split by actor (seeded): real
+    `original_sequences/actors/<c>/videos/NN__scene.mp4`, fake `manipulated_sequences/DeepFakeDetection/<c>/videos/TT_SS__scene__ID.mp4`
+    (TT, the target actor = `target_identity`; SS, the source actor whose face is shown = `identity`). Fakes whose two
+    actors fall in different splits are dropped, with a warning, and listed in `df.attrs['dropped']`."""
+    root = Path(root).expanduser().resolve()
+    what = f"FaceForensics++ DeepFakeDetection at {str(root)!r}"
+    if compression not in FFPP_COMPRESSIONS: raise ValueError(f"{what}: compression must be one of {FFPP_COMPRESSIONS}, got {compression!r}")
+    def sub(*names):
+        d = root
+        for n in names: d = find_dir(d, n, what)
+        return d
+    orig = sub('original_sequences', 'actors', compression, 'videos')
+    fake = sub('manipulated_sequences', FFPP_DFD, compression, 'videos')
+    rows, misnamed = [], []
+    for p in _files(orig, VIDEO_EXTS):
+        if not (m := re.fullmatch(r'(\d+)__(.+)', p.stem)): misnamed.append(f"{p.name} (expected <actor>__<scene>)"); continue
+        rows.append(dict(path=str(p), label=0, source='ffpp-dfd-original', identity=int(m[1]), target_identity=-1, scene=m[2], experiment=''))
+    for p in _files(fake, VIDEO_EXTS):
+        if not (m := re.fullmatch(r'(\d+)_(\d+)__(.+)__([A-Za-z0-9]+)', p.stem)):
+            misnamed.append(f"{p.name} (expected <target actor>_<source actor>__<scene>__<experiment id>)"); continue
+        rows.append(dict(path=str(p), label=1, source='ffpp-deepfakedetection', identity=int(m[2]), target_identity=int(m[1]),
+                         scene=m[3], experiment=m[4]))
+    if misnamed: raise ValueError(f"{what}: {len(misnamed)} video(s) are not named as the data set names them: {', '.join(misnamed[:3])}")
+    for r in rows:
+        r.update(split='train', kind='clip', clip_id=f"ffpp-dfd/{r['source']}/{compression}/{Path(r['path']).stem}",
+                 dataset='ffpp-dfd', compression=compression)
+    df = _finish(rows, skip_bad, verify, what)
+    attrs = dict(df.attrs)
+    # one row per real video, plus one per actor seen only in fakes: the actors are the groups split
+    actors = sorted(set(df.identity) | set(df.target_identity[df.label == 1]))
+    real_ids = df.identity[df.label == 0].tolist()
+    table = pd.DataFrame(dict(identity=real_ids + [a for a in actors if a not in set(real_ids)]))
+    table['target_identity'] = -1
+    split_of = dict(zip(table.identity, assign_splits(table, 'identity', fractions, seed).split))
+    df['split'] = df.identity.map(split_of)
+    crossing = (df.label == 1) & (df.target_identity.map(split_of) != df.split)
+    dropped = sorted(df.clip_id[crossing])
+    if dropped:
+        warnings.warn(f"{what}: {len(dropped)} of {int((df.label == 1).sum())} fake video(s) join actors of two splits: dropped, "
+                      f"see df.attrs['dropped'] (e.g. {Path(df.path[crossing].iloc[0]).name})")
+        df = df[~crossing].reset_index(drop=True)
+    df.attrs.update(attrs, dropped=dropped)
+    return _checked(df, what)
+
+
 # %% ../../nbs/11_datasets.ipynb #cell-46
 CELEBDF_FOLDERS = {'Celeb-real': 0, 'YouTube-real': 0, 'Celeb-synthesis': 1}
 
@@ -463,6 +538,47 @@ def load_celebdf(root, skip_bad: bool = False, verify: bool = True, val_fraction
         df.loc[tr, 'split'] = assign_splits(df[tr], 'identity', (1 - val_fraction, val_fraction, 0.0), seed).split.values
     df.attrs.update(attrs, dropped=dropped)
     return _checked(df, what)
+
+# %% ../../nbs/11_datasets.ipynb #cell-61
+def load_dfdc(root, seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15), skip_bad: bool = False,
+              verify: bool = True) -> pd.DataFrame:
+    """Manifest of the DFDC training parts (`dfdc_train_part_*/metadata.json` + mp4s; `root` may also be one part).
+    Group = the original video of a fake (its stem; a real video is its own group), numbered as `identity` and kept in
+    `group`; split by group (seeded, every split with real and fake videos)."""
+    root = Path(root).expanduser().resolve()
+    what = f"DFDC at {str(root)!r}"
+    if not root.is_dir(): raise FileNotFoundError(f"{what}: the folder does not exist")
+    parts = [root] if (root / 'metadata.json').is_file() else sorted(
+        (q for q in root.iterdir() if q.is_dir() and re.fullmatch(r'dfdc_train_part_\d+', q.name)), key=lambda q: int(q.name.rsplit('_', 1)[1]))
+    if not parts:
+        raise FileNotFoundError(f"{what}: expected the training parts {str(root / 'dfdc_train_part_0' / 'metadata.json')!r}, ... "
+                                f"(or one part folder holding metadata.json); {str(root)!r} holds {sorted(q.name for q in root.iterdir())[:8]}")
+    rows, missing = [], []
+    for part in parts:
+        mp = _find_file(part, ['metadata.json'], [''], what)
+        try: meta = json.loads(mp.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"{what}: {mp} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict): raise ValueError(f"{what}: {mp} should map file names to entries, got a {type(meta).__name__}")
+        for name, e in sorted(meta.items()):
+            label = str(e.get('label', '')).upper() if isinstance(e, dict) else ''
+            if label not in ('REAL', 'FAKE'): raise ValueError(f"{what}: {mp}: the entry of {name} should have \"label\": \"REAL\" or \"FAKE\", got {e!r}")
+            orig = e.get('original')
+            if label == 'FAKE' and not orig: raise ValueError(f"{what}: {mp}: the fake {name} names no \"original\" video, so it cannot be grouped with it")
+            p = part / name
+            if not p.is_file(): missing.append(str(p)); continue
+            rows.append(dict(path=str(p), label=int(label == 'FAKE'), source=f'dfdc-{label.lower()}', split='train', kind='clip',
+                             clip_id=f'dfdc/{part.name}/{Path(name).stem}', dataset='dfdc', part=part.name,
+                             group=Path(orig).stem if label == 'FAKE' else Path(name).stem, original=orig or ''))
+    if missing and not skip_bad: raise FileNotFoundError(f"{what}: {len(missing)} video(s) listed in metadata.json are missing, e.g. {missing[0]}")
+    df = _finish(rows, skip_bad, verify, what)
+    df.attrs['n_bad'] += len(missing); df.attrs['bad_files'] += [f"{m}: missing" for m in missing]
+    attrs = dict(df.attrs)
+    df['identity'] = df.group.map({g: i for i, g in enumerate(sorted(set(df.group)))})
+    try: df = assign_splits(df, 'identity', fractions, seed, cover='label')
+    except ValueError as e: raise ValueError(f"{what}: {e}") from None
+    df.attrs.update(attrs)
+    return _checked(df, what)
+
 
 # %% ../../nbs/11_datasets.ipynb #cell-50
 def load_lrw(root, splits: Sequence[str] = SPLITS, words: Sequence[str] | None = None,
