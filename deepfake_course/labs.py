@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--seed', type=int, default=0)
     r.add_argument('--name', default=None, help='run folder <data root>/runs/main/NAME (default: a hash of the configuration, '
                                                 'so the same configuration resumes in the same folder)')
+    yours = r.add_argument_group('your own data (instead of SynthFaces and the course\'s fakes)')
+    yours.add_argument('--real-dir', default=None, metavar='DIR', help='real images or videos; one subfolder per identity or '
+                                                                         'video keeps its files in one split')
+    yours.add_argument('--fake-dir', default=None, metavar='DIR', help='fake images or videos, laid out like --real-dir (a '
+                                                                         'subfolder named as a real one is the same person)')
+    yours.add_argument('--dataset', default=None, choices=('ff++', 'ff++-dfd', 'celeb-df', 'dfdc', 'folder'),
+                       help="a published dataset's layout under --dataset-root")
+    yours.add_argument('--dataset-root', default=None, metavar='DIR', help='where that dataset is unpacked')
     l = sub.add_parser('lab', help='run a notebook as a parameterized lab (papermill)')
     l.add_argument('notebook'); l.add_argument('-p', '--param', nargs=2, action='append', metavar=('NAME', 'VALUE'), default=[])
     l.add_argument('--data-root', default=None, help=root_help)
@@ -265,7 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
             main_config(args.quick, args.seed, **overrides)  # a bad value stops here, before any work
             root = get_data_root(args.data_root)
-            report = main_job(quick=args.quick, data_root=root, device=args.device, seed=args.seed, name=args.name, **overrides)
+            from deepfake_course.bench import _data_spec
+            yours = dict(real_dir=args.real_dir, fake_dir=args.fake_dir, dataset=args.dataset, dataset_root=args.dataset_root)
+            _data_spec(**yours)  # a bad combination of these flags stops here, before any work
+            report = main_job(quick=args.quick, data_root=root, device=args.device, seed=args.seed, name=args.name,
+                              **{k: v for k, v in yours.items() if v is not None}, **overrides)
             print(f"report: {report}"); return 0
     except LabError as e:
         print(f"deepfake-course {args.command}: {e}", file=sys.stderr); return 1

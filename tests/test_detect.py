@@ -1,7 +1,7 @@
 """Unit tests of deepfake_course.detect: ShallowNet, MesoNet and timm baselines, FDFtNet, the registry,
 checkpoints, score_faces, detect's errors, and the data spine (detection_data reads a NAMED fake set, the blend-swap
 set is named by its settings alone, no identity crosses splits). Small tensors and tiny renders: runs on a CPU."""
-import math
+import contextlib, math
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +16,8 @@ from deepfake_course.data.fakes import FakeSetWriter, FakeSetNotFound, list_fake
 from deepfake_course.detect.core import (DETECTORS, build_detector, list_detectors, fake_prob, detector_loss, save_detector,
                                          load_detector, FaceTensorSet, DetectionData, score_faces, detect, blend_swap,
                                          similarity_from_landmarks, Augment, detection_data, make_blendswap, blendswap_set,
-                                         real_faces, NoFaceError)
+                                         real_faces, NoFaceError, PERTURBATIONS, perturb, jpeg_recompress,
+                                         show_perturbations)
 from deepfake_course.detect.shallownet import (ShallowNetV1, ShallowNetV2, ShallowNetV3, ShallowNetEnsemble, keras_l2, he_init,
                                                recalibrate_bn)
 from deepfake_course.detect.baselines import MesoNet, load_weights_file
@@ -270,6 +271,90 @@ def test_fdftnet_needs_a_feature_backbone():
     with pytest.raises(TypeError, match='no features'): FDFtNet(nn.Linear(3, 1))
 
 
+class _BNBackbone(nn.Module):
+    "A backbone with BatchNorm in its features and one BatchNorm that FDFtNet never runs (like ShallowNetV3's head)."
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.BatchNorm1d(8)
+
+
+def _bn_in(net, bn, x):
+    "The eval network's input to `bn` on x, as channels × values."
+    got = {}; h = bn.register_forward_hook(lambda m, i, o: got.__setitem__('x', i[0].detach()))
+    with torch.no_grad(): net(x)
+    h.remove(); return got['x'].transpose(0, 1).flatten(1)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    "One intra-op torch thread: small convolutions gain nothing from more, and lose much on a busy machine."
+    old = torch.get_num_threads(); torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(old)
+
+
+@_one_thread()
+def test_fdftnet_precise_bn_re_estimates_the_heads_statistics_only():
+    xs = [torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for frozen in (True, False):
+        torch.manual_seed(0)
+        net = FDFtNet(_BNBackbone(), 32, M=2, N=2, ftt_widths=(8, 16), expand=16, mb_out=8, se=4, feat=16,
+                      freeze_backbone=frozen, precise_bn=24)
+        bb0 = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+        net.train()
+        for x in xs:
+            loss = detector_loss()(net(x), torch.tensor([0., 1.] * 4)); opt.zero_grad(); loss.backward(); opt.step()
+        assert sum(len(t) for t in net._bn_inputs) == 24 and net._bn_stale  # the last 24 training faces
+        net.eval()
+        assert not net._bn_stale and all(not m.training for m in net.modules())
+        x = torch.cat(xs[1:])
+        for bn in (net.ftt.rounds[0][1], net.mb.blocks[0].expand[1]):  # each holds the eval network's statistics
+            h = _bn_in(net, bn, x)
+            torch.testing.assert_close(bn.running_mean, h.mean(1), atol=1e-5, rtol=1e-3)
+            torch.testing.assert_close(bn.running_var, h.var(1), atol=1e-6, rtol=1e-2)
+        assert torch.equal(net.backbone.head.running_var, bb0['head.running_var'])  # never run: left as it was
+        if frozen:
+            for k, v in net.backbone.state_dict().items(): assert torch.equal(v, bb0[k]), k  # the frozen backbone: untouched
+        else:
+            h = _bn_in(net, net.backbone.features[1], x)
+            torch.testing.assert_close(net.backbone.features[1].running_mean, h.mean(1), atol=1e-5, rtol=1e-3)
+    # precise_bn=0: PyTorch's running averages, still near their initial variance 1 after 4 steps
+    torch.manual_seed(0)
+    p = FDFtNet(_BNBackbone(), 32, M=2, N=2, ftt_widths=(8, 16), expand=16, mb_out=8, se=4, feat=16, precise_bn=0)
+    opt = torch.optim.SGD([q for q in p.parameters() if q.requires_grad], lr=1e-2); p.train()
+    for x in xs:
+        loss = detector_loss()(p(x), torch.tensor([0., 1.] * 4)); opt.zero_grad(); loss.backward(); opt.step()
+    p.eval(); bn = p.ftt.rounds[0][1]
+    assert p._bn_inputs == [] and (bn.running_var / _bn_in(p, bn, torch.cat(xs[1:])).var(1)).median() > 2
+    with pytest.raises(ValueError, match='precise_bn must be a number of faces'): _tiny_fdft(True, precise_bn=-1)
+
+
+def test_fdftnet_scores_do_not_collapse():
+    """The toy of the ShallowNetV3 test, two epochs of train_detector's defaults (16 steps): the threshold 0.5 must
+    separate the classes about as well as the best threshold does. With PyTorch's running BatchNorm averages
+    (precise_bn=0) every test score sits at 0.52 ± 0.0005: the running variances are still many times those of the
+    heads' first layers, so eval mode flattens the features."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    from deepfake_course.detect.core import train_detector
+    torch.manual_seed(0)
+    data = DetectionData(_toy_faces(256, 32, 0), _toy_faces(64, 32, 100, 1000), _toy_faces(128, 32, 200, 2000), 'toy')
+    net = build_detector('fdftnet', backbone='shallownet_v3', backbone_kwargs=dict(width_mult=0.25, dense=16), input_size=32,
+                         M=3, N=2, ftt_widths=(8, 16, 24), expand=32, mb_out=16, se=8, feat=32)
+    with _one_thread():
+        res = train_detector(net, data, epochs=2, batch_size=32, device='cpu', seed=0, progress=False)
+        sc = score_faces(res.model, data.test, device='cpu'); y, s = sc['label'].to_numpy(), sc['score'].to_numpy()
+    fpr, tpr, _ = roc_curve(y, s)
+    best_bal = float(((tpr + 1 - fpr) / 2).max()); acc = float(((s >= 0.5) == y).mean())
+    seen = dict(acc=acc, best_bal=best_bal, auroc=roc_auc_score(y, s), above=(s >= 0.5).mean(), std_real=s[y == 0].std(),
+                std_fake=s[y == 1].std())
+    assert abs(acc - best_bal) <= 0.05, seen
+    assert 0.2 < seen['above'] < 0.8, seen  # not all on one side of 0.5
+    assert seen['std_real'] > 0.005 and seen['std_fake'] > 0.005, seen
+    assert seen['auroc'] > 0.9, seen
+
+
 def test_cutout():
     torch.manual_seed(0)
     assert torch.equal(Cutout(0, 5)(torch.ones(3, 16, 16)), torch.ones(3, 16, 16))
@@ -345,6 +430,85 @@ def test_augment_keeps_shape():
     a = Augment(flip=True, shift=2, extra=Cutout(2, 2))
     assert a(torch.rand(3, 32, 32)).shape == (3, 32, 32)
 
+
+# ---------------------------------------------------------------- robustness conditions
+def _damage(x, kind, level, seed=0): return (perturb(x, kind, level, seed).float() - x.float()).abs().mean().item()
+
+
+def test_perturbations_keep_shape_and_dtype():
+    x = _toy_faces(6, 64, 0).x
+    assert list(PERTURBATIONS) == ['jpeg90', 'jpeg70', 'jpeg50', 'blur1', 'blur2', 'resize0.5', 'resize0.25', 'noise5', 'noise10']
+    for name, (kind, level) in PERTURBATIONS.items():
+        y = perturb(x, kind, level)
+        assert y.shape == x.shape and y.dtype == torch.uint8, name
+        assert _damage(x, kind, level) > 0.5, name  # each condition does change the faces
+        assert perturb(x[2], kind, level).shape == (3, 64, 64)  # one face, 3×H×W
+    assert perturb(x[:, :, :4, :4], 'blur', 3.0).shape == (6, 3, 4, 4)  # a kernel larger than the face is cut to fit
+
+
+def test_perturbations_level_zero_is_identity():
+    x = _toy_faces(4, 64, 0).x
+    for kind, level in [('blur', 0), ('noise', 0.0), ('resize', 1.0), ('resize', 0.999)]:  # 0.999·64 rounds to 64 px
+        y = perturb(x, kind, level)
+        assert torch.equal(y, x) and y is not x, (kind, level)
+    assert _damage(x, 'jpeg', 100) < 1.5  # JPEG at quality 100 still rounds colours, but barely
+
+
+def test_perturbations_damage_grows_with_the_level():
+    x = _toy_faces(8, 64, 0).x
+    for kind, levels in [('blur', [0.5, 1, 2, 4]), ('noise', [2, 5, 10, 20]), ('resize', [0.75, 0.5, 0.25, 0.125]),
+                         ('jpeg', [95, 90, 70, 50, 30])]:
+        d = [_damage(x, kind, lv) for lv in levels]
+        assert all(a < b for a, b in zip(d, d[1:])), (kind, d)
+    # the noise has the std asked for (rounding and clipping aside)
+    assert abs((perturb(x, 'noise', 10).float() - x.float()).std().item() - 10) < 0.5
+
+
+def test_perturbations_are_deterministic_for_a_seed():
+    x = _toy_faces(4, 32, 0).x
+    assert torch.equal(perturb(x, 'noise', 5, seed=3), perturb(x, 'noise', 5, seed=3))
+    assert not torch.equal(perturb(x, 'noise', 5, seed=3), perturb(x, 'noise', 5, seed=4))
+    for kind, level in [('jpeg', 70), ('blur', 1.0), ('resize', 0.5)]:
+        assert torch.equal(perturb(x, kind, level, seed=0), perturb(x, kind, level, seed=1))
+
+
+def test_perturb_errors_name_the_bad_kind_or_level():
+    x = _toy_faces(2, 32, 0).x
+    with pytest.raises(ValueError, match="unknown kind 'gamma'"): perturb(x, 'gamma', 1.0)
+    for kind, level, msg in [('jpeg', 0, 'jpeg level'), ('jpeg', 101, 'jpeg level'), ('jpeg', 50.5, 'jpeg level'),
+                             ('blur', -1, 'blur level'), ('resize', 0, 'resize level'), ('resize', 1.5, 'resize level'),
+                             ('noise', -2, 'noise level'), ('noise', float('nan'), 'finite number'),
+                             ('blur', '1', 'finite number'), ('noise', True, 'finite number')]:
+        with pytest.raises(ValueError, match=msg) as e: perturb(x, kind, level)
+        assert repr(level) in str(e.value), (kind, level, str(e.value))
+    with pytest.raises(TypeError, match='uint8'): perturb(x.float() / 255, 'blur', 1.0)
+    with pytest.raises(TypeError, match='uint8'): perturb(x[0, 0], 'blur', 1.0)
+
+
+def test_face_tensor_set_perturbed_and_jpeg():
+    fs = _toy_faces(6, 32, 0)
+    p = fs.perturbed('blur', 2.0)
+    assert len(p) == len(fs) and p.x.shape == fs.x.shape and not torch.equal(p.x, fs.x)
+    assert (p.df['perturbation'] == 'blur').all() and (p.df['level'] == 2.0).all()
+    assert 'perturbation' not in fs.df.columns  # the clean set is left as it was
+    assert torch.equal(p.x, perturb(fs.x, 'blur', 2.0))
+    assert torch.equal(fs.perturbed('noise', 5, seed=1).x, perturb(fs.x, 'noise', 5, seed=1))
+    j = fs.jpeg(70)
+    assert torch.equal(j.x, jpeg_recompress(fs.x, 70)) and (j.df['jpeg_quality'] == 70).all()
+    assert (j.df['perturbation'] == 'jpeg').all() and (j.df['level'] == 70).all()
+    x0, y0 = p[0]; assert x0.dtype == torch.float32 and float(y0) == float(fs.y[0])
+
+
+def test_show_perturbations_draws_one_row_per_face():
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    fs = _toy_faces(5, 32, 0)
+    fig = show_perturbations(fs, n=3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 3 * (1 + len(PERTURBATIONS))
+    assert [ax.get_title() for ax in fig.axes[:1 + len(PERTURBATIONS)]] == ['clean'] + list(PERTURBATIONS)
+    fig2 = show_perturbations(fs.x, {'b': ('blur', 1.0)}, n=2)
+    assert len([ax for ax in fig2.axes if ax.images]) == 4
+    plt.close(fig); plt.close(fig2)
 
 def test_similarity_recovers_transform():
     pts = torch.rand(4, 5, 2) * 40

@@ -202,7 +202,9 @@ def test_fake_set(tmp_path):
     assert name.startswith('faceswap-liae/') and d.parent == (tmp_path / 'fakes' / 'faceswap-liae').resolve()
     man = read_fake_set(name, tmp_path)                        # leak-checked on reading
     assert list(man.columns[:9]) == list(MANIFEST_COLUMNS)
-    assert (man.label == 1).all() and (man.identity == 5).all() and (man.target_identity == 3).all()
+    # the manifest's schema: identity = the face shown (src 3), target_identity = the person whose picture changed (dst 5);
+    # the set used to record them the other way round
+    assert (man.label == 1).all() and (man.identity == 3).all() and (man.target_identity == 5).all()
     assert (man.split == 'val').all()                          # the pair's two identities in one split
     assert man.kind.tolist() == ['image'] * 6 + ['clip'] and (man.frame == -1).all()
     assert man.clip_id.iloc[-1] == f'{name}/c0' and man.n_passed.iloc[-1] == 2 and man.n_passed.dtype.kind == 'i'

@@ -19,7 +19,8 @@ KERNEL = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'languag
 
 def as_config(base, quick, seed=0):
     "What main_config returns for an untouched QUICK/FULL (tuples become lists, seed and quick added)."
-    return {**base, 'detectors': list(base['detectors']), 'jpeg': list(base['jpeg']), 'seed': seed, 'quick': quick}
+    return {**base, 'detectors': list(base['detectors']), 'jpeg': list(base['jpeg']), 'blur': [float(v) for v in base['blur']],
+            'resize': [float(v) for v in base['resize']], 'noise': [float(v) for v in base['noise']], 'seed': seed, 'quick': quick}
 
 
 def notebook_overrides(nb_path):
@@ -96,21 +97,35 @@ def test_results_table_one_row_per_key_with_identity_intervals():
     rows = []
     for det in ('meso4', 'shallownet_v3'):
         for tr in ('faceswap-df', 'dcgan'):
-            for te, cond in [(tr, 'clean'), (tr, 'jpeg50'), ({'faceswap-df': 'dcgan', 'dcgan': 'faceswap-df'}[tr], 'clean')]:
+            for split, te, cond in [('val', tr, 'clean'), ('test', tr, 'clean'), ('test', tr, 'jpeg50'),
+                                    ('test', {'faceswap-df': 'dcgan', 'dcgan': 'faceswap-df'}[tr], 'clean')]:
                 for ident in range(6):
                     y = np.r_[np.zeros(5), np.ones(5)]
-                    rows.append(pd.DataFrame(dict(detector=det, train_source=tr, test_source=te, condition=cond, identity=ident,
+                    rows.append(pd.DataFrame(dict(detector=det, train_source=tr, test_source=te, split=split, condition=cond,
+                                                  identity=ident, target_identity=np.where(y == 1, (ident + 1) % 6, -1),
                                                   label=y.astype(int), score=np.clip(0.3 * y + rng.random(10) * 0.7, 0, 1))))
     scores = pd.concat(rows, ignore_index=True)
-    t = bench.results_table(scores, n_boot=50, seed=0)
-    assert len(t) == 12 and not t.duplicated(bench.RESULT_KEYS).any()
+    calib = bench.calibrate(scores)
+    assert len(calib) == 4 and calib.threshold.between(0, 1).all() and (calib.temperature > 0).all()
+    t = bench.results_table(scores, calib, n_boot=50, seed=0)
+    assert len(t) == 16 and not t.duplicated(bench.RESULT_KEYS).any()  # 12 test rows + a control row per (detector, source)
     assert list(t.columns[:5]) == bench.RESULT_KEYS + ['setting']
-    assert (t.n == 60).all() and (t.n_groups == 6).all() and (t.auroc_lo <= t.auroc).all() and (t.auroc <= t.auroc_hi).all()
+    main = t[t.setting != 'control']
+    assert (main.n == 60).all() and (main.n_groups == 6).all() and (t.auroc_lo <= t.auroc).all() and (t.auroc <= t.auroc_hi).all()
+    assert {'acc_val_threshold', 'acc_val_threshold_lo', 'acc_val_threshold_hi', 'eer', 'ap', 'bacc_best', 'fpr_val_threshold'} <= set(t.columns)
     got = t.set_index(bench.RESULT_KEYS).setting
     assert got[('meso4', 'dcgan', 'dcgan', 'clean')] == 'in-distribution'
     assert got[('meso4', 'dcgan', 'faceswap-df', 'clean')] == 'cross-generator'
-    assert got[('meso4', 'dcgan', 'dcgan', 'jpeg50')] == 'jpeg'
+    assert got[('meso4', 'dcgan', 'dcgan', 'jpeg50')] == 'robustness'
+    assert got[('meso4', 'dcgan', 'dcgan', 'control')] == 'control'
+    # the validation rows decide the threshold: moving the val scores moves the test ACC, not the AUROC
+    shifted = scores.assign(score=np.where(scores.split == 'val', np.clip(scores.score + 0.25, 0, 1), scores.score))
+    t2 = bench.results_table(shifted, bench.calibrate(shifted), n_boot=50, seed=0).set_index(bench.RESULT_KEYS)
+    k = ('meso4', 'dcgan', 'dcgan', 'clean')
+    assert t2.loc[k, 'auroc'] == pytest.approx(t.set_index(bench.RESULT_KEYS).loc[k, 'auroc'])
+    assert not np.allclose(bench.calibrate(shifted).threshold, calib.threshold)
     assert not hasattr(bench, 'pretty_table')
+
 
 # ---- deepfake-course run ----
 
@@ -159,6 +174,28 @@ def test_run_set_bad_value_stops_before_the_job(fake_job, tmp_path, capsys):
     assert main(['run', '--data-root', str(tmp_path), '--set', 'n_boot']) == 2
     assert 'NAME=VALUE' in capsys.readouterr().err
     assert fake_job == []
+
+
+def test_run_your_own_data_flags_reach_the_job(fake_job, tmp_path):
+    real, fake = tmp_path / 'r', tmp_path / 'f'
+    assert main(['run', '--quick', '--data-root', str(tmp_path / 'd'), '--real-dir', str(real), '--fake-dir', str(fake)]) == 0
+    assert main(['run', '--quick', '--data-root', str(tmp_path / 'd'), '--dataset', 'dfdc', '--dataset-root', str(real)]) == 0
+    a, b = fake_job
+    assert (a['real_dir'], a['fake_dir']) == (str(real), str(fake)) and 'dataset' not in a
+    assert (b['dataset'], b['dataset_root']) == ('dfdc', str(real)) and 'real_dir' not in b
+
+
+@pytest.mark.parametrize('argv, msg', [(['--real-dir', 'r'], '--real-dir and --fake-dir go together'),
+                                       (['--dataset', 'dfdc'], '--dataset and --dataset-root go together'),
+                                       (['--real-dir', 'r', '--fake-dir', 'f', '--dataset', 'dfdc', '--dataset-root', 'x'], 'not both')])
+def test_run_your_own_data_bad_flags_stop_before_the_job(fake_job, tmp_path, capsys, argv, msg):
+    assert main(['run', '--quick', '--data-root', str(tmp_path)] + argv) == 2
+    assert msg in capsys.readouterr().err and fake_job == []
+
+
+def test_run_unknown_dataset_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit): main(['run', '--dataset', 'ffhq', '--dataset-root', '.'])
+    assert 'ff++-dfd' in capsys.readouterr().err
 
 
 def test_run_name_help_says_where_the_folder_is(capsys):

@@ -14,18 +14,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import get_device, get_data_root, progress, autocast, seed_everything, n_params
+from ..core import get_device, get_data_root, progress, autocast, seed_everything, n_params, show_images
 from ..media import load_images, resize, read_frames
 from ..data.manifest import read_manifest, check_no_leak, LeakError
 from ..data.fakes import read_fake_set, ensure_fake_set
 
 
 # %% auto #0
-__all__ = ['DETECTORS', 'BLENDSWAP_VERSION', 'register_detector', 'list_detectors', 'build_detector', 'fake_prob', 'layer_table',
-           'detector_loss', 'save_detector', 'load_detector', 'jpeg_recompress', 'FaceTensorSet',
-           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
-           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg',
-           'NoFaceError', 'detect']
+__all__ = ['DETECTORS', 'PERTURBATIONS', 'PERTURBATION_KINDS', 'BLENDSWAP_VERSION', 'register_detector', 'list_detectors',
+           'build_detector', 'fake_prob', 'layer_table', 'detector_loss', 'save_detector', 'load_detector',
+           'jpeg_recompress', 'FaceTensorSet', 'perturb', 'show_perturbations', 'similarity_from_landmarks',
+           'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData', 'detection_data', 'Augment',
+           'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg', 'NoFaceError', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -183,9 +183,13 @@ class FaceTensorSet(torch.utils.data.Dataset):
     def size(self) -> int: return int(self.x.shape[-1])
     def resized(self, size: int) -> 'FaceTensorSet': return FaceTensorSet(resize(self.x, size), self.df, self.transform)
     def with_transform(self, transform) -> 'FaceTensorSet': return FaceTensorSet(self.x, self.df, transform)
+    def perturbed(self, kind: str, level: float, seed: int = 0) -> 'FaceTensorSet':
+        "The same faces under one robustness condition (`perturb`); the rows get `perturbation` and `level` columns."
+        return FaceTensorSet(perturb(self.x, kind, level, seed), self.df.assign(perturbation=kind, level=level), self.transform)
     def jpeg(self, quality: int) -> 'FaceTensorSet':
-        "The same faces re-compressed as JPEG at `quality` (1-95), for robustness tables."
-        return FaceTensorSet(jpeg_recompress(self.x, quality), self.df.assign(jpeg_quality=quality), self.transform)
+        "The same faces re-compressed as JPEG at `quality` (1-100), for robustness tables."
+        fs = self.perturbed('jpeg', quality); fs.df['jpeg_quality'] = quality
+        return fs
     def subset(self, mask) -> 'FaceTensorSet':
         idx = np.flatnonzero(np.asarray(mask)); return FaceTensorSet(self.x[idx], self.df.iloc[idx], self.transform)
     def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
@@ -198,6 +202,67 @@ class FaceTensorSet(torch.utils.data.Dataset):
     def from_manifest(cls, df: pd.DataFrame, size: int | None = None, transform=None) -> 'FaceTensorSet':
         "Read the image rows of a manifest (absolute paths) into a FaceTensorSet (`deepfake_course.media.load_images`)."
         return cls(load_images(df['path'].tolist(), size, dtype='uint8'), df, transform)
+
+
+# %% ../../nbs/29_detect_core.ipynb #cell-43
+PERTURBATIONS: dict[str, tuple[str, float]] = {
+    'jpeg90': ('jpeg', 90), 'jpeg70': ('jpeg', 70), 'jpeg50': ('jpeg', 50),
+    'blur1': ('blur', 1.0), 'blur2': ('blur', 2.0),
+    'resize0.5': ('resize', 0.5), 'resize0.25': ('resize', 0.25),
+    'noise5': ('noise', 5.0), 'noise10': ('noise', 10.0)}
+PERTURBATION_KINDS = ('jpeg', 'blur', 'resize', 'noise')
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    "Gaussian blur of float N×C×H×W with σ = `sigma` px: kornia when it is installed, else torchvision."
+    H, W = x.shape[-2:]
+    k = min(2 * math.ceil(3 * sigma) + 1, 2 * (min(H, W) - 1) + 1)  # the reflected border needs half a kernel < the side
+    if k < 3: return x.clone()                                     # a 1-px image has nothing to blur
+    try:
+        from kornia.filters import gaussian_blur2d
+        return gaussian_blur2d(x, (k, k), (sigma, sigma), border_type='reflect')
+    except ImportError:
+        from torchvision.transforms.functional import gaussian_blur
+        return gaussian_blur(x, [k, k], [sigma, sigma])
+
+def perturb(x: torch.Tensor, kind: str, level: float, seed: int = 0) -> torch.Tensor:
+    """Uint8 faces (N×3×H×W or 3×H×W) under one robustness condition (see `PERTURBATIONS`): 'jpeg' (quality 1..100),
+    'blur' (Gaussian σ in px, ≥ 0), 'resize' (down by a factor in (0, 1], back up with `media.resize`) or 'noise'
+    (Gaussian, std in 0..255 units, ≥ 0, from a generator seeded with `seed`). Same shape and dtype; deterministic."""
+    if kind not in PERTURBATION_KINDS:
+        raise ValueError(f"perturb: unknown kind {kind!r}; known: {', '.join(PERTURBATION_KINDS)}")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() not in (3, 4):
+        raise TypeError(f"perturb: expected uint8 faces N×3×H×W or 3×H×W, got "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__} "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else ''}".rstrip())
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.integer, np.floating)) or not math.isfinite(level):
+        raise ValueError(f"perturb: the {kind} level must be a finite number, got {level!r}")
+    ok = {'jpeg': (1 <= level <= 100 and float(level).is_integer(), 'an integer quality in 1..100'),
+          'blur': (level >= 0, 'a sigma >= 0 (px)'), 'resize': (0 < level <= 1, 'a factor in (0, 1]'),
+          'noise': (level >= 0, 'a std >= 0 (0..255 units)')}[kind]
+    if not ok[0]: raise ValueError(f"perturb: the {kind} level must be {ok[1]}, got {level!r}")
+    one = x.dim() == 3
+    x = x[None] if one else x
+    H, W = x.shape[-2:]
+    if kind == 'jpeg': y = jpeg_recompress(x, int(level))
+    elif kind == 'blur':
+        y = x.clone() if level == 0 else _gaussian_blur(x.float(), float(level)).round().clamp(0, 255).to(torch.uint8)
+    elif kind == 'resize':
+        h, w = max(1, round(H * level)), max(1, round(W * level))
+        y = x.clone() if (h, w) == (H, W) else resize(resize(x, (h, w)), (H, W))
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        n = torch.randn(x.shape, generator=g) * float(level)
+        y = (x.float() + n).round().clamp(0, 255).to(torch.uint8)
+    return y[0] if one else y
+
+def show_perturbations(x, conditions: dict = PERTURBATIONS, n: int = 4, seed: int = 0, size: float = 1.2):
+    "A figure of `n` faces (uint8 N×3×H×W or a FaceTensorSet), one per row: clean, then under each condition."
+    if isinstance(x, FaceTensorSet): x = x.x
+    x = x[:n]
+    cols = [x] + [perturb(x, kind, level, seed) for kind, level in conditions.values()]
+    grid = torch.stack(cols, 1).flatten(0, 1).float() / 255          # row-major: face i, condition j
+    names = ['clean'] + list(conditions)
+    return show_images(grid, titles=names + [''] * (len(grid) - len(names)), ncols=len(names), size=size)
 
 
 # %% ../../nbs/29_detect_core.ipynb #cell-18

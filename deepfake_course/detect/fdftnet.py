@@ -12,10 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import register_detector, build_detector, load_detector
+from .shallownet import PreciseBN
+
 
 # %% auto #0
 __all__ = ['SelfAttention', 'SeparableConv', 'FineTuneTransformer', 'h_sigmoid', 'h_swish', 'HSwish', 'SqueezeExcite',
-           'MBBlockV3', 'MBStack', 'FDFtNet', 'fdftnet', 'Cutout']
+           'MBBlockV3', 'MBStack', 'recalibrate_bn_layers', 'FDFtNet', 'fdftnet', 'Cutout']
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-8
 class SelfAttention(nn.Module):
@@ -105,11 +107,37 @@ class MBStack(nn.Module):
     def forward(self, x): return self.head(self.blocks(x)).mean((2, 3))
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-17
-class FDFtNet(nn.Module):
-    "FDFtNet: MBblockV3 stack on a (frozen) backbone's feature map + FTT on the image, summed, linear 2-way classifier."
+def recalibrate_bn_layers(model: nn.Module, x: torch.Tensor, skip: nn.Module | None = None, batch_size: int = 128) -> nn.Module:
+    """Re-estimate the statistics of `model`'s BatchNorm layers, except those inside `skip`, for the network that eval
+    mode runs (current weights, the faces `x`, each batch weighted equally: "precise BN"). A layer the forward pass does
+    not reach keeps its statistics; modes are restored."""
+    frozen = set(skip.modules()) if skip is not None else set()
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m not in frozen]
+    if not bns or len(x) < 2: return model
+    p = next(model.parameters())
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    try:
+        model.eval()
+        for m in bns: m.reset_running_stats(); m.momentum = None; m.train()  # momentum None: a plain average over batches
+        with torch.no_grad():
+            for xb in torch.tensor_split(x, min(math.ceil(len(x) / batch_size), len(x) // 2)):  # even parts, none of 1 face
+                model(xb.to(p.device, p.dtype))
+    finally:
+        for m, (mom, n, mean, var) in zip(bns, saved):
+            if int(m.num_batches_tracked) == 0: m.running_mean.copy_(mean); m.running_var.copy_(var)  # not reached
+            m.momentum = mom; m.num_batches_tracked.copy_(n)
+        for m, t in modes.items(): nn.Module.train(m, t)
+    return model
+
+class FDFtNet(PreciseBN, nn.Module):
+    """FDFtNet: MBblockV3 stack on a (frozen) backbone's feature map + FTT on the image, summed, linear 2-way classifier.
+    `precise_bn`: training faces kept to re-estimate the heads' BatchNorm statistics (the backbone's too when it is not
+    frozen) when the model is switched to eval mode; 0: PyTorch's running averages, whose scores collapse."""
     def __init__(self, backbone: nn.Module, input_size: int = 64, M: int = 3, N: int = 4, ftt_widths=(32, 64, 96),
                  expand: int = 576, mb_out: int = 128, se: int = 144, feat: int = 576, freeze_backbone: bool = True,
-                 faithful_to_code: bool = False, attend_at=None, n_out: int = 2):
+                 faithful_to_code: bool = False, attend_at=None, n_out: int = 2, precise_bn: int = 512):
         super().__init__()
         if not callable(getattr(backbone, 'features', None)):
             raise TypeError(f"FDFtNet: the backbone {type(backbone).__name__} has no features(x) method")
@@ -121,6 +149,7 @@ class FDFtNet(nn.Module):
         self.ftt = FineTuneTransformer(M, ftt_widths, feat, attend_at)
         self.fc = nn.Linear(feat, n_out)
         self.set_frozen(freeze_backbone)
+        self._init_precise_bn(precise_bn)
     def set_frozen(self, frozen: bool = True):
         "Freeze (paper) or unfreeze (official code) the backbone."
         self.freeze_backbone = frozen
@@ -128,10 +157,15 @@ class FDFtNet(nn.Module):
         if frozen: self.backbone.eval()
         return self
     def train(self, mode: bool = True):
-        super().train(mode)
+        if not mode and self.training and self._bn_stale:  # leaving training after steps: precise BN statistics
+            self._bn_stale = False
+            x = torch.cat([t.to(self._bn_inputs[-1].device) for t in self._bn_inputs])[-self.precise_bn:]
+            recalibrate_bn_layers(self, x, skip=self.backbone if self.freeze_backbone else None)
+        nn.Module.train(self, mode)
         if self.freeze_backbone: self.backbone.eval()
         return self
     def forward(self, x):
+        self._remember(x)
         if self.freeze_backbone:
             with torch.no_grad(): fmap = self.backbone.features(x)
         else: fmap = self.backbone.features(x)
@@ -142,15 +176,17 @@ class FDFtNet(nn.Module):
 def fdftnet(backbone: str = 'shallownet_v3', backbone_kwargs: dict | None = None, backbone_ckpt: str | None = None,
             input_size: int = 64, M: int = 3, N: int = 4, ftt_widths=(32, 64, 96), expand: int = 576, mb_out: int = 128,
             se: int = 144, feat: int = 576, freeze_backbone: bool = True, faithful_to_code: bool = False, attend_at=None,
-            n_out: int = 2):
-    "FDFtNet on a registered backbone (weights from `backbone_ckpt`, a detector checkpoint pre-trained on the task)."
+            n_out: int = 2, precise_bn: int = 512):
+    """FDFtNet on a registered backbone (weights from `backbone_ckpt`, a detector checkpoint pre-trained on the task);
+    `precise_bn=0`: the heads' BatchNorm keeps PyTorch's running averages (the version whose scores collapse)."""
     if backbone_ckpt:
         bb = load_detector(backbone_ckpt, expect=backbone)
     else:
         bkw = dict(backbone_kwargs or {}); bkw.setdefault('input_size', input_size)
         bb = build_detector(backbone, **bkw)
     return FDFtNet(bb, input_size, M, N, tuple(ftt_widths), expand, mb_out, se, feat, freeze_backbone, faithful_to_code,
-                   attend_at, n_out)
+                   attend_at, n_out, precise_bn)
+
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-19
 class Cutout(nn.Module):

@@ -585,7 +585,7 @@ def make_faceswap_set(model, images, landmarks5, src_identity, dst_identity, spl
                     split=split, clips=[str(c['clip_id']) for c in clips], merge=merge)
     w = FakeSetWriter(method, full_cfg, data_root, description=f'{method}: identity {int(dst_identity)} driving, swapped to {int(src_identity)}')
     if w.exists: return w.name
-    ids = dict(split=split, identity=int(dst_identity), target_identity=int(src_identity))
+    ids = dict(split=split, identity=int(src_identity), target_identity=int(dst_identity))  # the schema: the face shown, the person changed
     with w:
         r = swap_frames(model, _frames_tensor(images), list(np.asarray(landmarks5, np.float64)), face_type, mode, erode, blur, color)
         for i, img in enumerate(progress(r['frames'], verbose=verbose, desc=f'{method} images')):
