@@ -557,17 +557,18 @@ def report_figures(scores: pd.DataFrame, calib: pd.DataFrame, sets: dict, models
 def _pct(v): return '–' if v is None or v != v else f'{100 * v:.0f}%'
 def _num(v, d=3): return '–' if v is None or v != v else f'{v:.{d}f}'
 
-def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, cfg: dict, data_note: str, test_ids: int) -> list[str]:
+def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, cfg: dict, data_note: str, test_ids: int,
+                  units: str = 'people') -> list[str]:
     "The report's opening, in plain words: what was trained on what, the headline numbers with intervals, what they mean."
     best = calib.sort_values(['val_auroc', 'detector'], ascending=[False, True]).iloc[0]
     ind = table[(table.setting == 'in-distribution')]
     row = ind[(ind.detector == best.detector) & (ind.train_source == best.train_source)].iloc[0]
     out = [f"**What was done.** {data_note} Each detector ({', '.join(cfg['detectors'])}) was trained on one fake source's "
            f"training split and chosen, calibrated (temperature scaling) and given its decision threshold on the validation "
-           f"split alone. The test split, {test_ids} people no detector or generator of that split's fakes saw in training, "
-           "was scored once.",
+           f"split alone. The test split ({test_ids} {units} that no detector saw in training, as a real face or inside a "
+           "fake) was scored once.",
            f"**Headline.** The detector best on validation, {best.detector} trained on {best.train_source}, separates real from "
-           f"fake test faces with AUROC {row.auroc:.3f} (95% interval {row.auroc_lo:.3f}–{row.auroc_hi:.3f}, resampling people). "
+           f"fake test faces with AUROC {row.auroc:.3f} (95% interval {row.auroc_lo:.3f}–{row.auroc_hi:.3f}, resampling {units}). "
            f"At its validation threshold it labels {_pct(row.acc_val_threshold)} of the test faces correctly "
            f"(interval {_pct(row.acc_val_threshold_lo)}–{_pct(row.acc_val_threshold_hi)}) and calls {_pct(row.fpr_val_threshold)} "
            "of the real faces fake."]
@@ -588,7 +589,7 @@ def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, 
             out.append("**Fake quality.** Every fake source meets the course's quality targets (table below).")
     out.append("**What this does not show.** These are rendered faces (SynthFaces) and fakes made here: the numbers teach how "
                "the methods behave and compare, not how they would do on real photographs or on deepfakes made by other tools. "
-               f"With {test_ids} test people the intervals are wide; a difference inside them is not a finding.")
+               f"With {test_ids} test {units} the intervals are wide; a difference inside them is not a finding.")
     return out
 
 def write_report(run_dir: Path, table: pd.DataFrame, calib: pd.DataFrame, figs: dict, cfg: dict, fake_sets: dict, quality: dict,
@@ -624,7 +625,7 @@ def write_report(run_dir: Path, table: pd.DataFrame, calib: pd.DataFrame, figs: 
     atomic_write_json(run_dir/'metrics.json', {'metrics': flat, 'fake_set': dict(fake_sets), 'fake_quality': fq, 'table': rows,
                                                'detectors': det_recs, 'test_identities': test_ids, 'seconds': info.get('seconds'),
                                                'config': cfg, 'info': info})
-    summary = plain_summary(table, calib, qual, cfg, data_note, test_ids)
+    summary = plain_summary(table, calib, qual, cfg, data_note, test_ids, info.get('units', 'people'))
     sections = [('In-distribution', 'in-distribution'), ('Cross-generator', 'cross-generator'),
                 ('Robustness (test faces perturbed; threshold and temperature from clean validation)', 'robustness'),
                 ('Control: real faces of the people swapped in, against the fakes', 'control')]
@@ -657,35 +658,45 @@ def write_report(run_dir: Path, table: pd.DataFrame, calib: pd.DataFrame, figs: 
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-29
-def _data_spec(real_dir=None, fake_dir=None, dataset=None, dataset_root=None) -> dict | None:
+def _data_spec(real_dir=None, fake_dir=None, dataset=None, dataset_root=None, compression=None) -> dict | None:
     "The user's data as given on the command line (None: SynthFaces and the course's own fakes); bad combinations are errors."
     from deepfake_course.yourdata import DATASETS
-    if real_dir is None and fake_dir is None and dataset is None and dataset_root is None: return None
+    if real_dir is None and fake_dir is None and dataset is None and dataset_root is None:
+        if compression is not None: raise ValueError("--compression goes with --dataset ff++ or ff++-dfd")
+        return None
     if dataset is not None or dataset_root is not None:
         if real_dir is not None or fake_dir is not None: raise ValueError("give either --real-dir/--fake-dir or --dataset/--dataset-root, not both")
         if dataset is None or dataset_root is None: raise ValueError("--dataset and --dataset-root go together")
         if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
-        return dict(dataset=dataset, dataset_root=str(Path(dataset_root).expanduser().resolve()))
+        if compression is not None and dataset not in ('ff++', 'ff++-dfd'):
+            raise ValueError(f"--compression is a FaceForensics++ setting (raw, c23, c40); {dataset} has none")
+        return dict(dataset=dataset, dataset_root=str(Path(dataset_root).expanduser().resolve()), compression=compression or 'c23')
     if real_dir is None or fake_dir is None: raise ValueError("--real-dir and --fake-dir go together")
+    if compression is not None: raise ValueError("--compression goes with --dataset ff++ or ff++-dfd")
     return dict(real_dir=str(Path(real_dir).expanduser().resolve()), fake_dir=str(Path(fake_dir).expanduser().resolve()))
 
 def user_data(spec: dict, cfg: dict, data_root: Path, device='auto', verbose=None, log=print):
     """The user's data as the job's one source `yours`: manifest (checked, split by identity or video), MTCNN face crops
     (cached under the data root, resumable), and a DetectionData; its quality is MTCNN's detection rate on fake and real files."""
     from deepfake_course.yourdata import folder_pair_manifest, dataset_manifest, extract_face_crops, user_detection_data
-    if 'dataset' in spec: man = dataset_manifest(spec['dataset'], spec['dataset_root'], seed=cfg['seed'])
+    if 'dataset' in spec: man = dataset_manifest(spec['dataset'], spec['dataset_root'], compression=spec['compression'], seed=cfg['seed'])
     else: man = folder_pair_manifest(spec['real_dir'], spec['fake_dir'], seed=cfg['seed'])
     crops = extract_face_crops(man, data_root=data_root, size=cfg['size'], device=device, verbose=verbose)
     data = user_detection_data(crops, size=cfg['size'])
+    units = sorted(set(bootstrap_unit(data.test.df)))
+    if len(units) < 2:
+        raise ValueError(f"the test split of your data holds {len(units)} group(s) ({', '.join(map(str, units))}): the intervals "
+                         "resample groups (people or videos), so the test split needs at least 2; give at least 2 groups per split "
+                         "(about 10 groups in all for a 70/15/15 split)")
     found = man.assign(face=~man['path'].isin(set(crops.attrs.get('no_face', []))))
     rate = lambda lab: float(found.loc[found.label == lab, 'face'].mean())
     q = dict(identity_transfer=None, recon_ssim=None, landmark_nme=None, mtcnn_rate_fake=rate(1), mtcnn_rate_real=rate(0),
              n=int((man.label == 1).sum()))
-    return data, {'all': q, 'test': q}
+    return data, {'all': q}
 
 def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, name: str | None = None,
              verbose: bool | None = None, log=print, real_dir=None, fake_dir=None, dataset: str | None = None,
-             dataset_root=None, **overrides) -> Path:
+             dataset_root=None, compression: str | None = None, **overrides) -> Path:
     """`deepfake-course run`: data → fakes → quality → detectors → calibration on validation → test tables → report,
     resumable; returns the Markdown report's path. With `real_dir`/`fake_dir` or `dataset`/`dataset_root` it runs on the
     user's data instead of SynthFaces and the course's fakes (faces found with MTCNN, split by identity or video)."""
@@ -693,7 +704,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     root = get_data_root(data_root)  # resolved once here; every stage below gets this Path
     dev = get_device(device)
     cfg = main_config(quick, seed, **overrides)
-    spec = _data_spec(real_dir, fake_dir, dataset, dataset_root)
+    spec = _data_spec(real_dir, fake_dir, dataset, dataset_root, compression)
     key = cfg if spec is None else {**cfg, 'data': spec}
     run_dir = root/'runs'/'main'/(name or cfg_hash(key))
     if (run_dir/'config.json').exists():  # a named folder is reused only by the same configuration
@@ -719,7 +730,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
         quality = {'faceswap-df': fs['quality'], cfg['gan']: gn['quality']}
         data = {s: source_data(cfg, n, root) for s, n in fake_sets.items()}
         data[cfg['gan']] = match_real(data[cfg['gan']], cfg['gan_size'])
-        test_ids = sum(s == 'test' for s in ids.values())
+        test_ids, units = sum(s == 'test' for s in ids.values()), 'people'
         examples['fakes_vs_sources'] = fake_examples_figure(read_fake_set(fs['fake_set'], root), real)
         note = (f"Real faces: SynthFaces, {cfg['n_identities']} rendered people × {cfg['images_per_identity']} images at "
                 f"{cfg['size']} px, split by person. Fakes: face swaps (faceswap-df: one DF autoencoder per split at {cfg['fs_size']} px, "
@@ -729,7 +740,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     else:
         d, q = user_data(spec, cfg, root, dev, verbose, log)
         fake_sets, quality, data = {'yours': d.fake_set}, {'yours': q}, {'yours': d}
-        test_ids = int(d.test.df['identity'].nunique())
+        test_ids, units = int(d.test.df['identity'].nunique()), 'groups (people or videos)'
         note = f"Your data: {d.note}"
     sets = evaluation_sets(cfg, data)
     models, parts = {}, []
@@ -749,7 +760,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     table = results_table(scores, calib, n_boot=cfg['n_boot'], seed=seed)
     figs = report_figures(scores, calib, sets, models, cfg, examples)
     stage_s = {k: st.load(k).get('seconds') for k in stages}
-    info = {'device': str(dev), 'data_root': str(root), 'stages': stage_s, 'test_identities': test_ids,
+    info = {'device': str(dev), 'data_root': str(root), 'stages': stage_s, 'test_identities': test_ids, 'units': units,
             'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}
     # the run's time: this call's, plus what the stages it reused from an interrupted or earlier call had cost
     info['seconds'] = round(time.time() - t0 + sum(v or 0 for k, v in stage_s.items() if k not in st.ran), 1)

@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     yours.add_argument('--dataset', default=None, choices=('ff++', 'ff++-dfd', 'celeb-df', 'dfdc', 'folder'),
                        help="a published dataset's layout under --dataset-root")
     yours.add_argument('--dataset-root', default=None, metavar='DIR', help='where that dataset is unpacked')
+    yours.add_argument('--compression', default=None, choices=('raw', 'c23', 'c40'), help='FaceForensics++ quality (default c23)')
     l = sub.add_parser('lab', help='run a notebook as a parameterized lab (papermill)')
     l.add_argument('notebook'); l.add_argument('-p', '--param', nargs=2, action='append', metavar=('NAME', 'VALUE'), default=[])
     l.add_argument('--data-root', default=None, help=root_help)
@@ -274,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             main_config(args.quick, args.seed, **overrides)  # a bad value stops here, before any work
             root = get_data_root(args.data_root)
             from deepfake_course.bench import _data_spec
-            yours = dict(real_dir=args.real_dir, fake_dir=args.fake_dir, dataset=args.dataset, dataset_root=args.dataset_root)
+            yours = dict(real_dir=args.real_dir, fake_dir=args.fake_dir, dataset=args.dataset, dataset_root=args.dataset_root,
+                         compression=args.compression)
             _data_spec(**yours)  # a bad combination of these flags stops here, before any work
             report = main_job(quick=args.quick, data_root=root, device=args.device, seed=args.seed, name=args.name,
                               **{k: v for k, v in yours.items() if v is not None}, **overrides)

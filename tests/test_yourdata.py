@@ -257,3 +257,45 @@ def test_a_split_without_fake_faces_is_an_error(tmp_path):
     with pytest.raises(ValueError, match='frames_per_video must be >= 1'): extract_face_crops(m, tmp_path / 'data', frames_per_video=0)
     with pytest.raises(FileNotFoundError, match=r"1 file\(s\) of the manifest are missing"):
         extract_face_crops(pd.concat([m, m.iloc[:1].assign(path=str(tmp_path / 'gone.png'))]), tmp_path / 'data')
+
+
+# ---- the main job on the user's folders (bench.main_job with real_dir/fake_dir, as `deepfake-course run --real-dir --fake-dir`) ----
+
+def test_main_job_runs_on_your_folders_and_detect_uses_its_calibration(tmp_path, capsys):
+    from deepfake_course import bench
+    from deepfake_course.labs import main as cli
+    from deepfake_course.yourdata import demo_folder_pair
+    real, fake = demo_folder_pair(tmp_path / 'mine', n_groups=10, images_per_group=2, videos_per_group=1, n_frames=2, size=PX)
+    kw = dict(quick=True, data_root=tmp_path / 'd', device='cpu', verbose=False, log=lambda *a: None, real_dir=real, fake_dir=fake,
+              size=32, detectors=['meso4'], det_epochs=1, det_batch=8, n_boot=20, jpeg=[50], blur=[1.0], resize=[0.5], noise=[4.0])
+    report = bench.main_job(**kw)
+    run = report.parent
+    m = json.loads((run / 'metrics.json').read_text())
+    assert list(m['fake_set']) == ['yours'] and m['fake_set']['yours'].startswith('yourdata/')
+    assert set(m['fake_quality']['yours']) >= {'mtcnn_rate_fake', 'mtcnn_rate_real'} and m['fake_quality']['yours']['identity_transfer'] is None
+    assert {r['setting'] for r in m['table']} >= {'in-distribution', 'robustness'} and m['test_identities'] >= 1
+    assert [d['detector'] for d in m['detectors']] == ['meso4'] and 0 < m['detectors'][0]['threshold'] < 1
+    assert 'Your data' in report.read_text() and (run / 'report.html').is_file()
+    # a second call reuses every stage; another data spec in the same named folder is refused
+    assert bench.main_job(**kw) == report
+    assert json.loads((run / 'stages' / 'detectors_yours.json').read_text())['seconds'] == m['info']['stages']['detectors_yours']
+    # `deepfake-course detect --run` scores a file with this run's detector and its validation threshold
+    capsys.readouterr()
+    assert cli(['detect', str(next((real / 'person00').glob('*.png'))), '--run', str(run), '--device', 'cpu', '--json']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['detector']['calibrated'] is True and out['detector']['threshold'] == m['detectors'][0]['threshold']
+    assert len(out['files']) == 1 and not out['errors'] and out['faces'][0]['verdict'] in ('real', 'fake')
+
+
+def test_main_job_on_missing_or_too_small_folders_says_what_is_wrong(tmp_path):
+    from deepfake_course import bench
+    from deepfake_course.yourdata import demo_folder_pair
+    kw = dict(quick=True, data_root=tmp_path / 'd', device='cpu', verbose=False, log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        bench.main_job(real_dir=tmp_path / 'nowhere', fake_dir=tmp_path / 'nowhere2', **kw)
+    real, fake = demo_folder_pair(tmp_path / 'two', n_groups=2, images_per_group=1, videos_per_group=0, size=PX)
+    with pytest.raises(ValueError, match='at least 3 groups'):
+        bench.main_job(real_dir=real, fake_dir=fake, **kw)
+    real, fake = demo_folder_pair(tmp_path / 'four', n_groups=4, images_per_group=1, videos_per_group=0, size=PX)
+    with pytest.raises(ValueError, match='test split needs at least 2'):   # one test group: no interval can resample it
+        bench.main_job(real_dir=real, fake_dir=fake, size=32, **kw)
