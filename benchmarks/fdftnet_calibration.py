@@ -11,8 +11,7 @@ per variant:
           for the final weights on the last 512 training faces whenever the model is switched to eval mode.
 
 Printed per variant: mean ± std of the real and of the fake test scores, the share in [0.1, 0.9], ACC at 0.5,
-balanced accuracy at the best threshold, AUROC, the epoch kept, the same figures with the model left in training mode
-(batch statistics; `train_*`), and `bn_var_ratio`: over the heads' BatchNorm layers, the median of (running variance the
+balanced accuracy at the best threshold, AUROC, the epoch kept, and `bn_var_ratio`: over the heads' BatchNorm layers, the median of (running variance the
 model holds) / (variance of that layer's input in the eval network on training faces); first layer of the FTT and of
 the MBblockV3 stack separately. 1 is right; above 1 eval mode divides the features by too large a σ.
 With --out DIR: scores.csv and summary.json there.
@@ -31,20 +30,19 @@ import torch.nn as nn
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from deepfake_course.detect.core import (blendswap_set, detection_data, train_detector, score_faces, build_detector,
-                                         save_detector, fake_prob)
+                                         save_detector)
 from deepfake_course.detect.fdftnet import recalibrate_bn_layers
 
 VARIANTS = {'before': dict(precise_bn=0), 'after': dict(precise_bn=512)}
 
 
-def spread(y, s, prefix='') -> dict:
+def spread(y, s) -> dict:
     "Score spread and decision figures of one set of test scores."
     y, s = np.asarray(y), np.asarray(s, float)
     fpr, tpr, _ = roc_curve(y, s)
-    r = dict(real_mean=s[y == 0].mean(), real_std=s[y == 0].std(), fake_mean=s[y == 1].mean(), fake_std=s[y == 1].std(),
-             in_band=((s >= 0.1) & (s <= 0.9)).mean(), acc_05=((s >= 0.5) == y).mean(), best_bal_acc=((tpr + 1 - fpr) / 2).max(),
-             auroc=roc_auc_score(y, s))
-    return {prefix + k: v for k, v in r.items()}
+    return dict(real_mean=s[y == 0].mean(), real_std=s[y == 0].std(), fake_mean=s[y == 1].mean(), fake_std=s[y == 1].std(),
+                in_band=((s >= 0.1) & (s <= 0.9)).mean(), acc_05=((s >= 0.5) == y).mean(),
+                best_bal_acc=((tpr + 1 - fpr) / 2).max(), auroc=roc_auc_score(y, s))
 
 
 def bn_var_ratio(model, x) -> dict:
@@ -55,12 +53,6 @@ def bn_var_ratio(model, x) -> dict:
     r = {n: float((m.running_var.cpu() / true[n].running_var).median()) for n, m in held.items()}
     return dict(bn_var_ratio=float(np.median(list(r.values()))), bn_var_ratio_ftt0=r['ftt.rounds.0.1'],
                 bn_var_ratio_mb0=r['mb.blocks.0.expand.1'])
-
-
-def train_mode_scores(model, x) -> np.ndarray:
-    "Scores with BatchNorm on batch statistics (training mode, no update of the model): what the training loss saw."
-    m = copy.deepcopy(model).cpu().train()
-    with torch.no_grad(): return fake_prob(torch.cat([m(xb) for xb in torch.split(x, 32)])).numpy()
 
 
 def main():
@@ -88,7 +80,6 @@ def main():
     rows = [dict(variant='backbone (ShallowNetV3)', seconds=time.time() - t, best_epoch=bb.best_epoch, **spread(sc.label, sc.score))]
     scores = [sc.assign(variant='backbone')]
     xr = data.train.x[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:256]].float() / 255
-    xt = data.test.x.float() / 255
     for v in a.variants:
         net = build_detector('fdftnet', backbone='shallownet_v3', backbone_ckpt=str(bp), input_size=a.size, **VARIANTS[v])
         t = time.time()
@@ -97,7 +88,7 @@ def main():
         assert not res.model.backbone.training  # the frozen backbone stays in eval mode (not a cause)
         sc = score_faces(res.model, data.test, device='cpu').assign(variant=v)
         r = dict(variant=v, **VARIANTS[v], seconds=sec, best_epoch=res.best_epoch, **spread(sc.label, sc.score),
-                 **spread(data.test.df.label, train_mode_scores(res.model, xt), 'train_'), **bn_var_ratio(res.model, xr))
+                 **bn_var_ratio(res.model, xr))
         rows.append(r); scores.append(sc)
         print(' '.join(f'{k}={val:.3f}' if isinstance(val, float) else f'{k}={val}' for k, val in r.items()), flush=True)
     tab = pd.DataFrame(rows).set_index('variant')

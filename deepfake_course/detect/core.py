@@ -247,7 +247,7 @@ def perturb(x: torch.Tensor, kind: str, level: float, seed: int = 0) -> torch.Te
     elif kind == 'blur':
         y = x.clone() if level == 0 else _gaussian_blur(x.float(), float(level)).round().clamp(0, 255).to(torch.uint8)
     elif kind == 'resize':
-        h, w = max(1, round(H * level)), max(1, round(W * level))
+        h, w = max(1, int(round(H * float(level)))), max(1, int(round(W * float(level))))
         y = x.clone() if (h, w) == (H, W) else resize(resize(x, (h, w)), (H, W))
     else:
         g = torch.Generator().manual_seed(int(seed))
@@ -296,7 +296,7 @@ def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.0
     return (m * wb + (1 - m) * xa).clamp(0, 1)
 
 # %% ../../nbs/29_detect_core.ipynb #cell-21
-BLENDSWAP_VERSION = 4   # bump when the blend swap changes what it draws: sets are keyed by it
+BLENDSWAP_VERSION = 5   # bump when the blend swap changes what it draws or records: sets are keyed by it (5: identity = the donor's face shown)
 
 def make_blendswap(data_root, identity_split: dict, per_identity: int = 24, size: int = 64, seed: int = 0,
                    face_res: float = 0.5, erode: float = 0.06, blur: float = 0.05, verbose: bool = True) -> str:
@@ -329,7 +329,7 @@ def make_blendswap(data_root, identity_split: dict, per_identity: int = 24, size
                            landmarks5=don['landmarks5'] * (dsize / size))
             fakes = blend_swap(tgt, don, erode=erode, blur=blur)
             for j in range(per_identity):
-                w.add_image(fakes[j], split=split[a], identity=a, target_identity=donors[j], name=f'bs_{a:04d}_{j:04d}')
+                w.add_image(fakes[j], split=split[a], identity=donors[j], target_identity=a, name=f'bs_{a:04d}_{j:04d}')  # the face shown; the person changed
     desc = (f"blend swap (29_detect_core): donor face rendered at {dsize}/{size} px, aligned by 5 landmarks, colour-matched, "
             f"blended with an eroded, blurred mask; {per_identity} per identity, donors within the split")
     return ensure_fake_set('blend-swap', cfg, build, data_root, verbose=verbose, description=desc)
