@@ -4,7 +4,6 @@
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-4
 from __future__ import annotations
-import math
 import numpy as np
 import pandas as pd
 import torch
@@ -12,12 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import register_detector, build_detector, load_detector
-from .shallownet import PreciseBN
+from .shallownet import PreciseBN, recalibrate_bn
 
 
 # %% auto #0
 __all__ = ['SelfAttention', 'SeparableConv', 'FineTuneTransformer', 'h_sigmoid', 'h_swish', 'HSwish', 'SqueezeExcite',
-           'MBBlockV3', 'MBStack', 'recalibrate_bn_layers', 'FDFtNet', 'fdftnet', 'Cutout']
+           'MBBlockV3', 'MBStack', 'FDFtNet', 'fdftnet', 'Cutout']
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-8
 class SelfAttention(nn.Module):
@@ -107,30 +106,6 @@ class MBStack(nn.Module):
     def forward(self, x): return self.head(self.blocks(x)).mean((2, 3))
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-17
-def recalibrate_bn_layers(model: nn.Module, x: torch.Tensor, skip: nn.Module | None = None, batch_size: int = 128) -> nn.Module:
-    """Re-estimate the statistics of `model`'s BatchNorm layers, except those inside `skip`, for the network that eval
-    mode runs (current weights, the faces `x`, each batch weighted equally: "precise BN"). A layer the forward pass does
-    not reach keeps its statistics; modes are restored."""
-    frozen = set(skip.modules()) if skip is not None else set()
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m not in frozen]
-    if not bns or len(x) < 2: return model
-    p = next(model.parameters())
-    modes = {m: m.training for m in model.modules()}
-    saved = [(m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    try:
-        model.eval()
-        for m in bns: m.reset_running_stats(); m.momentum = None; m.train()  # momentum None: a plain average over batches
-        with torch.no_grad():
-            for xb in torch.tensor_split(x, min(math.ceil(len(x) / batch_size), len(x) // 2)):  # even parts, none of 1 face
-                model(xb.to(p.device, p.dtype))
-    finally:
-        for m, (mom, n, mean, var) in zip(bns, saved):
-            if int(m.num_batches_tracked) == 0: m.running_mean.copy_(mean); m.running_var.copy_(var)  # not reached
-            m.momentum = mom; m.num_batches_tracked.copy_(n)
-        for m, t in modes.items(): nn.Module.train(m, t)
-    return model
-
 class FDFtNet(PreciseBN, nn.Module):
     """FDFtNet: MBblockV3 stack on a (frozen) backbone's feature map + FTT on the image, summed, linear 2-way classifier.
     `precise_bn`: training faces kept to re-estimate the heads' BatchNorm statistics (the backbone's too when it is not
@@ -160,7 +135,7 @@ class FDFtNet(PreciseBN, nn.Module):
         if not mode and self.training and self._bn_stale:  # leaving training after steps: precise BN statistics
             self._bn_stale = False
             x = torch.cat([t.to(self._bn_inputs[-1].device) for t in self._bn_inputs])[-self.precise_bn:]
-            recalibrate_bn_layers(self, x, skip=self.backbone if self.freeze_backbone else None)
+            recalibrate_bn(self, x, skip=self.backbone if self.freeze_backbone else None)
         nn.Module.train(self, mode)
         if self.freeze_backbone: self.backbone.eval()
         return self

@@ -39,14 +39,17 @@ def he_init(model: nn.Module, dc_free: bool = False) -> nn.Module:
                     m.weight.sub_(m.weight.mean((2, 3), keepdim=True)).mul_(math.sqrt(k / (k - 1)))
     return model
 
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> nn.Module:
-    """Re-estimate the statistics of every BatchNorm of `model` for the network that eval mode runs: dropout off, the
-    current weights, the faces `x` (N×3×H×W, float), each batch weighted equally ("precise BN"). Modes are restored."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, skip: nn.Module | None = None) -> nn.Module:
+    """Re-estimate the statistics of every BatchNorm of `model` (except those inside `skip`, e.g. a frozen backbone) for
+    the network that eval mode runs: dropout off, the current weights, the faces `x` (N×3×H×W, float), each batch weighted
+    equally ("precise BN"). A layer the forward pass does not reach keeps its statistics; modes are restored."""
+    frozen = set(skip.modules()) if skip is not None else set()
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m not in frozen]
     if not bns or len(x) < 2: return model
     p = next(model.parameters())
     modes = {m: m.training for m in model.modules()}
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    saved = [(m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone()) for m in bns]
     try:
         model.eval()
         for m in bns: m.reset_running_stats(); m.momentum = None; m.train()  # momentum None: a plain average over batches
@@ -54,8 +57,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
             for xb in torch.tensor_split(x, min(math.ceil(len(x) / batch_size), len(x) // 2)):  # even parts, none of 1 face
                 model(xb.to(p.device, p.dtype))
     finally:
-        for m, (mom, n) in zip(bns, saved): m.momentum = mom; m.num_batches_tracked.copy_(n)
-        for m, t in modes.items(): m.train(t)
+        for m, (mom, n, mean, var) in zip(bns, saved):
+            if int(m.num_batches_tracked) == 0: m.running_mean.copy_(mean); m.running_var.copy_(var)  # not reached
+            m.momentum = mom; m.num_batches_tracked.copy_(n)
+        for m, t in modes.items(): nn.Module.train(m, t)
     return model
 
 class PreciseBN:
