@@ -4,7 +4,7 @@
 
 # %% ../nbs/60_benchmark.ipynb #cell-4
 from __future__ import annotations
-import base64, html, io, json, time, warnings
+import json, time, warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,16 +13,16 @@ import pandas as pd
 import torch
 
 from .core import (get_data_root, get_device, seed_everything, cfg_hash, atomic_write_text,
-                                  atomic_write_json, atomic_write_bytes, n_params, progress)
+                                  atomic_write_json, n_params, progress)
+from .report import (QUALITY_TARGETS, RESULT_KEYS, calibrate, results_table, bootstrap_unit, fake_examples_figure,
+                                    report_figures, write_report)
 
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'QUALITY_TARGETS', 'JOB_VERSION', 'SWAP_TRAIN_SEED',
-           'JUDGE_SEED', 'PRETRAIN_PEOPLE', 'RESULT_KEYS', 'main_config', 'conditions', 'Stages', 'build_real',
-           'identity_split', 'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality',
-           'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes', 'match_real', 'source_data',
-           'train_main_detectors', 'evaluation_sets', 'score_all', 'calibrate', 'bootstrap_unit', 'results_table',
-           'md_table', 'quality_table', 'fake_examples_figure', 'report_figures', 'plain_summary', 'write_report',
+__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED',
+           'PRETRAIN_PEOPLE', 'main_config', 'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity',
+           'Judges', 'train_judges', 'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'build_faceswap_fakes',
+           'build_gan_fakes', 'match_real', 'source_data', 'train_main_detectors', 'evaluation_sets', 'score_all',
            'user_data', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
@@ -45,8 +45,6 @@ FULL = dict(QUICK, n_identities=40, images_per_identity=48, fs_size=64, fs_train
             judge_epochs=15, gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
 MIN_IDENTITIES = 9  # SynthFaces' 70/15/15 identity split gives every split two identities from 9 on: a swap needs two people
 DETECTOR_CHOICES = ('shallownet_v3', 'meso4', 'fdftnet')
-# what a face swap must reach before a detector result on it is quoted without a warning (issue 14; 20_faceswap's judges)
-QUALITY_TARGETS = dict(identity_transfer=0.90, recon_ssim=0.75, mtcnn_ratio=0.95)
 
 def _check_levels(cfg, key, ok, what):
     vals = cfg[key]
@@ -394,302 +392,6 @@ def score_all(models: dict, sets: dict, train_source: str, device='auto') -> pd.
             out.append(df.assign(train_source=train_source, test_source=test_source, split=split, condition=cond))
     return pd.concat(out, ignore_index=True)
 
-RESULT_KEYS = ['detector', 'train_source', 'test_source', 'condition']
-
-def _val_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The validation threshold: the largest balanced accuracy (Youden's J); where a range of thresholds ties, its middle
-    (in logit space), not its edge, so a test face a little past the validation faces is not decided by chance."""
-    from sklearn.metrics import roc_curve
-    f, t, thr = roc_curve(y, p, drop_intermediate=False)
-    j = t - f; best = np.flatnonzero(np.isclose(j, j.max()))
-    k = best[-1]  # the lowest threshold reaching the best J; the next one down (k + 1) is where J falls
-    lo = thr[k + 1] if k + 1 < len(thr) else 0.0
-    lg = lambda v: float(np.log(np.clip(v, 1e-6, 1 - 1e-6) / (1 - np.clip(v, 1e-6, 1 - 1e-6))))
-    mid = 0.5 * (lg(thr[k]) + lg(lo))
-    return float(1 / (1 + np.exp(-mid)))
-
-def calibrate(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per (detector, train source), from its own source's **validation** faces only: the validation AUROC, the temperature
-    that calibrates its probabilities (`metrics.fit_temperature`) and the decision threshold on the calibrated ones
-    (`_val_threshold`). The test split plays no part."""
-    from sklearn.metrics import roc_auc_score
-    from deepfake_course.metrics import fit_temperature, apply_temperature
-    rows = []
-    val = scores[(scores.split == 'val') & (scores.condition == 'clean') & (scores.test_source == scores.train_source)]
-    for (det, src), g in val.groupby(['detector', 'train_source'], sort=False):
-        y, s = g.label.to_numpy(), g.score.to_numpy()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            T = fit_temperature(s, y)
-        p = apply_temperature(s, T)
-        rows.append(dict(detector=det, train_source=src, val_auroc=float(roc_auc_score(y, s)), temperature=float(T),
-                         threshold=_val_threshold(y, p), n_val=len(g), calibration_note='; '.join(str(c.message) for c in caught)))
-    return pd.DataFrame(rows)
-
-def _control_rows(test: pd.DataFrame) -> pd.DataFrame:
-    """The control: real test faces of the people the fakes show swapped in (a fake's `identity`), against those fakes.
-    A detector that learnt *who* is in a fake rather than *how* it was made flags these real faces too."""
-    out = []
-    for (det, tr), g in test[(test.condition == 'clean') & (test.test_source == test.train_source)].groupby(['detector', 'train_source'], sort=False):
-        shown = set(g.loc[g.label == 1, 'identity'].astype(int)) - {-1}
-        if not shown: continue
-        keep = (g.label == 1) | g.identity.astype(int).isin(shown)
-        if (g.label[keep] == 0).sum() == 0: continue
-        out.append(g[keep].assign(condition='control'))
-    return pd.concat(out, ignore_index=True) if out else test.iloc[:0]
-
-def bootstrap_unit(df: pd.DataFrame) -> np.ndarray:
-    """What the bootstrap resamples: the person in the picture, and for a fake the person whose picture was changed
-    (`target_identity`, the driving face: a swap's pose, light and frame are that person's, while one swapped-in face is
-    shared by every fake of its split). -1 (a GAN face, nobody) counts alone."""
-    tgt = df['target_identity'] if 'target_identity' in df.columns else pd.Series(-1, index=df.index)
-    return np.where((df['label'] == 1) & (tgt >= 0), tgt, df['identity'])
-
-def results_table(scores: pd.DataFrame, calib: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per (detector, train source, test source, condition) on the **test** split, with its setting
-    (in-distribution, cross-generator, robustness, control). Scores are the calibrated probabilities (temperature from
-    validation); AUROC, EER, AP, ACC and balanced ACC at the validation threshold, each with a 95% interval resampling
-    people (`bootstrap_unit`, `metrics.metrics_table`); `bacc_best` is the balanced accuracy at the best threshold *on test* (an
-    oracle, for comparison only), and `fpr_val_threshold` the share of real faces called fake."""
-    from deepfake_course.metrics import metrics_table, apply_temperature
-    from sklearn.metrics import roc_curve
-    c = calib.set_index(['detector', 'train_source'])
-    test = scores[scores.split == 'test'].copy()
-    test = pd.concat([g.assign(score=apply_temperature(g.score.to_numpy(), c.loc[k, 'temperature']))
-                      for k, g in test.groupby(['detector', 'train_source'], sort=False)], ignore_index=True)
-    test = pd.concat([test, _control_rows(test)], ignore_index=True)
-    test['unit'] = bootstrap_unit(test)
-    thr = {k: float(c.loc[(k[0], k[1]), 'threshold']) for k in test.groupby(RESULT_KEYS, sort=False).groups}
-    t = metrics_table(test, by=RESULT_KEYS, group='unit', metrics=('auroc', 'eer', 'ap', 'acc', 'balanced_acc'),
-                      n_boot=n_boot, seed=seed, threshold=thr).reset_index()
-    extra = []
-    for k, g in test.groupby(RESULT_KEYS, sort=False):
-        f, tp, _ = roc_curve(g.label, g.score)
-        real = g.score[g.label == 0]
-        extra.append(dict(zip(RESULT_KEYS, k), bacc_best=float(0.5 * (1 + (tp - f).max())),
-                          fpr_val_threshold=float((real >= thr[k]).mean()), temperature=float(c.loc[k[:2], 'temperature'])))
-    t = t.merge(pd.DataFrame(extra), on=RESULT_KEYS).rename(columns={'acc': 'acc_val_threshold', 'acc_lo': 'acc_val_threshold_lo',
-                                                                      'acc_hi': 'acc_val_threshold_hi'})
-    t['setting'] = np.select([t.condition == 'control', t.condition != 'clean', t.train_source == t.test_source],
-                             ['control', 'robustness', 'in-distribution'], 'cross-generator')
-    return t[RESULT_KEYS + ['setting'] + [c for c in t.columns if c not in RESULT_KEYS + ['setting']]]
-
-
-# %% ../nbs/60_benchmark.ipynb #cell-27
-def md_table(df: pd.DataFrame, floatfmt: str = '.3f') -> str:
-    "A DataFrame as a GitHub-flavoured Markdown table (no extra dependency)."
-    cols = list(df.columns)
-    fmt = lambda v: format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v)
-    lines = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '|'.join('---' for _ in cols) + '|']
-    lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in df.itertuples(index=False)]
-    return '\n'.join(lines)
-
-def _fig_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100, bbox_inches='tight'); plt.close(fig)
-    return buf.getvalue()
-
-def quality_table(quality: dict) -> pd.DataFrame:
-    """source × split rows of the fakes' quality with the targets met or not (`QUALITY_TARGETS`); `passes` is False
-    where a judged figure misses its target (a figure that does not apply to the source, such as a GAN face's identity
-    transfer, is left out)."""
-    rows = []
-    for src, q in quality.items():
-        for split, v in q.items():
-            if split == 'judges' or not isinstance(v, dict): continue
-            ratio = v['mtcnn_rate_fake'] / v['mtcnn_rate_real'] if v['mtcnn_rate_real'] else float('nan')
-            misses = [] if ratio >= QUALITY_TARGETS['mtcnn_ratio'] else [f"MTCNN finds {ratio:.0%} as many faces as in real ones "
-                                                                         f"(target {QUALITY_TARGETS['mtcnn_ratio']:.0%})"]
-            for k in ('identity_transfer', 'recon_ssim'):
-                if v.get(k) is not None and v[k] < QUALITY_TARGETS[k]: misses.append(f"{k} {v[k]:.2f} < {QUALITY_TARGETS[k]}")
-            rows.append(dict(source=src, split=split, n=v['n'], identity_transfer=v['identity_transfer'], recon_ssim=v['recon_ssim'],
-                             landmark_nme=v['landmark_nme'], mtcnn_rate_fake=v['mtcnn_rate_fake'], mtcnn_rate_real=v['mtcnn_rate_real'],
-                             mtcnn_ratio=ratio, passes=not misses, misses='; '.join(misses)))
-    return pd.DataFrame(rows)
-
-def fake_examples_figure(fake_manifest: pd.DataFrame, real: pd.DataFrame, k: int = 4):
-    """For each split: driving real faces (top), their swaps (middle) and a real face of the person swapped in (bottom)."""
-    import matplotlib.pyplot as plt
-    from deepfake_course.media import load_image
-    splits = [s for s in ('train', 'val', 'test') if (fake_manifest.split == s).any()]
-    fig, axes = plt.subplots(3, k * len(splits), figsize=(1.25 * k * len(splits), 4.1), squeeze=False)
-    by_id = {int(i): list(g.sort_values('path', key=lambda p: p.map(lambda q: int(Path(q).stem) if Path(q).stem.isdigit() else -1)).path)
-             for i, g in real.groupby('identity')}   # a person's faces in render order (k.png is the k-th)
-    for j, s in enumerate(splits):
-        f = fake_manifest[fake_manifest.split == s].sort_values('path').iloc[:k]
-        for c, r in enumerate(f.itertuples()):
-            n = int(Path(r.path).stem.split('_')[-1])
-            drive, src = by_id[int(r.target_identity)], by_id[int(r.identity)]
-            drive, src = drive[n % len(drive)], src[n % len(src)]
-            for row, p in enumerate([drive, r.path, src]):
-                ax = axes[row, j * k + c]; ax.imshow(load_image(p).permute(1, 2, 0).numpy()); ax.set_xticks([]); ax.set_yticks([])
-            if c == 0:
-                for row, lab in enumerate(['driving (real)', 'face swap', 'swapped-in (real)']): axes[row, j * k].set_ylabel(lab, fontsize=8)
-            axes[0, j * k + c].set_title(f'{s}: {int(r.target_identity)}←{int(r.identity)}', fontsize=7)
-    fig.suptitle('Face swaps next to the faces they were made from', fontsize=10)
-    return fig
-
-def report_figures(scores: pd.DataFrame, calib: pd.DataFrame, sets: dict, models: dict, cfg: dict, examples: dict | None = None) -> dict:
-    """name -> PNG bytes: fakes next to their sources, the perturbations, ROC curves, score histograms (calibrated, with the
-    validation threshold), example test faces with their scores, and saliency (gradient x activation)."""
-    import matplotlib.pyplot as plt
-    from deepfake_course.metrics import plot_roc, plot_scores, grad_x_act, show_cam, apply_temperature
-    from deepfake_course.detect.core import show_perturbations
-    figs = {k: _fig_png(f) for k, f in (examples or {}).items()}
-    test = scores[(scores.split == 'test') & (scores.condition == 'clean')]
-    c = calib.set_index(['detector', 'train_source'])
-    test = pd.concat([g.assign(score=apply_temperature(g.score.to_numpy(), c.loc[k, 'temperature']))
-                      for k, g in test.groupby(['detector', 'train_source'], sort=False)], ignore_index=True)
-    srcs = list(dict.fromkeys(test.train_source))
-    fs0 = sets[(srcs[0], 'test', 'clean')]
-    pick = list(np.flatnonzero(fs0.df.label.to_numpy() == 0)[:1]) + list(np.flatnonzero(fs0.df.label.to_numpy() == 1)[:1])
-    figs['perturbations'] = _fig_png(show_perturbations(fs0.x[pick], {n: kl for n, kl in conditions(cfg).items()}))
-    for tr in srcs:
-        d = test[test.train_source == tr]
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        plot_roc({f"{r.detector} → {r.test_source}": (g.label.to_numpy(), g.score.to_numpy())
-                  for r, g in ((g.iloc[0], g) for _, g in d.groupby(['detector', 'test_source'], sort=False))}, ax=ax)
-        ax.set_title(f'ROC on test, trained on {tr}'); figs[f'roc_{tr}'] = _fig_png(fig)
-    d = test[test.train_source == test.test_source]
-    dets = list(dict.fromkeys(d.detector))
-    fig, axes = plt.subplots(len(srcs), len(dets), figsize=(3.4 * len(dets), 2.8 * len(srcs)), squeeze=False)
-    for i, s in enumerate(srcs):
-        for j, m in enumerate(dets):
-            g = d[(d.train_source == s) & (d.detector == m)]
-            if not len(g): axes[i, j].axis('off'); continue
-            plot_scores((g.label.to_numpy(), g.score.to_numpy()), threshold=float(c.loc[(m, s), 'threshold']), ax=axes[i, j])
-            axes[i, j].set_title(f'{m} on {s} (calibrated; line: val threshold)', fontsize=8)
-    fig.tight_layout(); figs['score_histograms'] = _fig_png(fig)
-    for s in srcs:  # example faces with the first detector's calibrated scores
-        fs = sets[(s, 'test', 'clean')]; g = d[(d.train_source == s) & (d.detector == cfg['detectors'][0])].reset_index(drop=True)
-        k = cfg['n_examples'] // 2
-        idx = list(np.flatnonzero(g.label == 0)[:k]) + list(np.flatnonzero(g.label == 1)[:k])
-        t = float(c.loc[(cfg['detectors'][0], s), 'threshold'])
-        fig, axes = plt.subplots(1, len(idx), figsize=(1.5 * len(idx), 1.9))
-        for ax, i in zip(np.ravel(axes), idx):
-            ax.imshow(fs.x[i].permute(1, 2, 0).numpy()); ax.axis('off')
-            wrong = (g.score[i] >= t) != bool(g.label[i])
-            ax.set_title(f"{'fake' if g.label[i] else 'real'}\np={g.score[i]:.2f}{' ✗' if wrong else ''}", fontsize=8,
-                         color='crimson' if g.label[i] else 'black')
-        fig.suptitle(f'{cfg["detectors"][0]} on {s} test faces (✗: wrong at the validation threshold)', fontsize=9)
-        figs[f'examples_{s}'] = _fig_png(fig)
-    m = models.get((srcs[0], 'shallownet_v3'))
-    if m is not None:
-        fs = sets[(srcs[0], 'test', 'clean')]; lab = fs.df['label'].to_numpy()
-        idx = list(np.flatnonzero(lab == 0)[:3]) + list(np.flatnonzero(lab == 1)[:3])
-        x = fs.x[idx].float() / 255
-        layer = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)][-1]
-        # gradient x activation, not Grad-CAM: ShallowNetV3's dense head makes Grad-CAM's channel-mean weights cancel (02_metrics)
-        cams = grad_x_act(m.cpu().eval(), x, layer, target=torch.as_tensor(lab[idx]))  # evidence for each face's true class
-        fig = show_cam(x, cams, titles=['real: evidence for real'] * 3 + ['fake: evidence for fake'] * 3)
-        figs['saliency'] = _fig_png(fig if hasattr(fig, 'savefig') else plt.gcf())
-    return figs
-
-
-# %% ../nbs/60_benchmark.ipynb #cell-41
-def _pct(v): return '–' if v is None or v != v else f'{100 * v:.0f}%'
-def _num(v, d=3): return '–' if v is None or v != v else f'{v:.{d}f}'
-
-def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, cfg: dict, data_note: str, test_ids: int,
-                  units: str = 'people') -> list[str]:
-    "The report's opening, in plain words: what was trained on what, the headline numbers with intervals, what they mean."
-    best = calib.sort_values(['val_auroc', 'detector'], ascending=[False, True]).iloc[0]
-    ind = table[(table.setting == 'in-distribution')]
-    row = ind[(ind.detector == best.detector) & (ind.train_source == best.train_source)].iloc[0]
-    out = [f"**What was done.** {data_note} Each detector ({', '.join(cfg['detectors'])}) was trained on one fake source's "
-           f"training split and chosen, calibrated (temperature scaling) and given its decision threshold on the validation "
-           f"split alone. The test split ({test_ids} {units} that no detector saw in training, as a real face or inside a "
-           "fake) was scored once.",
-           f"**Headline.** The detector best on validation, {best.detector} trained on {best.train_source}, separates real from "
-           f"fake test faces with AUROC {row.auroc:.3f} (95% interval {row.auroc_lo:.3f}–{row.auroc_hi:.3f}, resampling {units}). "
-           f"At its validation threshold it labels {_pct(row.acc_val_threshold)} of the test faces correctly "
-           f"(interval {_pct(row.acc_val_threshold_lo)}–{_pct(row.acc_val_threshold_hi)}) and calls {_pct(row.fpr_val_threshold)} "
-           "of the real faces fake."]
-    cross = table[(table.setting == 'cross-generator') & (table.detector == best.detector) & (table.train_source == best.train_source)]
-    for r in cross.itertuples():
-        out.append(f"On fakes of a generator it never saw ({r.test_source}) the same detector reaches AUROC {r.auroc:.3f} "
-                   f"({r.auroc_lo:.3f}–{r.auroc_hi:.3f}): a detector learns the traces of *its* generator.")
-    rob = table[(table.setting == 'robustness') & (table.detector == best.detector) & (table.train_source == best.train_source)]
-    if len(rob):
-        worst = rob.sort_values('auroc').iloc[0]
-        out.append(f"Its hardest robustness condition is {worst.condition} (AUROC {worst.auroc:.3f}); the table below has every one.")
-    if len(qual):
-        bad = qual[(~qual.passes) & qual.split.isin(['all', 'test'])].drop_duplicates('source')
-        if len(bad):
-            out.append("**Fake quality.** " + ' '.join(f"{r.source} misses the course's quality targets ({r.misses}, {r.split} fakes)."
-                                                       for r in bad.itertuples())
-                       + " Results on those fakes are marked ⚠ below: a detector can win by spotting a bad fake.")
-        else:
-            out.append("**Fake quality.** Every fake source meets the course's quality targets (table below).")
-    out.append("**What this does not show.** These are rendered faces (SynthFaces) and fakes made here: the numbers teach how "
-               "the methods behave and compare, not how they would do on real photographs or on deepfakes made by other tools. "
-               f"With {test_ids} test {units} the intervals are wide; a difference inside them is not a finding.")
-    return out
-
-def write_report(run_dir: Path, table: pd.DataFrame, calib: pd.DataFrame, figs: dict, cfg: dict, fake_sets: dict, quality: dict,
-                 info: dict, data_note: str = '') -> dict:
-    """Write report.md, report.html (one file, figures embedded), figures/*.png, results.csv and metrics.json into `run_dir`.
-    metrics.json holds `fake_set` (source -> name), `fake_quality`, the table's rows, `detectors` (checkpoint, validation
-    AUROC, temperature and threshold, read by `deepfake-course detect`), `test_identities` and `seconds`."""
-    from deepfake_course.metrics import fmt_ci
-    run_dir = Path(run_dir); (run_dir/'figures').mkdir(parents=True, exist_ok=True)
-    for k, png in figs.items(): atomic_write_bytes(run_dir/'figures'/f'{k}.png', png)
-    atomic_write_text(run_dir/'results.csv', table.to_csv(index=False))
-    qual = quality_table(quality)
-    failing = set(qual.loc[~qual.passes & qual.split.isin(['all', 'test']), 'source']) if len(qual) else set()
-    view = table[RESULT_KEYS + ['setting', 'n', 'n_groups']].assign(**{
-        'AUROC [95% CI]': fmt_ci(table, 'auroc', pct=False, digits=3), 'EER': table.eer.round(3), 'AP': table.ap.round(3),
-        'ACC@val-thr [95% CI]': fmt_ci(table, 'acc_val_threshold', pct=False, digits=3),
-        'bal. ACC@val-thr': table.balanced_acc.round(3), 'bal. ACC best (oracle)': table.bacc_best.round(3),
-        'real called fake': table.fpr_val_threshold.round(3),
-        'fakes pass quality': np.where(table.test_source.isin(failing), '⚠ no', 'yes')})
-    det_recs = [dict(detector=r.detector, train_source=r.train_source, fake_set=fake_sets.get(r.train_source),
-                     checkpoint=str(Path('detectors')/r.train_source/str(fake_sets.get(r.train_source, '')).split('/')[-1]/r.detector/'final.pt'),
-                     val_auroc=round(float(r.val_auroc), 4), temperature=round(float(r.temperature), 4), threshold=float(r.threshold))
-                for r in calib.itertuples()]
-    keep = ['auroc', 'auroc_lo', 'auroc_hi', 'eer', 'ap', 'acc_val_threshold', 'acc_val_threshold_lo', 'acc_val_threshold_hi',
-            'balanced_acc', 'bacc_best', 'fpr_val_threshold', 'n', 'n_groups']
-    rows = [{**{k: r[k] for k in RESULT_KEYS + ['setting']}, **{k: (None if pd.isna(r[k]) else round(float(r[k]), 4)) for k in keep}}
-            for r in table.to_dict(orient='records')]
-    flat = {f"{m}|{r['detector']}|{r['train_source']}->{r['test_source']}|{r['condition']}": r[m] for r in rows for m in ('auroc', 'acc_val_threshold')}
-    fq = {s: {k: (None if v.get(k) is None else round(float(v[k]), 4)) for k in ('identity_transfer', 'recon_ssim', 'landmark_nme',
-                                                                                   'mtcnn_rate_fake', 'mtcnn_rate_real')}
-          for s, q in quality.items() for v in [q['all']]}
-    test_ids = int(info.get('test_identities', 0))
-    atomic_write_json(run_dir/'metrics.json', {'metrics': flat, 'fake_set': dict(fake_sets), 'fake_quality': fq, 'table': rows,
-                                               'detectors': det_recs, 'test_identities': test_ids, 'seconds': info.get('seconds'),
-                                               'config': cfg, 'info': info})
-    summary = plain_summary(table, calib, qual, cfg, data_note, test_ids, info.get('units', 'people'))
-    sections = [('In-distribution', 'in-distribution'), ('Cross-generator', 'cross-generator'),
-                ('Robustness (test faces perturbed; threshold and temperature from clean validation)', 'robustness'),
-                ('Control: real faces of the people swapped in, against the fakes', 'control')]
-    qview = qual.drop(columns='mtcnn_ratio') if len(qual) else qual
-    title = f"deepfake-course main job ({'quick' if cfg['quick'] else 'full'})"
-    md = [f'# {title}', ''] + [p + '\n' for p in summary]
-    if len(qual):
-        md += ['## The fakes and their quality', '', f"Targets: identity transfer ≥ {QUALITY_TARGETS['identity_transfer']}, masked SSIM ≥ "
-               f"{QUALITY_TARGETS['recon_ssim']}, MTCNN finds the fakes at least {QUALITY_TARGETS['mtcnn_ratio']:.0%} as often as the real faces.", '',
-               md_table(qview), '']
-    for head, key in sections:
-        part = view[view.setting == key]
-        if len(part): md += [f'## {head}', '', md_table(part.drop(columns='setting')), '']
-    md += ['## Detectors (validation)', '', md_table(calib.drop(columns='calibration_note')), '',
-           '## Figures', ''] + [f'![{k}](figures/{k}.png)' for k in figs] + ['', '## Run', '', '```', json.dumps(info, indent=1, default=str), '```']
-    atomic_write_text(run_dir/'report.md', '\n'.join(md) + '\n')
-    md2html = lambda p: html.escape(p).replace('**', '')
-    body = [f"<h1>{html.escape(title)}</h1>"] + [f'<p>{md2html(p)}</p>' for p in summary]
-    if len(qual): body.append('<h2>The fakes and their quality</h2>' + qview.to_html(index=False, border=0, float_format='%.3f'))
-    for head, key in sections:
-        part = view[view.setting == key]
-        if len(part): body.append(f'<h2>{html.escape(head)}</h2>' + part.drop(columns='setting').to_html(index=False, border=0))
-    body.append('<h2>Detectors (validation)</h2>' + calib.drop(columns='calibration_note').to_html(index=False, border=0, float_format='%.3f'))
-    body.append('<h2>Figures</h2>' + ''.join(f'<figure><img src="data:image/png;base64,{base64.b64encode(p).decode()}"/>'
-                                             f'<figcaption>{html.escape(k)}</figcaption></figure>' for k, p in figs.items()))
-    body.append(f'<h2>Run</h2><pre>{html.escape(json.dumps(info, indent=1, default=str))}</pre>')
-    css = 'body{font-family:sans-serif;max-width:1150px;margin:auto}table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd}img{max-width:100%}'
-    atomic_write_text(run_dir/'report.html', f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>{css}</style>' + ''.join(body))
-    return {'markdown': run_dir/'report.md', 'html': run_dir/'report.html', 'metrics': run_dir/'metrics.json'}
-
 
 # %% ../nbs/60_benchmark.ipynb #cell-29
 def _data_spec(real_dir=None, fake_dir=None, dataset=None, dataset_root=None, compression=None) -> dict | None:
@@ -792,7 +494,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     scores = pd.concat(parts, ignore_index=True)
     calib = calibrate(scores)
     table = results_table(scores, calib, n_boot=cfg['n_boot'], seed=seed)
-    figs = report_figures(scores, calib, sets, models, cfg, examples)
+    figs = report_figures(scores, calib, sets, models, cfg, examples, conds=conditions(cfg))
     stage_s = {k: st.load(k).get('seconds') for k in stages}
     info = {'device': str(dev), 'data_root': str(root), 'stages': stage_s, 'test_identities': test_ids, 'units': units,
             'counts': {s: data[s].counts().reset_index().to_dict(orient='records') for s in data}}

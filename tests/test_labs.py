@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deepfake_course import bench, labs
+from deepfake_course import bench, labs, report
 from deepfake_course.bench import FULL, QUICK, main_config
 from deepfake_course.data.manifest import check_no_leak, make_manifest
 from deepfake_course.labs import LabError, _coerce, _parse_grid, _split_values, main, run_lab
@@ -105,25 +105,25 @@ def test_results_table_one_row_per_key_with_identity_intervals():
                                                   identity=ident, target_identity=np.where(y == 1, (ident + 1) % 6, -1),
                                                   label=y.astype(int), score=np.clip(0.3 * y + rng.random(10) * 0.7, 0, 1))))
     scores = pd.concat(rows, ignore_index=True)
-    calib = bench.calibrate(scores)
+    calib = report.calibrate(scores)
     assert len(calib) == 4 and calib.threshold.between(0, 1).all() and (calib.temperature > 0).all()
-    t = bench.results_table(scores, calib, n_boot=50, seed=0)
-    assert len(t) == 16 and not t.duplicated(bench.RESULT_KEYS).any()  # 12 test rows + a control row per (detector, source)
-    assert list(t.columns[:5]) == bench.RESULT_KEYS + ['setting']
+    t = report.results_table(scores, calib, n_boot=50, seed=0)
+    assert len(t) == 16 and not t.duplicated(report.RESULT_KEYS).any()  # 12 test rows + a control row per (detector, source)
+    assert list(t.columns[:5]) == report.RESULT_KEYS + ['setting']
     main = t[t.setting != 'control']
     assert (main.n == 60).all() and (main.n_groups == 6).all() and (t.auroc_lo <= t.auroc).all() and (t.auroc <= t.auroc_hi).all()
     assert {'acc_val_threshold', 'acc_val_threshold_lo', 'acc_val_threshold_hi', 'eer', 'ap', 'bacc_best', 'fpr_val_threshold'} <= set(t.columns)
-    got = t.set_index(bench.RESULT_KEYS).setting
+    got = t.set_index(report.RESULT_KEYS).setting
     assert got[('meso4', 'dcgan', 'dcgan', 'clean')] == 'in-distribution'
     assert got[('meso4', 'dcgan', 'faceswap-df', 'clean')] == 'cross-generator'
     assert got[('meso4', 'dcgan', 'dcgan', 'jpeg50')] == 'robustness'
     assert got[('meso4', 'dcgan', 'dcgan', 'control')] == 'control'
     # the validation rows decide the threshold: moving the val scores moves the test ACC, not the AUROC
     shifted = scores.assign(score=np.where(scores.split == 'val', np.clip(scores.score + 0.25, 0, 1), scores.score))
-    t2 = bench.results_table(shifted, bench.calibrate(shifted), n_boot=50, seed=0).set_index(bench.RESULT_KEYS)
+    t2 = report.results_table(shifted, report.calibrate(shifted), n_boot=50, seed=0).set_index(report.RESULT_KEYS)
     k = ('meso4', 'dcgan', 'dcgan', 'clean')
-    assert t2.loc[k, 'auroc'] == pytest.approx(t.set_index(bench.RESULT_KEYS).loc[k, 'auroc'])
-    assert not np.allclose(bench.calibrate(shifted).threshold, calib.threshold)
+    assert t2.loc[k, 'auroc'] == pytest.approx(t.set_index(report.RESULT_KEYS).loc[k, 'auroc'])
+    assert not np.allclose(report.calibrate(shifted).threshold, calib.threshold)
     assert not hasattr(bench, 'pretty_table')
 
 
