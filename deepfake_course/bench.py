@@ -14,8 +14,7 @@ import torch
 
 from .core import (get_data_root, get_device, seed_everything, cfg_hash, atomic_write_text,
                                   atomic_write_json, n_params, progress)
-from .report import (QUALITY_TARGETS, RESULT_KEYS, calibrate, results_table, bootstrap_unit, fake_examples_figure,
-                                    report_figures, write_report)
+from .report import calibrate, results_table, bootstrap_unit, fake_examples_figure, report_figures, write_report
 
 
 # %% auto #0
@@ -30,7 +29,7 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION',
 # swap works at 32 px, the size of a head in a 64-px SynthFaces frame, so a step costs a quarter of a 64-px one and the swap
 # is not upsampled blur; each split's model trains on 96 other renders per side, 30% of its 440 steps with random warp, then
 # sharpening as the learning rate falls. Measured (2 cores, one test split's model): 450 steps give masked SSIM 0.55,
-# 1200 steps 0.70; neither reaches QUALITY_TARGETS, which the report says. `fs_pretrain_steps` > 0 adds DFL's pretraining.
+# 1200 steps 0.70; neither reaches report.QUALITY_TARGETS, which the report says. `fs_pretrain_steps` > 0 adds DFL's pretraining.
 QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              fs_size=32, fs_train_faces=96, fs_steps=440, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
              fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge_erode=1, merge_blur=3, merge_color='rct',
@@ -258,7 +257,7 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
                                    models=models, recipe=recipe))
     out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
     if w.exists: return {**out, **read_card(w.path)['sources']['job']}
-    res, job = cfg['fs_size'], dict(quality={}, train_seconds={}, examples={})
+    res, job = cfg['fs_size'], dict(quality={}, train_seconds={})
     pre, job['pretrain_seconds'] = pretrained_swap_model(cfg, data_root, device, verbose)
     swapped = {}
     for s, m in models.items():
@@ -284,7 +283,6 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
         job['quality'][s] = swap_quality(model, src, dst_all, sw_all, judges, res)
         job['train_seconds'][s] = round(r.seconds, 1)
         job['n_params'] = n_params(model)
-        job['examples'][s] = dict(src=m['src'], dst=m['dst'][0])
     job['quality']['all'] = _pooled({s: q for s, q in job['quality'].items()})
     job['quality']['judges'] = dict(identity_acc_real=judges.real_acc, landmark_nme_real=judges.nme_floor)
     w.sources['job'] = job  # kept in the card: a later run that reuses the set reads its quality from there
@@ -411,7 +409,7 @@ def _data_spec(real_dir=None, fake_dir=None, dataset=None, dataset_root=None, co
     if compression is not None: raise ValueError("--compression goes with --dataset ff++ or ff++-dfd")
     return dict(real_dir=str(Path(real_dir).expanduser().resolve()), fake_dir=str(Path(fake_dir).expanduser().resolve()))
 
-def user_data(spec: dict, cfg: dict, data_root: Path, device='auto', verbose=None, log=print):
+def user_data(spec: dict, cfg: dict, data_root: Path, device='auto', verbose=None):
     """The user's data as the job's one source `yours`: manifest (checked, split by identity or video), MTCNN face crops
     (cached under the data root, resumable), and a DetectionData; its quality is MTCNN's detection rate on fake and real files."""
     from deepfake_course.yourdata import folder_pair_manifest, dataset_manifest, extract_face_crops, user_detection_data
@@ -474,7 +472,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
                 f"trained on the training people only; next to them the real faces go through {cfg['gan_size']} px too, so "
                 "resolution gives nothing away).")
     else:
-        d, q = user_data(spec, cfg, root, dev, verbose, log)
+        d, q = user_data(spec, cfg, root, dev, verbose)
         fake_sets, quality, data = {'yours': d.fake_set}, {'yours': q}, {'yours': d}
         test_ids, units = int(d.test.df['identity'].nunique()), 'groups (people or videos)'
         note = f"Your data: {d.note}"

@@ -218,7 +218,6 @@ def report_figures(scores: pd.DataFrame, calib: pd.DataFrame, sets: dict, models
 
 # %% ../nbs/60b_report.ipynb #cell-12
 def _pct(v): return '–' if v is None or v != v else f'{100 * v:.0f}%'
-def _num(v, d=3): return '–' if v is None or v != v else f'{v:.{d}f}'
 
 def plain_summary(table: pd.DataFrame, calib: pd.DataFrame, qual: pd.DataFrame, cfg: dict, data_note: str, test_ids: int,
                   units: str = 'people') -> list[str]:
