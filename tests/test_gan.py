@@ -1,6 +1,6 @@
-"""Unit tests of deepfake_course.generate.gan: shapes, the paper's DCGAN, progressive-growing schedule,
-modulated convolution, exact resume after an interruption, checkpoint checks (the course's one format), fake sets
-through FakeSetWriter, and the MTCNN face rate the GAN notebook judges samples with."""
+"""Unit tests of deepfake_course.generate.gan (notebook 21): the shared GAN machinery (trainer base class, registry,
+exact resume, the course's checkpoint format, the judges, quality bars, fake sets through FakeSetWriter) and the
+paper's DCGAN. Progressive growing, the style-based generators and StarGAN have their own test files."""
 import json, math
 import numpy as np
 import pandas as pd
@@ -21,18 +21,13 @@ def _imgs(n=24, size=16, c=3, seed=0):
     return (0.7 * base + 0.3 * torch.rand(n, c, size, size, generator=g)).clamp(0, 1)
 
 
-TINY = {
-    'dcgan': dict(size=16, ngf=8, ndf=8, batch=8),
-    'pggan': dict(size=16, start_res=8, fmap_base=64, fmap_max=16, batch=8, stab=3, fade=3),
-    'stylegan': dict(size=16, z_dim=16, w_dim=16, n_mlp=2, channels=8, batch=8, r1_every=4),
-    'stargan': dict(size=16, conv_dim=8, n_res=1, batch=8, n_critic=2),
-}
+TINY = {'dcgan': dict(size=16, ngf=8, ndf=8, batch=8)}
+Q = {'mtcnn_rate': 0.75, 'fd': 12.0}  # measured quality a fake set's card records (here: made up, above the bar)
 
 
-def _trainer(name, data=None, **kw):
+def _trainer(name='dcgan', data=None, **kw):
     data = _imgs() if data is None else data
-    labels = (torch.arange(len(data))[:, None] % torch.tensor([2, 3]) == 0).float() if name == 'stargan' else None
-    return G.build_generator(name, data, labels=labels, device='cpu', **{**TINY[name], **kw})
+    return G.build_generator(name, data, device='cpu', **{**TINY[name], **kw})
 
 
 def test_bad_datasets():
@@ -46,16 +41,11 @@ def test_bad_datasets():
     with pytest.raises(ValueError, match='unknown setting'): G.DCGANTrainer(_imgs(), size=16, ngff=3)
 
 
-@pytest.mark.parametrize('res', [48, 12, 0, 3.0, 2048])
-def test_progressive_growing_needs_power_of_two(res):
-    with pytest.raises(ValueError, match='power of two'): G.PGGANTrainer(_imgs(size=16), size=res)
-    with pytest.raises(ValueError, match='power of two'): G.PGGenerator(res)
-
-
-def test_other_resolution_errors():
-    with pytest.raises(ValueError, match='power of two'): G.DCGANGenerator(size=24)
-    with pytest.raises(ValueError, match='power of two'): G.StyleGenerator(40)
-    with pytest.raises(ValueError, match='larger than size'): G.PGGANTrainer(_imgs(size=16), size=16, start_res=32)
+def test_resolution_errors():
+    for res in [48, 12, 0, 3.0, 2048]:
+        with pytest.raises(ValueError, match='power of two'): G.DCGANGenerator(size=res)
+        with pytest.raises(ValueError, match='power of two'): G.check_resolution(res)
+    with pytest.raises(ValueError, match='power of two'): G.DCGANTrainer(_imgs(), size=24)
 
 
 def test_dcgan_exact_paper_configuration():
@@ -68,47 +58,36 @@ def test_dcgan_exact_paper_configuration():
     assert (cfg['nz'], cfg['ngf'], cfg['ndf'], cfg['batch'], cfg['lr'], cfg['beta1'], cfg['size']) == (100, 64, 64, 64, 2e-4, 0.5, 64)
 
 
-def test_pg_schedule_and_fade():
-    assert G.pg_schedule(0, 1, 3, 10, 10) == (1, 1.0)
-    assert G.pg_schedule(15, 1, 3, 10, 10) == (2, 0.5)
-    assert G.pg_schedule(25, 1, 3, 10, 10) == (2, 1.0)
-    assert G.pg_schedule(1000, 1, 3, 10, 10) == (3, 1.0)
-    assert G.pg_total_steps(8, 32, 10, 10) == 50
-    g = G.PGGenerator(32, 16, fmap_base=64, fmap_max=16)
-    z = torch.randn(4, 16)
-    # alpha = 0 is exactly the upscaled previous resolution; alpha = 1 the new block
-    lo = g(z, 1, 1.0); mid0 = g(z, 2, 0.0)
-    assert torch.allclose(mid0, torch.nn.functional.interpolate(lo, scale_factor=2, mode='nearest'), atol=1e-6)
-    d = G.PGDiscriminator(32, fmap_base=64, fmap_max=16)
-    assert d(g(z, 3, 0.5), 3, 0.5).shape == (4,)
-
-
 def test_building_blocks():
     torch.manual_seed(0)
     x = G.PixelNorm()(torch.randn(2, 8, 4, 4) * 5)
     assert torch.allclose(x.pow(2).mean(1), torch.ones(2, 4, 4), atol=1e-4)
     y = G.minibatch_stddev(torch.randn(8, 3, 4, 4))
     assert y.shape == (8, 4, 4, 4) and (y[:, -1] > 0).all()
-    mc = G.ModConv2d(8, 16, 3, 4)
-    out = mc(torch.randn(4, 8, 8, 8), torch.randn(4, 4) * 10)
-    assert abs(out.std().item() - 1) < 0.2  # demodulated: unit variance whatever the style's scale
+    assert abs(G.EqLinear(512, 512)(torch.randn(256, 512)).std().item() - math.sqrt(2)) < 0.1  # He: variance × gain²
+    assert abs(G.EqConv2d(64, 64, 3, gain=1)(torch.randn(16, 64, 8, 8)).std().item() - 1) < 0.1
 
 
-def test_style_generator_truncation_and_mixing():
-    torch.manual_seed(0)
-    sg = G.StyleGenerator(16, 8, 8, 2, 8)
-    sg.w_avg.normal_()
-    z, z2 = torch.randn(3, 8), torch.randn(3, 8)
-    assert torch.allclose(sg.styles(z, truncation=0.0), sg.w_avg.expand(3, sg.n_styles, -1))
-    a = sg(z, z2, mix_at=0, noise_mode='const'); b = sg(z2, noise_mode='const')
-    assert torch.allclose(a, b, atol=1e-5)  # mixing at slot 0 = all styles from z2
-    c = sg(z, z2, mix_at=2, noise_mode='const')
-    assert not torch.allclose(c, b) and not torch.allclose(c, sg(z, noise_mode='const'))
+def test_judge(tmp_path):
+    f = G.synth_attribute_faces(6, 4, size=16, seed=0)
+    j = G.GANJudge(f['images'], f['identity'], size=16, n_eval=8, feat_epochs=1, device='cpu', data_root=tmp_path, verbose=False)
+    assert len(j.ref_idx) == len(j.alt_idx) == 8 and not set(j.ref_idx.tolist()) & set(j.alt_idx.tolist())
+    assert set(j.real) == {'fd', 'precision', 'recall', 'mtcnn_rate'} and j.fd_floor >= 0
+    assert list((tmp_path / 'models' / 'gan-judge').iterdir())  # the feature network is cached in the data root
+    noise = torch.rand(8, 3, 16, 16)
+    assert j(noise, mtcnn=False)['fd'] > j.fd_floor  # noise is further from the real faces than other real faces are
+    big = j(resize(f['images'][:8], 64), mtcnn=False)  # any sample size: the features are taken at the judge's size
+    assert big['fd'] < j(noise, mtcnn=False)['fd']
+    tr = G.DCGANTrainer(f['images'], size=16, ngf=8, ndf=8, batch=8, device='cpu')
+    assert set(j.of(tr, n=8)) == {'fd', 'precision', 'recall', 'mtcnn_rate'}
+    with pytest.raises(ValueError, match='identities of shape'): G.GANJudge(f['images'], [0, 1], size=16, data_root=tmp_path)
+    with pytest.raises(ValueError, match='one identity'): G.GANJudge(f['images'], [3] * 24, size=16, data_root=tmp_path)
+    j2 = G.GANJudge(f['images'], f['identity'], size=16, n_eval=8, feat_epochs=1, device='cpu', data_root=tmp_path, verbose=False)
+    assert j2.fd_floor == j.fd_floor  # loaded, not retrained: the same network
 
 
-@pytest.mark.parametrize('name', ['dcgan', 'pggan', 'stylegan', 'stargan'])
-def test_interrupted_training_resumes_exactly(name, tmp_path):
-    steps = 9  # pggan: levels change at steps 3 and 9 (optimiser reset), stargan: G every 2nd step
+def test_interrupted_training_resumes_exactly(tmp_path):
+    name, steps = 'dcgan', 9
     torch.manual_seed(1); a = _trainer(name).fit(steps, verbose=False)
 
     def interrupt(tr):
@@ -129,8 +108,9 @@ def test_interrupted_training_resumes_exactly(name, tmp_path):
 def test_checkpoint_of_another_generator_is_refused(tmp_path):
     _trainer('dcgan').fit(2, ckpt_dir=tmp_path, verbose=False)
     ck = tmp_path / 'checkpoint.pt'
-    with pytest.raises(G.CheckpointError, match="holds a 'dcgan' model, not 'stylegan'"): _trainer('stylegan').load(ck)
-    with pytest.raises(G.CheckpointError, match="'dcgan' model, not 'stylegan'"): _trainer('stylegan').fit(4, ckpt_dir=tmp_path, verbose=False)
+    class Other(G.DCGANTrainer): name = 'other-gan'  # another generator with the same networks
+    with pytest.raises(G.CheckpointError, match="holds a 'dcgan' model, not 'other-gan'"): Other(_imgs(), **TINY['dcgan']).load(ck)
+    with pytest.raises(G.CheckpointError, match="'dcgan' model, not 'other-gan'"): Other(_imgs(), **TINY['dcgan']).fit(4, ckpt_dir=tmp_path, verbose=False)
     with pytest.raises(G.CheckpointError, match="'dcgan' model built with another configuration.*ngf: checkpoint 8 vs now 4"): _trainer('dcgan', ngf=4).load(ck)
     with pytest.raises(G.CheckpointError, match='another configuration.*data_sha1'): _trainer('dcgan', data=_imgs(seed=5)).load(ck)
     bad = tmp_path / 'bad.pt'; bad.write_bytes(b'not a checkpoint')
@@ -144,39 +124,38 @@ def test_checkpoint_of_another_generator_is_refused(tmp_path):
     assert _trainer('dcgan').fit(1, ckpt_dir=tmp_path, resume=False, verbose=False).step == 1
 
 
-def test_registry():
-    assert set(G.GENERATORS) == {'dcgan', 'pggan', 'stylegan', 'stargan'}
-    assert all(G.GENERATORS[k].name == k for k in G.GENERATORS)
-    with pytest.raises(KeyError, match='unknown generator'): G.build_generator('biggan', _imgs())
-    with pytest.raises(ValueError, match='labels'): G.StarGANTrainer(_imgs(), size=16)
-    with pytest.raises(ValueError, match='0 or 1'): G.StarGANTrainer(_imgs(), labels=torch.rand(24, 2), size=16)
+def test_registry(tmp_path):
+    gens = G.generators()  # imports every generator module of the course
+    assert set(gens) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'}
+    assert all(gens[k].name == k and issubclass(gens[k], G.GANTrainer) for k in gens)
+    assert {gens[k].__module__.rsplit('.', 1)[1] for k in gens} == {'gan', 'pggan', 'stylegan', 'stargan'}
+    with pytest.raises(KeyError, match='unknown generator.*dcgan'): G.build_generator('biggan', _imgs())
+    with pytest.raises(TypeError, match='not a GANTrainer'): G.register_generator(dict)
+    class Clash(G.DCGANTrainer): name = 'dcgan'
+    with pytest.raises(ValueError, match="'dcgan' is taken"): G.register_generator(Clash)
+    assert G.GENERATORS['dcgan'] is G.DCGANTrainer and G.register_generator(G.DCGANTrainer) is G.DCGANTrainer
+    tr = _trainer()
+    assert G.gan_model_dir(tr, tmp_path) == tmp_path / 'models' / 'gan' / tr.run_id
 
 
-def test_stargan_edit_shapes():
-    tr = _trainer('stargan')
-    out = tr.edit(_imgs(3), torch.tensor([1., 0.]))
-    assert out.shape == (3, 3, 16, 16)
-    with pytest.raises(ValueError, match='2 attributes'): tr.edit(_imgs(3), torch.ones(3, 5))
+def test_quality_verdict():
+    v = G.quality_verdict({'mtcnn_rate': 0.61, 'fd': 30.0, 'precision': 0.5})
+    assert v['meets_bar'] and v['failed'] == [] and v['bars'] == {'mtcnn_rate': ['>=', 0.6]} and v['figures']['fd'] == 30.0
+    v = G.quality_verdict({'mtcnn_rate': 0.9, 'attr_acc': 0.7, 'l1_rest': 0.06})
+    assert not v['meets_bar'] and v['failed'] == ['attr_acc', 'l1_rest']
+    assert G.quality_verdict({'mtcnn_rate': 0.9, 'l1_rest': 0.05})['meets_bar']  # the bars are inclusive
+    with pytest.raises(ValueError, match='measured quality'): G.quality_verdict(None)
+    with pytest.raises(ValueError, match='measured quality'): G.quality_verdict({'fd': 3.0})
+    with pytest.raises(ValueError, match='finite'): G.quality_verdict({'mtcnn_rate': float('nan')})
 
 
-def test_checkpoint_is_the_course_format(tmp_path):
-    from deepfake_course.train import read_checkpoint, model_info
-    tr = _trainer('pggan').fit(4, ckpt_dir=tmp_path, ckpt_every=2, verbose=False)
-    ck = read_checkpoint(tmp_path / 'checkpoint.pt')  # G, D, the EMA copy and both optimisers: one file, one format
-    assert ck['name'] == 'pggan' and ck['parts']['model'] == ['G', 'D', 'G_ema'] and ck['parts']['optimizer'] == ['opt_g', 'opt_d']
-    assert ck['config']['data_sha1'] == tr.data_sha1 and ck['config']['fmap_max'] == 16 and ck['step'] == 4 and ck['rng'] is not None
-    assert model_info(tmp_path / 'checkpoint.pt')['name'] == 'pggan'
-    fresh = _trainer('pggan').load(tmp_path / 'checkpoint.pt')
-    assert fresh.step == 4 and fresh.level == tr.level and len(fresh.history) == 4
-    assert all(torch.equal(a, b) for a, b in zip(tr.G_ema.state_dict().values(), fresh.G_ema.state_dict().values()))
-
-
-@pytest.mark.parametrize('name', ['dcgan', 'stargan'])
-def test_fake_set(name, tmp_path):
+def test_fake_set(tmp_path):
     from PIL import Image
+    name = 'dcgan'
     tr = _trainer(name).fit(2, verbose=False)
     on = {'split': 'train', 'identities': [0, 1]}
-    fs = G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0)
+    with pytest.raises(ValueError, match='measured quality'): G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path)
+    fs = G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0, quality=Q)
     folder = resolve_fake_set(fs, tmp_path)
     assert fs.startswith(f'{name}/') and folder.parent == tmp_path.resolve() / 'fakes' / name
     df = pd.read_csv(folder / 'manifest.csv', keep_default_na=False)
@@ -184,7 +163,6 @@ def test_fake_set(name, tmp_path):
     assert set(df.label) == {1} and set(df.source) == {name} and set(df.kind) == {'image'} and set(df.frame) == {-1}
     assert set(df.split) == {'train', 'val', 'test'} and (df.split == 'train').sum() == 14
     assert set(df.clip_id) == {''} and set(df.identity) == {-1} and set(df.target_identity) == {-1}  # GAN faces are nobody
-    if name == 'stargan': assert {'edited_attr', 'new_value', 'source_index'} <= set(df.columns)
     png = folder / df.path[0]
     tags = read_provenance(png)
     assert tags['synthetic'] == 'true' and tags['method'] == name and 'deepfake-course' in tags['software'] and tags['fake_set'] == fs
@@ -192,31 +170,36 @@ def test_fake_set(name, tmp_path):
     card = read_card(folder)
     assert card['total'] == 20 and card['config']['generator'] == name and card['method'] == name
     assert card['sources']['trained_on']['split'] == 'train' and card['sources']['trained_on']['identities'] == [0, 1]
-    assert G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0) == fs  # reused
-    assert G.make_gan_fake_set(tr, 10, trained_on=on, data_root=tmp_path, seed=0) != fs  # another request, another set
+    assert card['sources']['quality'] == G.quality_verdict(Q) and 'BELOW' not in card['description']
+    assert G.make_gan_fake_set(tr, 20, trained_on=on, data_root=tmp_path, seed=0, quality=Q) == fs  # reused
+    assert G.make_gan_fake_set(tr, 10, trained_on=on, data_root=tmp_path, seed=0, quality=Q) != fs  # another request, another set
+    low = read_card(resolve_fake_set(G.make_gan_fake_set(tr, 10, trained_on=on, data_root=tmp_path, seed=1,
+                                                         quality={'mtcnn_rate': 0.1}), tmp_path))
+    assert low['sources']['quality']['failed'] == ['mtcnn_rate'] and 'BELOW ITS QUALITY BAR (mtcnn_rate)' in low['description']
     assert not [p for p in folder.parent.iterdir() if 'partial' in p.name]
-    with pytest.raises(ValueError, match='positive'): G.make_gan_fake_set(tr, 0, trained_on=on, data_root=tmp_path)
+    with pytest.raises(ValueError, match='positive'): G.make_gan_fake_set(tr, 0, trained_on=on, data_root=tmp_path, quality=Q)
 
 
 def test_fake_set_identities_splits_and_sources(tmp_path):
     on = {'split': 'train'}
     dc = _trainer('dcgan').fit(1, verbose=False)
-    with pytest.raises(ValueError, match='trained on'): G.make_gan_fake_set(dc, 4, data_root=tmp_path)  # the card must say
-    with pytest.raises(ValueError, match='unknown split'): G.make_gan_fake_set(dc, 4, split='holdout', trained_on=on, data_root=tmp_path)
-    with pytest.raises(ValueError, match='one per image'): G.make_gan_fake_set(dc, 4, split=['train', 'test'], trained_on=on, data_root=tmp_path)
-    with pytest.raises(ValueError, match='summing to 1'): G.make_gan_fake_set(dc, 4, split=(0.5, 0.5, 0.5), trained_on=on, data_root=tmp_path)
-    one = read_fake_set(G.make_gan_fake_set(dc, 4, split='test', trained_on=on, data_root=tmp_path), tmp_path)
+    with pytest.raises(ValueError, match='trained on'): G.make_gan_fake_set(dc, 4, data_root=tmp_path, quality=Q)  # the card must say
+    with pytest.raises(ValueError, match='unknown split'): G.make_gan_fake_set(dc, 4, split='holdout', trained_on=on, data_root=tmp_path, quality=Q)
+    with pytest.raises(ValueError, match='one per image'): G.make_gan_fake_set(dc, 4, split=['train', 'test'], trained_on=on, data_root=tmp_path, quality=Q)
+    with pytest.raises(ValueError, match='summing to 1'): G.make_gan_fake_set(dc, 4, split=(0.5, 0.5, 0.5), trained_on=on, data_root=tmp_path, quality=Q)
+    one = read_fake_set(G.make_gan_fake_set(dc, 4, split='test', trained_on=on, data_root=tmp_path, quality=Q), tmp_path)
     assert set(one.split) == {'test'} and set(one.identity) == {-1}
-    per = read_fake_set(G.make_gan_fake_set(dc, 4, split=['train', 'val', 'test', 'test'], trained_on=on, data_root=tmp_path), tmp_path)
+    per = read_fake_set(G.make_gan_fake_set(dc, 4, split=['train', 'val', 'test', 'test'], trained_on=on, data_root=tmp_path, quality=Q), tmp_path)
     assert per.sort_values('path').split.tolist() == ['train', 'val', 'test', 'test']
-    # StarGAN edits keep their source face's identity: fractions are drawn per identity, so no person straddles two splits
-    data = _imgs(); ids = torch.arange(len(data)) // 4  # 6 identities
-    labels = (torch.arange(len(data))[:, None] % torch.tensor([2, 3]) == 0).float()
-    st = G.StarGANTrainer(data, labels=labels, identities=ids, device='cpu', **TINY['stargan']).fit(1, verbose=False)
-    name = G.make_gan_fake_set(st, 30, data_root=tmp_path)  # the trainer's identities fill trained_on
-    df = read_fake_set(name, tmp_path)
+    # images that show someone (StarGAN edits keep their source face): fractions are drawn per identity, so no person straddles two splits
+    ids = (torch.arange(30) // 5).tolist()  # 6 identities
+    df = read_fake_set(G.make_gan_fake_set(dc, 30, identity=ids, trained_on=on, data_root=tmp_path, quality=Q), tmp_path)
     assert df.identity.min() >= 0 and (df.groupby('identity').split.nunique() == 1).all() and df.split.nunique() > 1
-    assert (df.identity.to_numpy() == ids.numpy()[df.source_index.to_numpy()]).all()
+    assert sorted(df.identity.tolist()) == sorted(ids)
+    # the trainer's own identities fill trained_on
+    data = _imgs(); tids = torch.arange(len(data)) // 4
+    named = G.DCGANTrainer(data, identities=tids, device='cpu', **TINY['dcgan']).fit(1, verbose=False)
+    name = G.make_gan_fake_set(named, 6, data_root=tmp_path, quality=Q)
     assert read_card(resolve_fake_set(name, tmp_path))['sources']['trained_on']['identities'] == list(range(6))
 
 
@@ -230,7 +213,7 @@ def test_fake_set_build_failure_leaves_nothing(tmp_path, monkeypatch):
         if calls['n'] == 5: raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(fakes, 'write_png', boom)
-    with pytest.raises(KeyboardInterrupt): G.make_gan_fake_set(tr, 10, trained_on={'split': 'train'}, data_root=tmp_path)
+    with pytest.raises(KeyboardInterrupt): G.make_gan_fake_set(tr, 10, trained_on={'split': 'train'}, data_root=tmp_path, quality=Q)
     assert list((tmp_path / 'fakes' / 'dcgan').iterdir()) == []
 
 
