@@ -176,6 +176,13 @@ def test_fake_set(tmp_path):
     low = read_card(resolve_fake_set(G.make_gan_fake_set(tr, 10, trained_on=on, data_root=tmp_path, seed=1,
                                                          quality={'mtcnn_rate': 0.1}), tmp_path))
     assert low['sources']['quality']['failed'] == ['mtcnn_rate'] and 'BELOW ITS QUALITY BAR (mtcnn_rate)' in low['description']
+    from deepfake_course.data.fakes import BelowQualityBar
+    with pytest.warns(BelowQualityBar, match=r'below its generator.s quality bar: mtcnn_rate 0.1 \(bar >= 0.6\)'):
+        got = read_fake_set(low['name'], tmp_path)
+    assert got.attrs['quality']['meets_bar'] is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', BelowQualityBar); assert read_fake_set(fs, tmp_path).attrs['quality']['meets_bar']
     assert not [p for p in folder.parent.iterdir() if 'partial' in p.name]
     with pytest.raises(ValueError, match='positive'): G.make_gan_fake_set(tr, 0, trained_on=on, data_root=tmp_path, quality=Q)
 

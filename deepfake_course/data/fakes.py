@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11b_fakes.ipynb #cell-4
 from __future__ import annotations
-import os, shutil, tempfile, time
+import os, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from .manifest import make_manifest, read_manifest, write_manifest, check_no_lea
 
 # %% auto #0
 __all__ = ['FAKES', 'CARD_SCHEMA', 'FakeSetNotFound', 'FakeSetWriter', 'read_card', 'list_fake_sets', 'resolve_fake_set',
-           'fake_set_name', 'read_fake_set', 'ensure_fake_set', 'show_fake_set']
+           'fake_set_name', 'BelowQualityBar', 'read_fake_set', 'ensure_fake_set', 'show_fake_set']
 
 # %% ../../nbs/11b_fakes.ipynb #cell-7
 FAKES = 'fakes'          # <data_root>/fakes/<method>/<config hash>/
@@ -160,13 +160,23 @@ def fake_set_name(fake_set, data_root=None) -> str:
     "The `method/hash` name of a fake set (from its card)."
     return read_card(resolve_fake_set(fake_set, data_root))['name']
 
+class BelowQualityBar(UserWarning):
+    "A fake set whose generator missed its quality bar is being read: say so next to any result on it."
+
 def read_fake_set(fake_set, data_root=None) -> pd.DataFrame:
-    "The manifest of a fake set (absolute paths), checked for leaks; `attrs['fake_set']` holds its name and `attrs['card']` its card."
+    """The manifest of a fake set (absolute paths), checked for leaks; `attrs['fake_set']` holds its name, `attrs['card']` its card
+    and `attrs['quality']` the generator's measured quality and verdict, where the card has one (GAN sets); a set below its
+    bar is read with a `BelowQualityBar` warning that names the figures it missed."""
     d = resolve_fake_set(fake_set, data_root)
     df = read_manifest(d)
     check_no_leak(df, 'identity'); check_no_leak(df, 'clip_id')
     card = read_card(d)
-    df.attrs.update(fake_set=card['name'], card=card)
+    q = (card.get('sources') or {}).get('quality')
+    df.attrs.update(fake_set=card['name'], card=card, quality=q)
+    if isinstance(q, dict) and q.get('meets_bar') is False:
+        missed = ', '.join(f"{k} {q['figures'][k]:.3g} (bar {' '.join(map(str, q['bars'][k]))})" for k in q['failed'])
+        warnings.warn(f"fake set {card['name']} is below its generator's quality bar: {missed}; "
+                      "a detector's result on it says little about fakes of this kind", BelowQualityBar, stacklevel=2)
     return df
 
 def ensure_fake_set(method: str, config: dict, build: Callable[[FakeSetWriter], None], data_root=None,
@@ -179,6 +189,7 @@ def ensure_fake_set(method: str, config: dict, build: Callable[[FakeSetWriter], 
     if verbose: print(f"fake set {w.name}: not found, building it with this configuration")
     with w: build(w)
     return w.name
+
 
 
 # %% ../../nbs/11b_fakes.ipynb #cell-13
