@@ -4,7 +4,7 @@
 
 # %% ../../nbs/21_gans.ipynb #cell-5
 from __future__ import annotations
-import copy, hashlib, math, time
+import hashlib, math, time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,39 +23,43 @@ from ..fidelity import ALIGNED_RANGES, check_images, crop_faces  # the judges' r
 # %% auto #0
 __all__ = ['ATTRS', 'GENERATORS', 'GENERATOR_MODULES', 'QUALITY_BARS', 'synth_attribute_faces', 'synth_counterfactual',
            'gan_quality', 'GANJudge', 'EqLinear', 'EqConv2d', 'PixelNorm', 'minibatch_stddev', 'is_pow2',
-           'check_resolution', 'DCGANGenerator', 'DCGANDiscriminator', 'GANTrainer', 'ema_update', 'register_generator',
-           'DCGANTrainer', 'generators', 'build_generator', 'gan_model_dir', 'interpolate_latents', 'quality_verdict',
-           'make_gan_fake_set', 'pg_schedule', 'pg_total_steps', 'PGGenerator', 'PGDiscriminator', 'gradient_penalty',
-           'PGGANTrainer', 'ModConv2d', 'StyleLayer', 'ToRGB', 'StyleGenerator', 'StyleDiscriminator',
-           'StyleGANTrainer', 'StarGenerator', 'StarDiscriminator', 'StarGANTrainer']
+           'check_resolution', 'gradient_penalty', 'DCGANGenerator', 'DCGANDiscriminator', 'GANTrainer', 'ema_update',
+           'register_generator', 'DCGANTrainer', 'generators', 'build_generator', 'gan_model_dir',
+           'interpolate_latents', 'quality_verdict', 'make_gan_fake_set']
 
 # %% ../../nbs/21_gans.ipynb #cell-9
 ATTRS = {'smile': (0.0, 1.0), 'mouth_open': (0.0, 0.9)}  # renderer parameter: (value when off, value when on)
 
 def synth_attribute_faces(n_identities: int, per_identity: int, size: int = 32, seed: int = 0, attrs: Sequence[str] = tuple(ATTRS),
-                          margin: float = 1.6, render_size: int | None = None, **ranges) -> dict:
-    "Aligned SynthFaces crops whose `attrs` are each off or on (random); returns images, labels (N×len(attrs)), identity, params, landmarks68."
+                          margin: float = 1.6, render_size: int | None = None, values: dict | None = None, **ranges) -> dict:
+    """Aligned SynthFaces crops whose `attrs` are each off or on at random (renderer values from `values`, default `ATTRS`);
+    returns images, labels (N×len(attrs)), attrs, values, identity, params, landmarks68 and what a counterfactual needs."""
     from deepfake_course.data.synth import sample_params, render
-    bad = [a for a in attrs if a not in ATTRS]
-    if bad: raise ValueError(f"unknown attribute(s) {bad}; known: {list(ATTRS)}")
+    vals = {**ATTRS, **(values or {})}
+    bad = [a for a in attrs if a not in vals]
+    if bad: raise ValueError(f"unknown attribute(s) {bad}; known: {list(vals)}")
+    vals = {a: tuple(float(v) for v in vals[a]) for a in attrs}
     p = sample_params(n_identities, per_identity, seed, **{**ALIGNED_RANGES, **ranges})
     g = torch.Generator().manual_seed(seed + 7919)
     labels = (torch.rand(len(p['yaw']), len(attrs), generator=g) < 0.5).float()
-    for j, a in enumerate(attrs): p[a] = torch.where(labels[:, j] > 0, ATTRS[a][1], ATTRS[a][0]).float()
-    out = render(p, render_size or max(64, 2 * size))
+    for j, a in enumerate(attrs): p[a] = torch.where(labels[:, j] > 0, vals[a][1], vals[a][0]).float()
+    rs = render_size or max(64, 2 * size)
+    out = render(p, rs)
     return {'images': crop_faces(out['images'], out['landmarks68'], size, margin), 'labels': labels, 'attrs': list(attrs),
-            'identity': out['identity'], 'params': p, 'landmarks68': out['landmarks68'], 'size': size, 'margin': margin,
-            'render_size': render_size or max(64, 2 * size)}
+            'values': vals, 'identity': out['identity'], 'params': p, 'landmarks68': out['landmarks68'], 'size': size,
+            'margin': margin, 'render_size': rs}
 
 def synth_counterfactual(faces: dict, index, target) -> torch.Tensor:
-    "Re-render faces[index] with their attributes set to `target` (same person, pose, light; the same crop box)."
+    "Re-render faces[index] with their attributes set to `target` (0/1 per attribute): same person, pose, light and crop box."
     from deepfake_course.data.synth import render
     index = torch.as_tensor(index).long(); target = torch.as_tensor(target).float()
+    if target.shape != (len(index), len(faces['attrs'])):
+        raise ValueError(f"synth_counterfactual: target must be {len(index)}×{len(faces['attrs'])} ({faces['attrs']}), got {tuple(target.shape)}")
     p = {k: v[index].clone() for k, v in faces['params'].items()}
-    for j, a in enumerate(faces['attrs']): p[a] = torch.where(target[:, j] > 0, ATTRS[a][1], ATTRS[a][0]).float()
+    for j, a in enumerate(faces['attrs']):
+        off, on = faces['values'][a]; p[a] = torch.where(target[:, j] > 0, on, off).float()
     out = render(p, faces['render_size'])
     return crop_faces(out['images'], faces['landmarks68'][index], faces['size'], faces['margin'])
-
 
 # %% ../../nbs/21_gans.ipynb #cell-46
 def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: nn.Module, k: int = 3, mtcnn: bool = True,
@@ -69,6 +73,9 @@ def gan_quality(samples: torch.Tensor, real_feats: torch.Tensor, feat_net: nn.Mo
 
 
 # %% ../../nbs/21_gans.ipynb #cell-83
+def _tensor_sha1(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
 class GANJudge:
     """The judges every GAN lecture measures its samples with, set up once on real training faces: the identity feature
     network of notebook 19b (trained, or loaded from `<data_root>/models/gan-judge/`), the real reference features,
@@ -161,6 +168,13 @@ def check_resolution(res, what: str = 'resolution', lo: int = 8, hi: int = 1024)
         raise ValueError(f"{what} must be a power of two between {lo} and {hi} (e.g. 8, 16, 32, 64), got {res!r}")
     return int(res)
 
+def gradient_penalty(D: Callable, real, fake, target: float = 1.0) -> torch.Tensor:
+    "WGAN-GP: mean (‖∇D(x̂)‖₂ − target)² at random interpolates x̂ between real and fake images."
+    eps = torch.rand(len(real), 1, 1, 1, device=real.device)
+    xh = torch.lerp(real.detach(), fake.detach(), eps).requires_grad_(True)
+    g, = torch.autograd.grad(D(xh).sum(), xh, create_graph=True)
+    return (g.flatten(1).norm(dim=1) - target).pow(2).mean()
+
 # %% ../../nbs/21_gans.ipynb #cell-25
 def _dcgan_init(m):
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)): nn.init.normal_(m.weight, 0.0, 0.02)
@@ -196,9 +210,6 @@ class DCGANDiscriminator(nn.Module):
     def forward(self, x): return self.net(x).flatten()
 
 # %% ../../nbs/21_gans.ipynb #cell-28
-def _tensor_sha1(x: torch.Tensor) -> str:
-    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
 def _mirror(x):
     flip = torch.rand(len(x)) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -506,403 +517,3 @@ def make_gan_fake_set(generator: GANTrainer, n: int = 500, *, split=(0.7, 0.15, 
                                     'quality': verdict})
 
 
-
-# %% ../../nbs/21_gans.ipynb #cell-32
-def pg_schedule(step: int, start_level: int, end_level: int, stab: int, fade: int) -> tuple[int, float]:
-    "Progressive growing: (level, alpha) at `step` (level k = resolution 4·2^k; alpha = weight of the newest layer)."
-    if step < stab: return start_level, 1.0
-    t = step - stab
-    for level in range(start_level + 1, end_level + 1):
-        if t < fade: return level, t / fade
-        t -= fade
-        if t < stab: return level, 1.0
-        t -= stab
-    return end_level, 1.0
-
-def pg_total_steps(start_res: int, end_res: int, stab: int, fade: int) -> int:
-    "Steps for the full progressive schedule start_res → end_res."
-    n_new = int(math.log2(end_res) - math.log2(start_res))
-    return stab + n_new * (fade + stab)
-
-def _nf(stage, base, fmax): return int(min(base // 2 ** stage, fmax))
-
-class PGGenerator(nn.Module):
-    "Progressive-growing generator (linear structure): blocks for 4, 8, …, resolution; `forward(z, level, alpha)`."
-    def __init__(self, resolution: int = 64, latent: int = 128, nc: int = 3, fmap_base: int = 1024, fmap_max: int = 128):
-        super().__init__()
-        check_resolution(resolution, 'progressive-growing resolution')
-        self.n_levels, self.latent = int(math.log2(resolution)) - 1, latent  # level 0 = 4×4
-        nf = lambda k: _nf(k + 1, fmap_base, fmap_max)
-        self.pn, self.act = PixelNorm(), nn.LeakyReLU(0.2)
-        self.dense = EqLinear(latent, nf(0) * 16, gain=math.sqrt(2) / 4)
-        self.conv0 = EqConv2d(nf(0), nf(0), 3)
-        self.blocks = nn.ModuleList([nn.ModuleList([EqConv2d(nf(k - 1), nf(k), 3), EqConv2d(nf(k), nf(k), 3)])
-                                     for k in range(1, self.n_levels)])
-        self.torgb = nn.ModuleList([EqConv2d(nf(k), nc, 1, gain=1) for k in range(self.n_levels)])
-    def _block(self, k, x):
-        x = F.interpolate(x, scale_factor=2, mode='nearest')
-        for conv in self.blocks[k - 1]: x = self.pn(self.act(conv(x)))
-        return x
-    def forward(self, z, level: int | None = None, alpha: float = 1.0):
-        level = self.n_levels - 1 if level is None else level
-        x = self.pn(self.act(self.dense(self.pn(z)).view(len(z), -1, 4, 4)))
-        x = self.pn(self.act(self.conv0(x)))
-        for k in range(1, level): x = self._block(k, x)
-        if level == 0: return self.torgb[0](x)
-        prev = F.interpolate(self.torgb[level - 1](x), scale_factor=2, mode='nearest')
-        new = self.torgb[level](self._block(level, x))
-        return torch.lerp(prev, new, float(alpha)) if alpha < 1 else new
-
-class PGDiscriminator(nn.Module):
-    "Progressive-growing discriminator: fromRGB at the input resolution, blocks down to 4×4, mbstd, two dense layers."
-    def __init__(self, resolution: int = 64, nc: int = 3, fmap_base: int = 1024, fmap_max: int = 128, mbstd_group: int = 4):
-        super().__init__()
-        check_resolution(resolution, 'progressive-growing resolution')
-        self.n_levels, self.group = int(math.log2(resolution)) - 1, mbstd_group
-        nf = lambda k: _nf(k + 1, fmap_base, fmap_max)
-        self.act = nn.LeakyReLU(0.2)
-        self.fromrgb = nn.ModuleList([EqConv2d(nc, nf(k), 1) for k in range(self.n_levels)])
-        self.blocks = nn.ModuleList([nn.ModuleList([EqConv2d(nf(k), nf(k), 3), EqConv2d(nf(k), nf(k - 1), 3)])
-                                     for k in range(1, self.n_levels)])
-        self.conv_last = EqConv2d(nf(0) + 1, nf(0), 3)
-        self.dense1, self.dense2 = EqLinear(nf(0) * 16, nf(0)), EqLinear(nf(0), 1, gain=1)
-    def _block(self, k, x):
-        for conv in self.blocks[k - 1]: x = self.act(conv(x))
-        return F.avg_pool2d(x, 2)
-    def forward(self, img, level: int | None = None, alpha: float = 1.0):
-        level = self.n_levels - 1 if level is None else level
-        x = self.act(self.fromrgb[level](img))
-        if level > 0:
-            x = self._block(level, x)
-            if alpha < 1: x = torch.lerp(self.act(self.fromrgb[level - 1](F.avg_pool2d(img, 2))), x, float(alpha))
-        for k in range(level - 1, 0, -1): x = self._block(k, x)
-        x = self.act(self.conv_last(minibatch_stddev(x, self.group)))
-        return self.dense2(self.act(self.dense1(x.flatten(1)))).flatten()
-
-def gradient_penalty(D: Callable, real, fake, target: float = 1.0) -> torch.Tensor:
-    "WGAN-GP: mean (‖∇D(x̂)‖₂ − target)² at random interpolates x̂ between real and fake images."
-    eps = torch.rand(len(real), 1, 1, 1, device=real.device)
-    xh = torch.lerp(real.detach(), fake.detach(), eps).requires_grad_(True)
-    g, = torch.autograd.grad(D(xh).sum(), xh, create_graph=True)
-    return (g.flatten(1).norm(dim=1) - target).pow(2).mean()
-
-class PGGANTrainer(GANTrainer):
-    "Progressive growing of GANs, minimal and faithful: start_res → size with fade-in, WGAN-GP + drift, EMA of G."
-    name = 'pggan'
-    defaults = dict(size=64, start_res=8, latent=128, fmap_base=1024, fmap_max=128, batch=64, stab=300, fade=300,
-                    lr=1e-3, betas=(0.0, 0.99), gp=10.0, drift=1e-3, ema=0.99, mirror=True, seed=0)
-    def build(self):
-        c = self.cfg
-        check_resolution(c['size'], 'progressive-growing resolution (size)')
-        check_resolution(c['start_res'], 'progressive-growing start_res', lo=4)
-        if c['start_res'] > c['size']: raise ValueError(f"pggan: start_res {c['start_res']} is larger than size {c['size']}")
-        c['nz'] = c['latent']
-        with torch.random.fork_rng():
-            torch.manual_seed(c['seed'])
-            self.G = PGGenerator(c['size'], c['latent'], c['nc'], c['fmap_base'], c['fmap_max']).to(self.device)
-            self.D = PGDiscriminator(c['size'], c['nc'], c['fmap_base'], c['fmap_max']).to(self.device)
-        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
-        self.start_level, self.end_level = int(math.log2(c['start_res'])) - 2, int(math.log2(c['size'])) - 2
-        self.level = self.start_level
-        self.opt_g = torch.optim.Adam(self.G.parameters(), c['lr'], betas=tuple(c['betas']), eps=1e-8)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), c['lr'], betas=tuple(c['betas']), eps=1e-8)
-    def _reset_opts(self):
-        "Forget Adam's moments (what a fresh optimiser would have): the same optimiser objects, which the checkpoint holds."
-        for o in (self.opt_g, self.opt_d): o.state.clear()
-    @property
-    def total_steps(self): return pg_total_steps(self.cfg['start_res'], self.cfg['size'], self.cfg['stab'], self.cfg['fade'])
-    def schedule(self, step=None):
-        return pg_schedule(self.step if step is None else step, self.start_level, self.end_level, self.cfg['stab'], self.cfg['fade'])
-    def modules(self): return {'G': self.G, 'D': self.D, 'G_ema': self.G_ema}
-    def extra_state(self): return {'level': self.level}
-    def load_extra_state(self, st): self.level = st['level']
-    def sampling_module(self): return self.G_ema
-    def real_at(self, x, level, alpha):
-        "Reals at the current resolution, blended between two resolutions during a fade-in (as the paper does)."
-        x = F.adaptive_avg_pool2d(x, 4 * 2 ** level) if x.shape[-1] != 4 * 2 ** level else x
-        if alpha < 1: x = torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode='nearest'), x, float(alpha))
-        return x
-    def train_step(self):
-        c = self.cfg; level, alpha = self.schedule()
-        if level != self.level: self.level = level; self._reset_opts()  # a new layer: reset the optimiser state
-        real, _ = self.batch(); real = self.real_at(real, level, alpha)
-        z = torch.randn(len(real), c['latent'], device=self.device)
-        fake = self.G(z, level, alpha)
-        D = lambda x: self.D(x, level, alpha)
-        d_real, d_fake = D(real), D(fake.detach())
-        gp = gradient_penalty(D, real, fake)
-        loss_d = d_fake.mean() - d_real.mean() + c['gp'] * gp + c['drift'] * d_real.pow(2).mean()
-        self.opt_d.zero_grad(set_to_none=True); loss_d.backward(); self.opt_d.step()
-        loss_g = -self.D(self.G(z, level, alpha), level, alpha).mean()
-        self.opt_g.zero_grad(set_to_none=True); loss_g.backward(); self.opt_g.step()
-        ema_update(self.G_ema, self.G, c['ema'])
-        return {'loss_d': loss_d.item(), 'loss_g': loss_g.item(), 'gp': gp.item(),
-                'wdist': (d_real.mean() - d_fake.mean()).item(), 'level': level, 'alpha': alpha}
-    def generate(self, z, level=None, alpha=None, full_size=True, **kw):
-        "EMA generator at the current (or given) level and alpha, enlarged to the full size (nearest) if asked."
-        l, a = self.schedule(max(self.step - 1, 0))
-        level = l if level is None else level; alpha = a if alpha is None else alpha
-        x = self.G_ema(z, level, alpha).clamp(-1, 1)
-        if full_size and x.shape[-1] != self.cfg['size']: x = F.interpolate(x, size=self.cfg['size'], mode='nearest')
-        return x
-
-# %% ../../nbs/21_gans.ipynb #cell-35
-class ModConv2d(nn.Module):
-    "Modulated convolution (StyleGAN2): per-sample weights scaled by the style, optionally demodulated; optional 2× upsampling."
-    def __init__(self, cin, cout, k, w_dim, demodulate=True, up=False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
-        self.scale, self.pad, self.demod, self.up, self.cout = 1 / math.sqrt(cin * k * k), k // 2, demodulate, up, cout
-        self.affine = EqLinear(w_dim, cin, gain=1, bias_init=1.0)  # styles start at 1
-    def forward(self, x, w, grouped: bool = False):
-        b, cin, h, wd = x.shape
-        s = self.affine(w)  # B × cin
-        if self.up: x = F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=False); h, wd = 2 * h, 2 * wd
-        if grouped:  # the paper's form: one weight tensor per sample, a grouped convolution
-            weight = self.scale * self.weight[None] * s[:, None, :, None, None]  # B × out × in × k × k
-            if self.demod: weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4], keepdim=True) + 1e-8)
-            out = F.conv2d(x.reshape(1, b * cin, h, wd), weight.reshape(b * self.cout, cin, *weight.shape[-2:]), padding=self.pad, groups=b)
-            return out.view(b, self.cout, h, wd)
-        # the same function, faster on CPUs: scale the input channels, convolve with the shared weight, scale the output
-        wt = self.scale * self.weight
-        out = F.conv2d(x * s[:, :, None, None], wt, padding=self.pad)
-        if self.demod: out = out * torch.rsqrt(s.pow(2) @ wt.pow(2).sum([2, 3]).T + 1e-8)[:, :, None, None]
-        return out
-
-class StyleLayer(nn.Module):
-    "Modulated conv + noise input (per-channel weight, init 0) + bias + leaky ReLU·√2."
-    def __init__(self, cin, cout, w_dim, up=False):
-        super().__init__()
-        self.conv = ModConv2d(cin, cout, 3, w_dim, True, up)
-        self.noise_weight = nn.Parameter(torch.zeros(1, cout, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, cout, 1, 1))
-    def forward(self, x, w, noise=None):
-        x = self.conv(x, w)
-        if noise is None: noise = torch.randn(len(x), 1, *x.shape[-2:], device=x.device, dtype=x.dtype)
-        x = x + self.noise_weight * noise
-        return F.leaky_relu(x + self.bias, 0.2) * math.sqrt(2)
-
-class ToRGB(nn.Module):
-    "1×1 modulated conv without demodulation, plus bias; adds the upsampled RGB of the previous resolution."
-    def __init__(self, cin, nc, w_dim):
-        super().__init__()
-        self.conv, self.bias = ModConv2d(cin, nc, 1, w_dim, demodulate=False), nn.Parameter(torch.zeros(1, nc, 1, 1))
-    def forward(self, x, w, skip=None):
-        y = self.conv(x, w) + self.bias
-        return y if skip is None else y + F.interpolate(skip, scale_factor=2, mode='bilinear', align_corners=False)
-
-class StyleGenerator(nn.Module):
-    "Style-based generator: mapping net z→w, constant input, modulated convs with noise, skip RGB outputs, truncation, mixing."
-    def __init__(self, resolution: int = 32, z_dim: int = 128, w_dim: int = 128, n_mlp: int = 4, channels: int = 64,
-                 nc: int = 3, lr_mlp: float = 0.01):
-        super().__init__()
-        check_resolution(resolution, 'style generator resolution')
-        self.z_dim, self.w_dim, self.n_levels = z_dim, w_dim, int(math.log2(resolution)) - 1
-        layers = [PixelNorm()]
-        for i in range(n_mlp): layers += [EqLinear(z_dim if i == 0 else w_dim, w_dim, lrmul=lr_mlp), nn.LeakyReLU(0.2)]
-        self.mapping = nn.Sequential(*layers)
-        self.const = nn.Parameter(torch.randn(1, channels, 4, 4))
-        self.conv0, self.rgb0 = StyleLayer(channels, channels, w_dim), ToRGB(channels, nc, w_dim)
-        self.ups = nn.ModuleList([StyleLayer(channels, channels, w_dim, up=True) for _ in range(1, self.n_levels)])
-        self.convs = nn.ModuleList([StyleLayer(channels, channels, w_dim) for _ in range(1, self.n_levels)])
-        self.rgbs = nn.ModuleList([ToRGB(channels, nc, w_dim) for _ in range(1, self.n_levels)])
-        self.n_styles = 2 * self.n_levels  # conv0, rgb0, then (up, conv, rgb) per level sharing style slots as StyleGAN2
-        self.register_buffer('w_avg', torch.zeros(w_dim))
-    def styles(self, z, truncation: float = 1.0, truncation_cutoff: int | None = None) -> torch.Tensor:
-        "w for each style slot (B × n_styles × w_dim), truncated toward `w_avg` for slots < cutoff."
-        w = self.mapping(z)[:, None].repeat(1, self.n_styles, 1)
-        if truncation != 1:
-            cut = self.n_styles if truncation_cutoff is None else truncation_cutoff
-            w[:, :cut] = torch.lerp(self.w_avg.to(w.dtype), w[:, :cut], float(truncation))
-        return w
-    def synthesis(self, ws, noise_mode: str = 'random'):
-        "ws: B × n_styles × w_dim. noise_mode 'random' or 'const' (zero noise: shows what the noise inputs add)."
-        b = len(ws); nz = (lambda x: torch.zeros(b, 1, *x.shape[-2:], device=x.device)) if noise_mode == 'const' else (lambda x: None)
-        x = self.const.expand(b, -1, -1, -1)
-        x = self.conv0(x, ws[:, 0], nz(x)); rgb = self.rgb0(x, ws[:, 1])
-        for i, (up, conv, torgb) in enumerate(zip(self.ups, self.convs, self.rgbs)):
-            s = 2 * i + 1
-            x = up(x, ws[:, s], nz(F.interpolate(x, scale_factor=2)))
-            x = conv(x, ws[:, s + 1], nz(x))
-            rgb = torgb(x, ws[:, s + 2], rgb)
-        return rgb
-    def forward(self, z, z2=None, mix_at: int | None = None, truncation: float = 1.0, truncation_cutoff=None, noise_mode='random'):
-        "Images from z; with z2 and mix_at, style slots ≥ mix_at come from z2 (style mixing)."
-        ws = self.styles(z, truncation, truncation_cutoff)
-        if z2 is not None: ws = torch.cat([ws[:, :mix_at], self.styles(z2, truncation, truncation_cutoff)[:, mix_at:]], 1)
-        return self.synthesis(ws, noise_mode)
-
-class StyleDiscriminator(nn.Module):
-    "Residual discriminator (StyleGAN2 layout, equalised LR): fromRGB, residual down blocks to 4×4, mbstd, conv, 2 dense."
-    def __init__(self, resolution: int = 32, channels: int = 64, nc: int = 3):
-        super().__init__()
-        check_resolution(resolution, 'style discriminator resolution')
-        n = int(math.log2(resolution)) - 2
-        self.fromrgb = EqConv2d(nc, channels, 1)
-        self.blocks = nn.ModuleList([nn.ModuleList([EqConv2d(channels, channels, 3), EqConv2d(channels, channels, 3),
-                                                    EqConv2d(channels, channels, 1, gain=1, bias=False)]) for _ in range(n)])
-        self.conv_last = EqConv2d(channels + 1, channels, 3)
-        self.dense1, self.dense2 = EqLinear(channels * 16, channels), EqLinear(channels, 1, gain=1)
-    def forward(self, x):
-        act = lambda t: F.leaky_relu(t, 0.2) * math.sqrt(2)
-        x = act(self.fromrgb(x))
-        for c1, c2, skip in self.blocks:
-            y = F.avg_pool2d(act(c2(act(c1(x)))), 2)
-            x = (y + skip(F.avg_pool2d(x, 2))) / math.sqrt(2)
-        x = act(self.conv_last(minibatch_stddev(x)))
-        return self.dense2(act(self.dense1(x.flatten(1)))).flatten()
-
-class StyleGANTrainer(GANTrainer):
-    "Minimal StyleGAN2-like training: non-saturating loss, lazy R1, style mixing 0.9, w_avg tracking, EMA of G."
-    name = 'stylegan'
-    defaults = dict(size=32, z_dim=128, w_dim=128, n_mlp=4, channels=64, batch=32, lr=2e-3, betas=(0.0, 0.99),
-                    r1_gamma=1.0, r1_every=16, mixing=0.9, w_avg_beta=0.995, ema=0.995, mirror=True, seed=0)
-    def build(self):
-        c = self.cfg; c['nz'] = c['z_dim']
-        with torch.random.fork_rng():
-            torch.manual_seed(c['seed'])
-            self.G = StyleGenerator(c['size'], c['z_dim'], c['w_dim'], c['n_mlp'], c['channels'], c['nc']).to(self.device)
-            self.D = StyleDiscriminator(c['size'], c['channels'], c['nc']).to(self.device)
-        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
-        ratio = c['r1_every'] / (c['r1_every'] + 1)  # lazy regularisation: adjust D's Adam as StyleGAN2 does
-        self.opt_g = torch.optim.Adam(self.G.parameters(), c['lr'], betas=tuple(c['betas']), eps=1e-8)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), c['lr'] * ratio, betas=tuple(b ** ratio for b in c['betas']), eps=1e-8)
-    def modules(self): return {'G': self.G, 'D': self.D, 'G_ema': self.G_ema}
-    def sampling_module(self): return self.G_ema
-    def _fake(self, n):
-        c = self.cfg; z = torch.randn(n, c['z_dim'], device=self.device)
-        if torch.rand(()) < c['mixing']:
-            z2 = torch.randn(n, c['z_dim'], device=self.device)
-            mix_at = int(torch.randint(1, self.G.n_styles, ()))
-            ws = torch.cat([self.G.styles(z)[:, :mix_at], self.G.styles(z2)[:, mix_at:]], 1)
-        else: ws = self.G.styles(z)
-        return self.G.synthesis(ws), ws
-    def train_step(self):
-        c = self.cfg
-        real, _ = self.batch()
-        fake, _ = self._fake(len(real))
-        loss_d = F.softplus(self.D(fake.detach())).mean() + F.softplus(-self.D(real)).mean()
-        r1 = torch.zeros(())
-        if self.step % c['r1_every'] == 0:
-            real_ = real.detach().requires_grad_(True)
-            g, = torch.autograd.grad(self.D(real_).sum(), real_, create_graph=True)
-            r1 = g.pow(2).flatten(1).sum(1).mean()
-            loss_d = loss_d + c['r1_gamma'] / 2 * r1 * c['r1_every']
-        self.opt_d.zero_grad(set_to_none=True); loss_d.backward(); self.opt_d.step()
-        fake, ws = self._fake(len(real))
-        loss_g = F.softplus(-self.D(fake)).mean()
-        self.opt_g.zero_grad(set_to_none=True); loss_g.backward(); self.opt_g.step()
-        with torch.no_grad(): self.G.w_avg.lerp_(ws[:, 0].mean(0), 1 - c['w_avg_beta'])
-        ema_update(self.G_ema, self.G, c['ema'])
-        return {'loss_d': loss_d.item(), 'loss_g': loss_g.item(), 'r1': r1.item()}
-    def generate(self, z, z2=None, mix_at=None, truncation=1.0, truncation_cutoff=None, noise_mode='random', **kw):
-        return self.G_ema(z, z2, mix_at, truncation, truncation_cutoff, noise_mode).clamp(-1, 1)
-
-# %% ../../nbs/21_gans.ipynb #cell-38
-class _ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.InstanceNorm2d(c, affine=True, track_running_stats=True),
-                                  nn.ReLU(True), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.InstanceNorm2d(c, affine=True, track_running_stats=True))
-    def forward(self, x): return x + self.body(x)
-
-class StarGenerator(nn.Module):
-    "StarGAN generator: (image, target attributes c) → edited image; down ×2, residual blocks, up ×2."
-    def __init__(self, c_dim: int, conv_dim: int = 64, n_res: int = 6, nc: int = 3):
-        super().__init__()
-        IN = lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True)
-        L, d = [nn.Conv2d(nc + c_dim, conv_dim, 7, 1, 3, bias=False), IN(conv_dim), nn.ReLU(True)], conv_dim
-        for _ in range(2): L += [nn.Conv2d(d, 2 * d, 4, 2, 1, bias=False), IN(2 * d), nn.ReLU(True)]; d *= 2
-        L += [_ResBlock(d) for _ in range(n_res)]
-        for _ in range(2): L += [nn.ConvTranspose2d(d, d // 2, 4, 2, 1, bias=False), IN(d // 2), nn.ReLU(True)]; d //= 2
-        L += [nn.Conv2d(d, nc, 7, 1, 3, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*L)
-    def forward(self, x, c):
-        return self.net(torch.cat([x, c[:, :, None, None].expand(-1, -1, *x.shape[-2:]).to(x.dtype)], 1))
-
-class StarDiscriminator(nn.Module):
-    "StarGAN discriminator: PatchGAN real/fake map + attribute logits (one head each)."
-    def __init__(self, size: int, c_dim: int, conv_dim: int = 64, repeat: int | None = None, nc: int = 3):
-        super().__init__()
-        check_resolution(size, 'StarGAN image size')
-        repeat = repeat or int(math.log2(size)) - 1
-        if size % 2 ** repeat or size // 2 ** repeat < 1: raise ValueError(f"StarGAN: {repeat} stride-2 layers do not fit size {size}")
-        L, d = [nn.Conv2d(nc, conv_dim, 4, 2, 1), nn.LeakyReLU(0.01)], conv_dim
-        for _ in range(repeat - 1): L += [nn.Conv2d(d, 2 * d, 4, 2, 1), nn.LeakyReLU(0.01)]; d *= 2
-        self.main = nn.Sequential(*L)
-        self.src = nn.Conv2d(d, 1, 3, 1, 1, bias=False)
-        self.cls = nn.Conv2d(d, c_dim, size // 2 ** repeat, bias=False)
-    def forward(self, x):
-        h = self.main(x)
-        return self.src(h), self.cls(h).flatten(1)
-
-class StarGANTrainer(GANTrainer):
-    "StarGAN attribute editing (WGAN-GP, domain classification, reconstruction); `labels` = N×c_dim binary attributes."
-    name = 'stargan'
-    defaults = dict(size=64, conv_dim=64, n_res=6, d_repeat=None, batch=16, lr=1e-4, betas=(0.5, 0.999), n_critic=5,
-                    lambda_cls=1.0, lambda_rec=10.0, lambda_gp=10.0, attr_names=None, seed=0)
-    def build(self):
-        c = self.cfg
-        if self.labels is None or self.labels.ndim != 2: raise ValueError("stargan: pass labels, an N×c_dim tensor of 0/1 attributes")
-        if not ((self.labels == 0) | (self.labels == 1)).all(): raise ValueError("stargan: labels must be 0 or 1")
-        c['c_dim'] = self.labels.shape[1]
-        if c['attr_names'] is not None and len(c['attr_names']) != c['c_dim']:
-            raise ValueError(f"stargan: {len(c['attr_names'])} attr_names for {c['c_dim']} label columns")
-        with torch.random.fork_rng():
-            torch.manual_seed(c['seed'])
-            self.G = StarGenerator(c['c_dim'], c['conv_dim'], c['n_res'], c['nc']).to(self.device)
-            self.D = StarDiscriminator(c['size'], c['c_dim'], c['conv_dim'], c['d_repeat'], c['nc']).to(self.device)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), c['lr'], betas=tuple(c['betas']))
-        self.opt_d = torch.optim.Adam(self.D.parameters(), c['lr'], betas=tuple(c['betas']))
-        self._last_g = {'loss_g': float('nan'), 'g_rec': float('nan'), 'g_cls': float('nan')}
-    def _cls_loss(self, logits, target): return F.binary_cross_entropy_with_logits(logits, target, reduction='sum') / len(logits)
-    def extra_state(self): return {'last_g': self._last_g}
-    def load_extra_state(self, st): self._last_g = st['last_g']
-    def train_step(self):
-        c = self.cfg
-        x, idx = self.batch(); lab = self.labels[idx].to(self.device)
-        trg = lab[torch.randperm(len(lab))].to(self.device)
-        self.G.train(); self.D.train()
-        src_r, cls_r = self.D(x)
-        fake = self.G(x, trg)
-        src_f, _ = self.D(fake.detach())
-        gp = gradient_penalty(lambda t: self.D(t)[0], x, fake)
-        d_cls = self._cls_loss(cls_r, lab)
-        loss_d = -src_r.mean() + src_f.mean() + c['lambda_cls'] * d_cls + c['lambda_gp'] * gp
-        self.opt_d.zero_grad(set_to_none=True); loss_d.backward(); self.opt_d.step()
-        if (self.step + 1) % c['n_critic'] == 0:
-            fake = self.G(x, trg); src_f, cls_f = self.D(fake)
-            g_cls, g_rec = self._cls_loss(cls_f, trg), (x - self.G(fake, lab)).abs().mean()
-            loss_g = -src_f.mean() + c['lambda_cls'] * g_cls + c['lambda_rec'] * g_rec
-            self.opt_g.zero_grad(set_to_none=True); loss_g.backward(); self.opt_g.step()
-            self._last_g = {'loss_g': loss_g.item(), 'g_rec': g_rec.item(), 'g_cls': g_cls.item()}
-        acc = ((cls_r > 0).float() == lab).float().mean().item()
-        return {'loss_d': loss_d.item(), 'd_cls': d_cls.item(), 'gp': gp.item(), 'd_cls_acc': acc, **self._last_g}
-    @torch.no_grad()
-    def edit(self, images: torch.Tensor, target: torch.Tensor, batch: int = 128) -> torch.Tensor:
-        "Edit images in [0, 1] toward target attribute vectors; returns images in [0, 1]."
-        images = resize(check_images(images, 'stargan edit', min_n=1), self.cfg['size'])
-        target = torch.as_tensor(target, dtype=torch.float32)
-        if target.ndim == 1: target = target[None].expand(len(images), -1)
-        if target.shape != (len(images), self.cfg['c_dim']):
-            raise ValueError(f"stargan edit: target must be {self.cfg['c_dim']} attributes per image, got shape {tuple(target.shape)}")
-        self.G.eval(); out = []
-        for i in range(0, len(images), batch):
-            out.append(self.G(images[i:i+batch].to(self.device) * 2 - 1, target[i:i+batch].to(self.device)).float().cpu())
-        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
-    def latent(self, n, gen=None):
-        "For StarGAN a 'latent' is (source image index, attribute to flip): drawn with the global RNG."
-        return torch.stack([torch.randint(len(self.images), (n,)), torch.randint(self.cfg['c_dim'], (n,))], 1)
-    def flip_targets(self, lat):
-        t = self.labels[lat[:, 0]].clone(); r = torch.arange(len(lat)); t[r, lat[:, 1]] = 1 - t[r, lat[:, 1]]
-        return t
-    def generate(self, z, **kw):
-        z = z.cpu()
-        return self.edit(self.images[z[:, 0]], self.flip_targets(z)) * 2 - 1
-    def sample_meta(self, z) -> pd.DataFrame:
-        "Free manifest columns for edited samples: source index, identity, edited attribute and its new value."
-        z = z.cpu(); t = self.flip_targets(z); names = self.cfg['attr_names'] or [f'attr{i}' for i in range(self.cfg['c_dim'])]
-        return pd.DataFrame({'source_index': z[:, 0].numpy(),
-                             'identity': (self.identities[z[:, 0]].numpy() if self.identities is not None else -1),
-                             'edited_attr': [names[int(a)] for a in z[:, 1]],
-                             'new_value': t[torch.arange(len(z)), z[:, 1]].int().numpy()})
