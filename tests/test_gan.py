@@ -245,3 +245,39 @@ def test_synth_faces_and_counterfactuals():
     flipped = G.synth_counterfactual(f, torch.arange(4), 1 - f['labels'])
     assert (flipped - f['images']).abs().mean() > 1e-3
     with pytest.raises(ValueError, match='unknown attribute'): G.synth_attribute_faces(1, 1, attrs=('beard',))
+
+
+def _notebook_parameters(stem: str) -> dict:
+    "The defaults of a notebook's papermill parameters cell (name → value), read with ast."
+    import ast, json
+    from pathlib import Path
+    nb = json.loads((Path(__file__).parent.parent / 'nbs' / f'{stem}.ipynb').read_text())
+    cell = next(c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
+    out = {}
+    for node in ast.parse(''.join(cell['source'])).body:
+        if isinstance(node, ast.AnnAssign) and node.value is not None: out[node.target.id] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.Assign): out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+def test_course_recipes_take_their_lectures_defaults():
+    "A later lecture's `course_gan(name)` must train (or find) exactly what the lecture trains at its defaults."
+    from deepfake_course.generate.gan import _recipes, course_params
+    recipes = _recipes()
+    assert set(recipes) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'}
+    for name, fn in recipes.items():
+        nb = _notebook_parameters(fn.notebook)
+        params = course_params(name)
+        assert params, name
+        missing = sorted(set(params) - set(nb))
+        assert not missing, f'{name}: recipe parameters {missing} are not parameters of {fn.notebook}'
+        differ = {k: (v, nb[k]) for k, v in params.items() if nb[k] != v}
+        assert not differ, f'{name}: recipe defaults differ from {fn.notebook} (recipe, notebook): {differ}'
+
+
+def test_course_gan_refuses_unknown_names(tmp_path):
+    from deepfake_course.generate.gan import course_gan
+    with pytest.raises(KeyError, match='known: dcgan'):
+        course_gan('biggan', tmp_path)
+    with pytest.raises(TypeError, match='pg_stab'):
+        course_gan('pggan', tmp_path, pg_stabb=3)

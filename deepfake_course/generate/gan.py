@@ -21,11 +21,12 @@ from ..fidelity import ALIGNED_RANGES, check_images, crop_faces  # the judges' r
 
 
 # %% auto #0
-__all__ = ['ATTRS', 'GENERATORS', 'GENERATOR_MODULES', 'QUALITY_BARS', 'synth_attribute_faces', 'synth_counterfactual',
-           'gan_quality', 'GANJudge', 'EqLinear', 'EqConv2d', 'PixelNorm', 'minibatch_stddev', 'is_pow2',
-           'check_resolution', 'gradient_penalty', 'DCGANGenerator', 'DCGANDiscriminator', 'GANTrainer', 'ema_update',
-           'register_generator', 'DCGANTrainer', 'generators', 'build_generator', 'gan_model_dir',
-           'interpolate_latents', 'quality_verdict', 'make_gan_fake_set']
+__all__ = ['ATTRS', 'GENERATORS', 'GENERATOR_MODULES', 'QUALITY_BARS', 'COURSE_RECIPES', 'synth_attribute_faces',
+           'synth_counterfactual', 'gan_quality', 'GANJudge', 'EqLinear', 'EqConv2d', 'PixelNorm', 'minibatch_stddev',
+           'is_pow2', 'check_resolution', 'gradient_penalty', 'DCGANGenerator', 'DCGANDiscriminator', 'GANTrainer',
+           'ema_update', 'register_generator', 'DCGANTrainer', 'generators', 'build_generator', 'gan_model_dir',
+           'interpolate_latents', 'quality_verdict', 'make_gan_fake_set', 'synth_trained_on', 'CourseGAN',
+           'course_recipe', 'course_params', 'course_gan', 'course_gan_fake_set', 'final_quality', 'dcgan_recipe']
 
 # %% ../../nbs/21_gans.ipynb #cell-9
 ATTRS = {'smile': (0.0, 1.0), 'mouth_open': (0.0, 0.9)}  # renderer parameter: (value when off, value when on)
@@ -352,9 +353,11 @@ def register_generator(cls: type) -> type:
     "Class decorator: register a `GANTrainer` subclass in `GENERATORS` under its `name`, so `build_generator` and the benchmark find it."
     if not (isinstance(cls, type) and issubclass(cls, GANTrainer)): raise TypeError(f"register_generator: {cls!r} is not a GANTrainer subclass")
     old = GENERATORS.get(cls.name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+    if old is not None and old.__qualname__ != cls.__qualname__:
         raise ValueError(f"register_generator: the name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}")
-    GENERATORS[cls.name] = cls  # the same class again (a notebook cell run twice) replaces itself
+    # the same class again (a notebook cell run twice) replaces itself; inside the notebook that defines it, the
+    # notebook's class stays registered when the library module of the same code is imported (by `generators()`)
+    if old is None or old.__module__ != '__main__' or cls.__module__ == '__main__': GENERATORS[cls.name] = cls
     return cls
 
 
@@ -516,4 +519,84 @@ def make_gan_fake_set(generator: GANTrainer, n: int = 500, *, split=(0.7, 0.15, 
                            sources={'trained_on': trained, 'generator': {'name': generator.name, 'run_id': generator.run_id},
                                     'quality': verdict})
 
+def synth_trained_on(notebook: str, identities, seed: int) -> dict:
+    "The `trained_on` record of a GAN that learnt from every identity of a lecture's SynthFaces renders."
+    return {'dataset': f'SynthFaces aligned crops of notebook {notebook} (seed {seed})',
+            'identities': sorted(set(torch.as_tensor(identities).tolist())),
+            'split': 'all: every identity of this notebook, no detector split'}
+
+
+# %% ../../nbs/21_gans.ipynb #cell-57
+COURSE_RECIPES: dict[str, Callable] = {}  # generator name → its lecture's recipe; filled by `course_recipe`
+
+class CourseGAN:
+    "A generator as its lecture trains it: the trainer, its measured quality, what it learnt from, and the lecture's fake-set request."
+    def __init__(self, name: str, notebook: str, trainer: GANTrainer, quality: dict, trained_on: dict | None, fake_set_kw: dict):
+        self.name, self.notebook, self.trainer, self.quality = name, notebook, trainer, quality
+        self.trained_on, self.fake_set_kw = trained_on, fake_set_kw
+    def __repr__(self): return (f"CourseGAN({self.name!r} of {self.notebook}, step {self.trainer.step}, "
+                                f"run {self.trainer.run_id}, MTCNN rate {self.quality.get('mtcnn_rate', float('nan')):.2f})")
+
+def course_recipe(name: str, notebook: str):
+    """Decorator: register `fn(data_root, *, device, seed, verbose, **params) -> CourseGAN` as how lecture `notebook`
+    trains generator `name`. Its keyword parameters are the lecture's, with the lecture's names and defaults."""
+    def deco(fn: Callable) -> Callable:
+        fn.generator, fn.notebook = name, notebook
+        COURSE_RECIPES[name] = fn
+        return fn
+    return deco
+
+_RECIPE_ARGS = ('data_root', 'device', 'seed', 'verbose')
+
+def _recipes() -> dict[str, Callable]:
+    import importlib
+    generators()  # imports every generator module, which registers its recipe in the library's registry
+    lib = importlib.import_module('deepfake_course.generate.gan')
+    return {**COURSE_RECIPES, **lib.COURSE_RECIPES}
+
+def course_params(name: str) -> dict:
+    "The lecture parameters (name → default) that the recipe of generator `name` takes."
+    import inspect
+    recipes = _recipes()
+    if name not in recipes: raise KeyError(f"no course recipe for generator {name!r}; known: {', '.join(sorted(recipes))}")
+    return {k: p.default for k, p in inspect.signature(recipes[name]).parameters.items() if k not in _RECIPE_ARGS}
+
+def course_gan(name: str, data_root=None, *, device='auto', seed: int = 0, verbose: bool | None = None, **params) -> CourseGAN:
+    """Generator `name` as its lecture trains it, with the lecture's parameters (`params` override its defaults): loaded
+    from `gan_model_dir` when the lecture (or an earlier call) trained it on this data root, trained there otherwise."""
+    known = course_params(name)
+    if bad := sorted(set(params) - set(known)):
+        raise TypeError(f"course_gan({name!r}): unknown parameter(s) {bad} of lecture {_recipes()[name].notebook}; "
+                        f"known: {', '.join(known)}")
+    return _recipes()[name](get_data_root(data_root), device=device, seed=seed, verbose=verbose, **params)
+
+def course_gan_fake_set(name: str, data_root=None, *, device='auto', seed: int = 0, verbose: bool | None = None, **params) -> str:
+    "The fake set ('method/hash') that the lecture of generator `name` writes, with its measured quality on the card (see `course_gan`)."
+    root = get_data_root(data_root)
+    run = course_gan(name, root, device=device, seed=seed, verbose=verbose, **params)
+    return make_gan_fake_set(run.trainer, data_root=root, quality=run.quality, trained_on=run.trained_on, verbose=verbose,
+                             **run.fake_set_kw)
+
+def final_quality(trainer: GANTrainer, judge: Callable) -> dict:
+    "The trainer's last evaluation when it was made at its final step, else `judge(trainer)` now."
+    if trainer.evals and trainer.evals[-1]['step'] == trainer.step:
+        return {k: v for k, v in trainer.evals[-1].items() if k != 'step'}
+    return dict(judge(trainer))
+
+@course_recipe('dcgan', '21_gans')
+def dcgan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
+                 per_identity: int = 12, judge_size: int = 32, dcgan_size: int = 64, dcgan_width: int = 16, batch_size: int = 32,
+                 dcgan_steps: int = 3600, feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 4, n_fakes: int = 300) -> CourseGAN:
+    "Lecture 21's DCGAN: SynthFaces at `dcgan_size`, judged at `judge_size`."
+    synth = synth_attribute_faces(n_identities, per_identity, size=judge_size, seed=seed)
+    synth_dc = synth_attribute_faces(n_identities, per_identity, size=dcgan_size, seed=seed) if dcgan_size != judge_size else synth
+    ids = synth['identity']
+    judge = GANJudge(synth['images'], ids, size=judge_size, n_eval=n_eval, feat_epochs=feat_epochs, seed=seed, device=device,
+                     data_root=data_root)
+    tr = DCGANTrainer(resize(synth_dc['images'], dcgan_size), identities=ids, size=dcgan_size, ngf=dcgan_width, ndf=dcgan_width,
+                      batch=batch_size, seed=seed, device=device)
+    every = max(1, dcgan_steps // max(n_curve, 1))
+    tr.fit(dcgan_steps, ckpt_dir=gan_model_dir(tr, data_root), eval_fn=judge.of, eval_every=every, snapshot_every=every, verbose=verbose)
+    return CourseGAN('dcgan', '21_gans', tr, final_quality(tr, judge.of), synth_trained_on('21_gans', ids, seed),
+                     dict(n=n_fakes, seed=seed))
 

@@ -15,7 +15,7 @@ from ..train import CheckpointError  # a checkpoint of another GAN or size is re
 
 # %% auto #0
 __all__ = ['pg_resolutions', 'check_pg_resolution', 'pg_schedule', 'pg_total_steps', 'PGGenerator', 'PGDiscriminator',
-           'fold_wscale', 'PGGANTrainer']
+           'fold_wscale', 'PGGANTrainer', 'pggan_recipe']
 
 # %% ../../nbs/21a_pggan.ipynb #cell-10
 def pg_resolutions(start_res: int = 4, size: int = 1024) -> list[int]:
@@ -225,4 +225,26 @@ class PGGANTrainer(GANTrainer):
         G.train(was)
         if full_size and x.shape[-1] != self.cfg['size']: x = F.interpolate(x, size=self.cfg['size'], mode='nearest')
         return x
+
+
+# %% ../../nbs/21a_pggan.ipynb #cell-32
+from .gan import (CourseGAN, GANJudge, course_recipe, final_quality, gan_model_dir, synth_attribute_faces,
+                                          synth_trained_on)
+
+@course_recipe('pggan', '21a_pggan')
+def pggan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
+                 per_identity: int = 12, pg_resolution: int = 32, pg_start: int = 8, pg_stab: int = 400, pg_fade: int = 300,
+                 pg_final: int = 1500, pg_lr: float = 3e-3, pg_batch: int = 32, pg_fmap_base: int = 256, pg_fmap_max: int = 64,
+                 pg_ema: float = 0.99, feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 4, n_fakes: int = 300) -> CourseGAN:
+    "Lecture 21a's progressive GAN: SynthFaces grown from `pg_start` to `pg_resolution` px on its schedule."
+    synth = synth_attribute_faces(n_identities, per_identity, size=pg_resolution, seed=seed)
+    faces, ids = synth['images'], synth['identity']
+    judge = GANJudge(faces, ids, size=pg_resolution, n_eval=n_eval, feat_epochs=feat_epochs, seed=seed, device=device, data_root=data_root)
+    pg = PGGANTrainer(faces, identities=ids, size=pg_resolution, start_res=pg_start, stab=pg_stab, fade=pg_fade, final=pg_final,
+                      lr=pg_lr, batch=pg_batch, fmap_base=pg_fmap_base, fmap_max=pg_fmap_max, ema=pg_ema, seed=seed, device=device)
+    steps = pg.total_steps
+    pg.fit(steps, ckpt_dir=gan_model_dir(pg, data_root), eval_fn=judge.of, eval_every=max(1, steps // max(n_curve, 1)),
+           snapshot_every=max(1, steps // 12), verbose=verbose)
+    return CourseGAN('pggan', '21a_pggan', pg, final_quality(pg, judge.of), synth_trained_on('21a_pggan', ids, seed),
+                     dict(n=n_fakes, seed=seed))
 

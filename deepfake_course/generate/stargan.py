@@ -21,7 +21,7 @@ from .gan import (GANTrainer, check_resolution, gradient_penalty, register_gener
 
 # %% auto #0
 __all__ = ['STAR_ATTRS', 'STAR_MARGIN', 'ATTR_JUDGE', 'STAR_OUTPUTS', 'star_faces', 'AttrJudge', 'train_attr_judge',
-           'StarGenerator', 'StarDiscriminator', 'StarGANTrainer', 'EditBench']
+           'StarGenerator', 'StarDiscriminator', 'StarGANTrainer', 'EditBench', 'stargan_recipe']
 
 # %% ../../nbs/21c_stargan.ipynb #cell-8
 STAR_ATTRS = {'smile': (0.0, 3.0), 'mouth_open': (0.0, 0.9)}  # renderer parameter: (value when off, value when on)
@@ -301,3 +301,27 @@ class EditBench:
     def __call__(self, trainer) -> dict:
         "Edit the test faces with `trainer` and score the edits (usable as `fit(..., eval_fn=bench)`)."
         return self.scores(trainer.edit(self.input, self.target))
+
+# %% ../../nbs/21c_stargan.ipynb #cell-37
+from .gan import CourseGAN, course_recipe, gan_model_dir
+
+@course_recipe('stargan', '21c_stargan')
+def stargan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
+                   per_identity: int = 12, size: int = 32, conv_dim: int = 16, n_res: int = 3, batch: int = 16, lr: float = 1e-3,
+                   star_steps: int = 3000, judge_epochs: int = 10, n_test: int = 400, n_curve: int = 3, n_fakes: int = 300) -> CourseGAN:
+    """Lecture 21c's masked StarGAN on its attribute faces, judged by its attribute judge on its test of edits
+    (`EditBench`); the quality holds MTCNN's rate on the edits and on their unedited inputs."""
+    from deepfake_course.quality import mtcnn_rate
+    faces = star_faces(n_identities, per_identity, size=size, seed=seed)
+    judge = train_attr_judge(faces['images'], faces['labels'], faces['identity'], faces['attrs'], epochs=judge_epochs, seed=seed,
+                             device=device, ckpt_dir=data_root / 'models' / 'stargan-judge', verbose=verbose)
+    bench = EditBench(faces, judge, n=n_test, seed=seed + 3)
+    star = StarGANTrainer(faces['images'], labels=faces['labels'], identities=faces['identity'], size=size, conv_dim=conv_dim,
+                          n_res=n_res, batch=batch, lr=lr, output='mask', attr_names=faces['attrs'], seed=seed, device=device)
+    star.fit(star_steps, ckpt_dir=gan_model_dir(star, data_root), eval_fn=bench, eval_every=max(1, star_steps // n_curve), verbose=verbose)
+    final = bench(star)
+    quality = {'mtcnn_rate': mtcnn_rate(star.edit(bench.input, bench.target), device=device),
+               'mtcnn_rate_inputs': mtcnn_rate(bench.input, device=device), 'attr_acc': final['attr_acc'],
+               'l1_rest': final['l1_rest'], 'all_acc': final['all_acc'], 'judge_val_acc': judge.accuracy['val_acc']}
+    return CourseGAN('stargan', '21c_stargan', star, quality, None, dict(n=n_fakes, config={'notebook': '21c_stargan'}))
+

@@ -17,7 +17,8 @@ from ..train import CheckpointError  # a checkpoint of another GAN or size is re
 # %% auto #0
 __all__ = ['check_truncation', 'MappingNetwork', 'StyleBase', 'instance_norm', 'AdaIN', 'NoiseInput', 'AdaINLayer',
            'StyleGANGenerator', 'StyleGANDiscriminator', 'ModConv2d', 'StyleLayer', 'ToRGB', 'StyleGAN2Generator',
-           'StyleGAN2Discriminator', 'r1_penalty', 'StyleTrainerBase', 'StyleGANTrainer', 'StyleGAN2Trainer']
+           'StyleGAN2Discriminator', 'r1_penalty', 'StyleTrainerBase', 'StyleGANTrainer', 'StyleGAN2Trainer',
+           'stylegan_recipe', 'stylegan2_recipe']
 
 # %% ../../nbs/21b_stylegan.ipynb #cell-10
 def check_truncation(psi) -> float:
@@ -344,3 +345,36 @@ class StyleGAN2Trainer(StyleTrainerBase):
             self.opt_g.zero_grad(set_to_none=True); (c['pl_weight'] * c['pl_every'] * pen).backward(); self.opt_g.step()
             self._last_pl = pen.item()
         return {**logs, 'pl': self._last_pl, 'pl_mean': self.pl_mean}, ws
+
+# %% ../../nbs/21b_stylegan.ipynb #cell-40
+from .gan import (CourseGAN, GANJudge, course_recipe, final_quality, gan_model_dir, synth_attribute_faces,
+                                          synth_trained_on)
+
+def _style_recipe(cls, steps, data_root, device, seed, verbose, n_identities, per_identity, size, channels, batch, feat_epochs,
+                  n_eval, n_curve, n_fakes, truncation) -> CourseGAN:
+    synth = synth_attribute_faces(n_identities, per_identity, size=size, seed=seed)
+    faces, ids = synth['images'], synth['identity']
+    judge = GANJudge(faces, ids, size=size, n_eval=n_eval, feat_epochs=feat_epochs, seed=seed, device=device, data_root=data_root)
+    tr = cls(faces, identities=ids, size=size, channels=channels, batch=batch, seed=seed, device=device)
+    every = max(1, steps // max(n_curve, 1))
+    judge_psi = lambda m: judge.of(m, truncation=truncation)
+    tr.fit(steps, ckpt_dir=gan_model_dir(tr, data_root), eval_fn=judge_psi, eval_every=every, snapshot_every=every, verbose=verbose)
+    return CourseGAN(tr.name, '21b_stylegan', tr, final_quality(tr, judge_psi), synth_trained_on('21b_stylegan', ids, seed),
+                     dict(n=n_fakes, seed=seed, truncation=truncation))
+
+@course_recipe('stylegan', '21b_stylegan')
+def stylegan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
+                    per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v1: int = 1800,
+                    feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 3, n_fakes: int = 300, truncation: float = 0.7) -> CourseGAN:
+    "Lecture 21b's StyleGAN (v1), trained on SynthFaces at `size` px; fake set and quality at ψ = `truncation`."
+    return _style_recipe(StyleGANTrainer, steps_v1, data_root, device, seed, verbose, n_identities, per_identity, size, channels,
+                         batch, feat_epochs, n_eval, n_curve, n_fakes, truncation)
+
+@course_recipe('stylegan2', '21b_stylegan')
+def stylegan2_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
+                     per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v2: int = 1800,
+                     feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 3, n_fakes: int = 300, truncation: float = 0.7) -> CourseGAN:
+    "Lecture 21b's StyleGAN2, trained on SynthFaces at `size` px; fake set and quality at ψ = `truncation`."
+    return _style_recipe(StyleGAN2Trainer, steps_v2, data_root, device, seed, verbose, n_identities, per_identity, size, channels,
+                         batch, feat_epochs, n_eval, n_curve, n_fakes, truncation)
+
