@@ -16,7 +16,7 @@ from .core import get_data_root, course_checkout, load_metrics, progress, atomic
 # %% auto #0
 __all__ = ['RUN_DETECTOR_COLUMNS', 'FACE_COLUMNS', 'course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError',
            'run_lab', 'run_grid', 'build_parser', 'main', 'run_detectors', 'latest_run', 'choose_detector',
-           'expand_paths', 'iter_detect', 'detect_files', 'detect_command']
+           'expand_paths', 'iter_detect', 'detect_files', 'detect_command', 'verify_command']
 
 # %% ../nbs/61_labs.ipynb #cell-8
 def course_notebooks_dir() -> Path | None:
@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='auto: find and align faces with MTCNN; none: the files are already face crops')
     d.add_argument('--device', default='auto', help='auto, cpu, cuda or mps')
     d.add_argument('--data-root', default=None, help=root_help)
+    v = sub.add_parser('verify', help='read and validate the C2PA manifest, provenance tag and course watermark of files')
+    v.add_argument('paths', nargs='+', metavar='PATH', help='image or video files')
+    v.add_argument('--json', action='store_true', help='print one JSON list: one object per file')
+    v.add_argument('--trust', metavar='CA_PEM', default=None, help="PEM certificates to trust as anchors (e.g. <data root>/keys/ca.pem)")
     return ap
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(m, indent=2)); print(f"\nexecuted notebook and metrics.json in {out}")
             return 0
         if args.command == 'detect': return detect_command(args)
+        if args.command == 'verify': return verify_command(args)
         if args.command == 'run':
             from deepfake_course.bench import main_config, main_job
             overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
@@ -286,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"deepfake-course {args.command}: error: {e}", file=sys.stderr); return 2
     return 1
+
 
 # %% ../nbs/61_labs.ipynb #cell-24
 def _num(v) -> float | None:
@@ -531,3 +537,17 @@ def detect_command(args) -> int:
         print(json.dumps(dict(detector=det, faces=json.loads(rows.to_json(orient='records')), files=files, errors=errors), indent=1))
     if errors: say(f"deepfake-course detect: scored {len(files)} of {len(files) + len(errors)} files", err=True)
     return 0 if files else 1
+
+# %% ../nbs/61_labs.ipynb #cell-30
+def verify_command(args) -> int:
+    "`deepfake-course verify`: one report per file (text or `--json`); exit 0 all valid, 1 some unsigned, 2 some invalid or not media."
+    from deepfake_course.defend.provenance import verify_file, verify_exit_code, verify_line
+    trust = Path(args.trust).read_text() if getattr(args, 'trust', None) else None
+    results = []
+    for p in args.paths:
+        r = verify_file(p, trust_anchors=trust)
+        results.append(r)
+        if not args.json: print(verify_line(r), flush=True)
+    if args.json: print(json.dumps(results, indent=1, default=str))
+    return verify_exit_code(results)
+

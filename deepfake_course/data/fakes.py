@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11b_fakes.ipynb #cell-4
 from __future__ import annotations
-import os, shutil, tempfile, time, warnings
+import json, os, shutil, tempfile, time, warnings
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +14,7 @@ import pandas as pd
 from ..core import get_data_root, cfg_hash, atomic_write_json
 from ..media import write_png, provenance_tags
 from .manifest import make_manifest, read_manifest, write_manifest, check_no_leak, SPLITS
+
 
 
 # %% auto #0
@@ -34,13 +35,29 @@ def _check_method(method: str) -> str:
         raise ValueError(f"fake-set method must be a short name without '/', spaces or a leading dot (e.g. 'faceswap-df'), got {method!r}")
     return method
 
+def _signing(sign: bool | None) -> tuple[bool, str]:
+    "Whether a writer signs its files with C2PA, and why (the argument, `$DFC_C2PA`, or whether c2pa-python is installed)."
+    from deepfake_course.defend.provenance import c2pa_available
+    env = os.environ.get('DFC_C2PA', '').strip()
+    if sign is None and env not in ('', '0', '1'): raise ValueError(f"DFC_C2PA must be 0 or 1, got {env!r}")
+    want = bool(sign) if sign is not None else (env == '1') if env else None
+    why = 'sign argument' if sign is not None else '$DFC_C2PA' if env else 'default'
+    if want is False: return False, f'off ({why})'
+    if not c2pa_available():
+        if want: raise ImportError(f"FakeSetWriter: C2PA signing asked for ({why}) but c2pa-python is not installed: pip install c2pa-python")
+        return False, 'off (c2pa-python not installed)'
+    return True, f'on ({why})'
+
 class FakeSetWriter:
     """The one way to write a fake set: `<data_root>/fakes/<method>/<cfg_hash(config)>/` with `images/` and/or `clips/`,
     `manifest.csv` and `card.json`, built in a temporary folder and renamed only when complete and leak-free.
 
     Use: `w = FakeSetWriter('faceswap-df', cfg, data_root)`; if `w.exists` reuse `w.path`; else
-    `with w: w.add_image(img, split='train', identity=3, target_identity=5)`."""
-    def __init__(self, method: str, config: dict, data_root=None, description: str = '', sources: dict | None = None):
+    `with w: w.add_image(img, split='train', identity=3, target_identity=5)`.
+    `sign`: embed a signed C2PA manifest in every file (None: `$DFC_C2PA`, '0' off, '1' on; unset: on when c2pa-python is
+    installed; 50a_provenance measures the cost: about 10-20 ms an image)."""
+    def __init__(self, method: str, config: dict, data_root=None, description: str = '', sources: dict | None = None,
+                 sign: bool | None = None):
         if not isinstance(config, dict): raise TypeError(f"config must be a dict of the generator's settings, got {type(config).__name__}")
         self.method, self.config = _check_method(method), dict(config)
         self.hash = cfg_hash(dict(method=method, config=self.config))
@@ -50,6 +67,8 @@ class FakeSetWriter:
         self.description, self.sources = description, dict(sources or {})
         self.dir: Path | None = None
         self.rows: list[dict] = []
+        self.sign, self.sign_reason = _signing(sign)
+        self.n_signed = 0
     @property
     def exists(self) -> bool: return (self.path / 'card.json').is_file() and (self.path / 'manifest.csv').is_file()
     def __repr__(self): return f"FakeSetWriter({self.name!r}, {'exists' if self.exists else 'new'}, {len(self.rows)} rows)"
@@ -76,6 +95,7 @@ class FakeSetWriter:
         self._need_open()
         rel = f"images/{name or f'{len(self.rows):06d}'}.png"
         write_png(self.dir / rel, img, self.tags())
+        self._sign(rel)
         return self.add_row(rel, split=split, identity=identity, target_identity=target_identity, **cols)
     def add_clip(self, frames, *, split: str, name: str, fps: float = 25, audio=None, sample_rate: int = 16000,
                  identity: int = -1, target_identity: int = -1, **cols) -> str:
@@ -84,8 +104,16 @@ class FakeSetWriter:
         self._need_open()
         rel = f'clips/{name}.mp4'
         write_mp4(self.dir / rel, frames, fps=fps, audio=audio, sample_rate=sample_rate, metadata=self.tags())
+        self._sign(rel)
         return self.add_row(rel, split=split, identity=identity, target_identity=target_identity, kind='clip',
                             clip_id=f'{self.name}/{name}', **cols)
+    def _sign(self, rel: str):
+        "Embed the course's signed C2PA manifest (method, set, config, AI-generated) in a file just written."
+        if not self.sign: return
+        from deepfake_course.defend.provenance import sign_file
+        sign_file(self.dir / rel, method=self.method, fake_set=self.name, config=json.loads(json.dumps(self.config, default=str)),
+                  data_root=self.data_root)
+        self.n_signed += 1
     def __exit__(self, exc_type, exc, tb):
         tmp, self.dir = self.dir, None
         if exc_type is not None:
@@ -111,7 +139,9 @@ class FakeSetWriter:
         return dict(schema=CARD_SCHEMA, name=self.name, method=self.method, config=self.config, config_hash=self.hash,
                     counts=counts, total=len(df), library_version=__version__, created=_now(),
                     seconds=round(time.time() - self.t0, 2), provenance=self.tags(), description=self.description,
-                    sources=self.sources)
+                    sources=self.sources, c2pa=dict(signed=self.n_signed == len(df), files_signed=self.n_signed, why=self.sign_reason))
+
+
 
 
 # %% ../../nbs/11b_fakes.ipynb #cell-10
