@@ -162,3 +162,17 @@ def test_fake_set_records_quality_and_truncation(name, tmp_path):
     assert other != fs  # another ψ, another set
     with pytest.raises(ValueError, match='truncation psi'):
         G.make_gan_fake_set(tr, 4, trained_on=on, data_root=tmp_path, truncation=1.3, quality={'mtcnn_rate': 0.9})
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_sample_ema_false_uses_the_trained_generator(name):
+    "`sample(ema=False)` draws from G, `ema=True` (default) from G_ema: after a few steps with EMA 0.995 they differ."
+    tr = _trainer(name)
+    tr.fit(3)
+    z = torch.randn(4, TINY['z_dim'], generator=torch.Generator().manual_seed(1))
+    a, b = tr.sample(z=z, noise_mode='const'), tr.sample(z=z, noise_mode='const', ema=False)
+    assert torch.equal(a, tr.sample(z=z, noise_mode='const', ema=True))
+    assert not torch.allclose(a, b)
+    with torch.no_grad():
+        expect = ((tr.G(z, None, None, 1.0, None, 'const').clamp(-1, 1) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(b, expect, atol=1e-6)

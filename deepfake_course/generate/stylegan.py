@@ -297,9 +297,10 @@ class StyleTrainerBase(GANTrainer):
         with torch.no_grad(): self.G.w_avg.lerp_(ws[:, 0].detach().mean(0), 1 - c['w_avg_beta'])
         ema_update(self.G_ema, self.G, c['ema'])
         return {**logs, **logs_g}
-    def generate(self, z, z2=None, mix_at=None, truncation=1.0, truncation_cutoff=None, noise_mode='random', **kw):
-        "EMA generator; `truncation` ψ in [0, 1] pulls w toward w_avg; z2 + mix_at mix styles; noise_mode 'const' silences the noise."
-        return self.G_ema(z, z2, mix_at, check_truncation(truncation), truncation_cutoff, noise_mode).clamp(-1, 1)
+    def generate(self, z, z2=None, mix_at=None, truncation=1.0, truncation_cutoff=None, noise_mode='random', ema: bool = True, **kw):
+        "EMA generator (`ema=False`: the trained G); `truncation` ψ in [0, 1] pulls w toward w_avg; z2 + mix_at mix styles; noise_mode 'const' silences the noise."
+        G = self.G_ema if ema else self.G
+        return G(z, z2, mix_at, check_truncation(truncation), truncation_cutoff, noise_mode).clamp(-1, 1)
     @torch.no_grad()
     def sample(self, n=None, seed=0, z=None, batch=128, truncation=1.0, **kw):
         "Images in [0, 1] (see `GANTrainer.sample`); ψ is checked before anything is drawn."
