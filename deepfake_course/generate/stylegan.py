@@ -365,7 +365,7 @@ def _style_recipe(cls, steps, data_root, device, seed, verbose, n_identities, pe
 
 @course_recipe('stylegan', '21b_stylegan')
 def stylegan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
-                    per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v1: int = 1800,
+                    per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v1: int = 3000,
                     feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 3, n_fakes: int = 300, truncation: float = 0.7) -> CourseGAN:
     "Lecture 21b's StyleGAN (v1), trained on SynthFaces at `size` px; fake set and quality at ψ = `truncation`."
     return _style_recipe(StyleGANTrainer, steps_v1, data_root, device, seed, verbose, n_identities, per_identity, size, channels,
