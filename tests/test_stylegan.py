@@ -1,4 +1,4 @@
-"""Unit tests of deepfake_course.generate.stylegan: StyleGAN (AdaIN) and StyleGAN2 (modulated convolution,
+"""Unit tests of deepfake_course.generate.stylegan and .stylegan2: StyleGAN (AdaIN) and StyleGAN2 (modulated convolution,
 path-length regularisation) as two registered models; truncation and mixing; lazy-regularisation corrections;
 exact resume after an interruption; checkpoints of another GAN or size refused; their fake sets."""
 import math
@@ -7,6 +7,7 @@ import torch
 
 from deepfake_course.generate import gan as G
 from deepfake_course.generate import stylegan as SG
+from deepfake_course.generate import stylegan2 as SG2
 from deepfake_course.data.fakes import read_fake_set, resolve_fake_set, read_card
 
 
@@ -26,31 +27,31 @@ def _trainer(name, data=None, **kw):
 
 def test_registered_as_two_models():
     gens = G.GENERATORS  # filled by importing the module (G.generators() imports every GAN module)
-    assert gens['stylegan'] is SG.StyleGANTrainer and gens['stylegan2'] is SG.StyleGAN2Trainer
+    assert gens['stylegan'] is SG.StyleGANTrainer and gens['stylegan2'] is SG2.StyleGAN2Trainer
     v1, v2 = _trainer('stylegan'), _trainer('stylegan2')
     assert isinstance(v1.G, SG.StyleGANGenerator) and isinstance(v1.D, SG.StyleGANDiscriminator)
-    assert isinstance(v2.G, SG.StyleGAN2Generator) and isinstance(v2.D, SG.StyleGAN2Discriminator)
-    assert not any(isinstance(m, SG.ModConv2d) for m in v1.G.modules())  # v1: AdaIN, no modulated conv
+    assert isinstance(v2.G, SG2.StyleGAN2Generator) and isinstance(v2.D, SG2.StyleGAN2Discriminator)
+    assert not any(isinstance(m, SG2.ModConv2d) for m in v1.G.modules())  # v1: AdaIN, no modulated conv
     assert not any(isinstance(m, SG.AdaIN) for m in v2.G.modules())  # v2: no AdaIN
     assert v1.run_id != v2.run_id
 
 
 def test_resolution_errors():
-    for cls in (SG.StyleGANGenerator, SG.StyleGAN2Generator):
+    for cls in (SG.StyleGANGenerator, SG2.StyleGAN2Generator):
         with pytest.raises(ValueError, match='power of two'): cls(40)
     with pytest.raises(ValueError, match='power of two'): _trainer('stylegan2', size=24)
 
 
 def test_modulated_conv_demodulates_and_forms_agree():
     torch.manual_seed(0)
-    mc = SG.ModConv2d(8, 16, 3, 4)
+    mc = SG2.ModConv2d(8, 16, 3, 4)
     out = mc(torch.randn(4, 8, 8, 8), torch.randn(4, 4) * 10)
     assert abs(out.std().item() - 1) < 0.2  # demodulated: unit variance whatever the style's scale
     x, w = torch.randn(3, 8, 8, 8), torch.randn(3, 4)
     assert torch.allclose(mc(x, w), mc(x, w, grouped=True), atol=1e-4)
-    up = SG.ModConv2d(8, 16, 3, 4, up=True)
+    up = SG2.ModConv2d(8, 16, 3, 4, up=True)
     assert torch.allclose(up(x, w), up(x, w, grouped=True), atol=1e-4) and up(x, w).shape == (3, 16, 16, 16)
-    rgb = SG.ModConv2d(8, 3, 1, 4, demodulate=False)
+    rgb = SG2.ModConv2d(8, 3, 1, 4, demodulate=False)
     assert torch.allclose(rgb(x, w), rgb(x, w, grouped=True), atol=1e-4)
 
 
@@ -63,13 +64,13 @@ def test_adain_normalises_and_forgets_channel_strength():
     assert torch.allclose(y.mean([2, 3]), yb, atol=1e-4) and torch.allclose(y.std([2, 3], unbiased=False), (ys + 1).abs(), atol=1e-3)
     x2 = x.clone(); x2[:, 0] *= 10
     assert torch.allclose(ada(x2, w), ada(x, w), atol=1e-4)  # AdaIN: a channel's strength is lost (the droplets' cause)
-    mc = SG.ModConv2d(8, 8, 3, 4)
+    mc = SG2.ModConv2d(8, 8, 3, 4)
     assert not torch.allclose(mc(x2, w), mc(x, w), atol=1e-2)  # demodulation keeps it
 
 
 def test_truncation_and_mixing():
     torch.manual_seed(0)
-    for cls in (SG.StyleGANGenerator, SG.StyleGAN2Generator):
+    for cls in (SG.StyleGANGenerator, SG2.StyleGAN2Generator):
         sg = cls(16, 8, 8, 2, 8); sg.w_avg.normal_()
         assert sg.n_styles == 6
         z, z2 = torch.randn(3, 8), torch.randn(3, 8)

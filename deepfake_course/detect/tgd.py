@@ -372,7 +372,7 @@ def tgd_train(student: nn.Module, train: FaceTensorSet, val: dict, *, method: st
                      float(loop.state['best_score']), method, loop.resumed_from)
 
 # %% ../../nbs/35_tgd.ipynb #cell-26
-GAN_NAMES = ('pggan', 'stargan', 'stylegan', 'stylegan2')  # the paper's four GANs, the course's generators (lectures 21a-21c)
+GAN_NAMES = ('pggan', 'stargan', 'stylegan', 'stylegan2')  # the paper's four GANs, the course's generators (lectures 21a-21d)
 
 def _render_real(name: str, n_identities: int, per_identity: int, size: int, seed: int, root: Path) -> dict:
     """The renders a GAN lecture trains on (21c: `star_faces`, the others: `gan.synth_attribute_faces`), as uint8,
