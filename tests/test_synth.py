@@ -154,6 +154,13 @@ def test_clip():
     with pytest.raises(ValueError, match='n_frames'): render_clip(0, n_frames=0)
 
 
+def test_short_clips():
+    "Clips shorter than the 5-frame brow smoothing window render (n_frames 2-4 failed with a shape error)."
+    for n in (1, 2, 3, 4, 5):
+        c = render_clip(3, n_frames=n, size=32, seed=0)
+        assert c['frames'].shape == (n, 3, 32, 32) and c['params']['brow_raise'].shape == (n,)
+
+
 def test_log_mel_tone():
     t = np.arange(16000) / 16000
     lo, hi = log_mel(np.sin(2 * np.pi * 300 * t)), log_mel(np.sin(2 * np.pi * 3000 * t))

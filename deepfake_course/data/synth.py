@@ -882,7 +882,8 @@ def clip_params(identity: int, n_frames: int = 50, seed: int = 0, **ranges) -> t
     frame_env = env.reshape(T, -1).mean(1) / max(env.max(), 1e-6) if env.max() > 0 else np.zeros(T)
     lo, hi = rg['mouth_open']; p['mouth_open'] = torch.tensor(lo + (hi - lo) * frame_env, dtype=torch.float32)
     lo, hi = rg['brow_raise']
-    p['brow_raise'] = torch.tensor(np.clip(lo + (hi - lo) * (0.2 + 0.4 * np.convolve(frame_env, np.ones(5) / 5, 'same')), lo, hi), dtype=torch.float32)
+    w = min(5, T)  # a 5-frame moving average ('same' would return 5 values for a clip shorter than that)
+    p['brow_raise'] = torch.tensor(np.clip(lo + (hi - lo) * (0.2 + 0.4 * np.convolve(frame_env, np.ones(w) / w, 'same')), lo, hi), dtype=torch.float32)
     blink = np.zeros(T); t = rng.uniform(0.3, 2.5)
     while t < T / FPS:
         f = int(t * FPS)
