@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, time, warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -235,12 +235,13 @@ def pretrained_swap_model(cfg: dict, data_root: Path, device='auto', verbose=Non
     atomic_write_json(ck.parent/'card.json', dict(config=pcfg, people=[ids[0], ids[-1]], seconds=round(res.seconds, 1)))
     return {k: v.detach().cpu() for k, v in res.model.state_dict().items()}, res.seconds
 
-def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges: Judges, device='auto', run_dir=None,
+def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges: Judges | Callable[[], Judges], device='auto', run_dir=None,
                          verbose=None) -> dict:
     """Train one DF model per split on that split's people (`swap_pairs`), on `fs_train_faces` other renders of them, with
     20_faceswap's recipe (random warp, then sharpening as the learning rate falls); swap the job's faces, merge them back
     into their frames, judge them (`swap_quality`) and write them into one named fake set whose card keeps the quality.
-    Returns the set's name, the pairs, the quality per split and pooled."""
+    `judges` may be a function that trains them: it is called only when the set must be built (a set already in the data
+    root keeps its quality on its card). Returns the set's name, the pairs, the quality per split and pooled."""
     from deepfake_course.data.fakes import FakeSetWriter, read_card
     from deepfake_course.generate import faceswap as fsw
     pairs = swap_pairs(identity_split(real))
@@ -257,6 +258,7 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
                                    models=models, recipe=recipe))
     out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
     if w.exists: return {**out, **read_card(w.path)['sources']['job']}
+    if callable(judges): judges = judges()  # only now: training the judges costs a minute that a cached set does not need
     res, job = cfg['fs_size'], dict(quality={}, train_seconds={})
     pre, job['pretrain_seconds'] = pretrained_swap_model(cfg, data_root, device, verbose)
     swapped = {}
@@ -309,7 +311,7 @@ def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto
     w = cfg['gan_width']
     g = gan.build_generator(cfg['gan'], x, identities=tr['identity'].to_numpy(copy=True), device=device, size=cfg['gan_size'],
                             ngf=w, ndf=w, seed=cfg['seed'])
-    g.fit(cfg['gan_steps'], ckpt_dir=Path(run_dir)/'gan' if run_dir is not None else None,
+    g.fit(cfg['gan_steps'], ckpt_dir=Path(run_dir)/'gan' if run_dir is not None else gan.gan_model_dir(g, data_root),  # found, not retrained
           ckpt_every=max(cfg['gan_steps'] // 4, 1), verbose=verbose)
     trained_on = dict(dataset=f"synthfaces/{Path(real.attrs['real_dir']).name}", split='train',
                       identities=sorted(int(i) for i in tr['identity'].unique()))
@@ -457,7 +459,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
         from deepfake_course.data.fakes import read_fake_set
         real = build_real(cfg, root); ids = identity_split(real)
         def faceswap():
-            judges = train_judges(cfg, ids, run_dir, dev, verbose)
+            judges = lambda: train_judges(cfg, ids, run_dir, dev, verbose)  # trained only if the fake set is not cached
             return build_faceswap_fakes(cfg, real, root, judges, dev, run_dir, verbose)
         fs = st.run('faceswap', faceswap, log)
         gn = st.run('gan', lambda: build_gan_fakes(cfg, real, root, dev, run_dir, verbose), log)

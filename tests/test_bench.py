@@ -1,0 +1,60 @@
+"""Unit tests of deepfake_course.bench's caching: a cached face-swap set does not train the judges, and the main job's
+GAN without a run folder is found in the data root instead of being trained again."""
+from pathlib import Path
+import pandas as pd
+import pytest
+import torch
+
+from deepfake_course import bench
+from deepfake_course.data import fakes as F
+
+
+def _real(n=9):
+    splits = ['train'] * 3 + ['val'] * 3 + ['test'] * 3
+    df = pd.DataFrame(dict(identity=list(range(n)), target_identity=-1, split=splits[:n], path=[f'x{i}.png' for i in range(n)], label=0))
+    df.attrs['real_dir'] = '/somewhere/synthfaces/abc123'
+    return df
+
+
+def test_cached_faceswap_set_does_not_train_judges(tmp_path, monkeypatch):
+    cfg = bench.main_config(quick=True)
+    calls = []
+    def judges():
+        calls.append(1); raise AssertionError('the judges were trained for a cached fake set')
+    card = {'sources': {'job': {'quality': {'all': {'identity_transfer': 0.9}}, 'train_seconds': {}}}}
+    monkeypatch.setattr(F.FakeSetWriter, 'exists', property(lambda self: True))
+    monkeypatch.setattr(F, 'read_card', lambda path: card)
+    out = bench.build_faceswap_fakes(cfg, _real(), tmp_path, judges, device='cpu')
+    assert calls == [] and out['quality'] == {'all': {'identity_transfer': 0.9}} and out['fake_set'].startswith('faceswap-df/')
+    # not cached: the function is called before anything is trained (here it raises, so nothing else runs)
+    monkeypatch.setattr(F.FakeSetWriter, 'exists', property(lambda self: False))
+    monkeypatch.setattr(bench, 'pretrained_swap_model', lambda *a, **k: (None, 0.0))
+    with pytest.raises(AssertionError, match='judges were trained'): bench.build_faceswap_fakes(cfg, _real(), tmp_path, judges, device='cpu')
+    assert calls == [1]
+
+
+def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
+    "Without a run folder, build_gan_fakes trains its GAN in gan_model_dir: a second call loads it (0 new steps)."
+    from deepfake_course.generate import gan as G
+    from deepfake_course.media import write_png
+    cfg = bench.main_config(quick=True, gan_steps=3, gan_size=16, gan_width=8, n_gan=6, size=32)
+    rows = []
+    for i, s in enumerate(['train'] * 4 + ['test'] * 2):
+        p = tmp_path / 'real' / f'{i}.png'; p.parent.mkdir(exist_ok=True)
+        write_png(p, torch.rand(3, 32, 32), {})
+        rows.append(dict(identity=i, split=s, path=str(p), label=0))
+    real = pd.DataFrame(rows); real.attrs['real_dir'] = str(tmp_path / 'real')
+    steps, build = [], G.build_generator
+    def counting_build(*a, **k):  # every training step of the trainers that build_gan_fakes builds is counted
+        tr = build(*a, **k); step = tr.train_step
+        def counted():
+            steps.append(1); return step()
+        tr.train_step = counted
+        return tr
+    monkeypatch.setattr(G, 'build_generator', counting_build)
+    a = bench.build_gan_fakes(cfg, real, tmp_path, device='cpu', verbose=False)
+    n_first = len(steps)
+    b = bench.build_gan_fakes(cfg, real, tmp_path, device='cpu', verbose=False)
+    assert n_first >= 3 and len(steps) == n_first  # the second call trained nothing
+    assert a['fake_set'] == b['fake_set']
+    assert any((tmp_path / 'models' / 'gan').iterdir())
