@@ -142,7 +142,7 @@ class StyleGAN2Trainer(StyleTrainerBase):
 # %% ../../nbs/21d_stylegan2.ipynb #cell-40
 @course_recipe('stylegan2', '21d_stylegan2')
 def stylegan2_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
-                     per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v2: int = 1800,
+                     per_identity: int = 12, size: int = 32, channels: int = 32, batch: int = 32, steps_v2: int = 2400,
                      feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 3, n_fakes: int = 300, truncation: float = 0.7) -> CourseGAN:
     "Lecture 21d's StyleGAN2, trained on SynthFaces at `size` px; fake set and quality at ψ = `truncation`."
     return _style_recipe(StyleGAN2Trainer, '21d_stylegan2', steps_v2, data_root, device, seed, verbose, n_identities, per_identity, size, channels,
