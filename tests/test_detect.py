@@ -646,3 +646,11 @@ def test_a_fake_whose_target_is_a_training_identity_cannot_sit_in_test(spine_roo
 def test_make_blendswap_refuses_a_bad_split(tmp_path):
     with pytest.raises(ValueError, match="'train', 'val' or 'test'"): make_blendswap(tmp_path, {0: 'training'})
     with pytest.raises(ValueError, match='is empty'): make_blendswap(tmp_path, {})
+
+
+def test_registry_lists_every_detector_module_without_importing_it():
+    "list_detectors in a fresh interpreter names the detectors of every detect module (X-ray/SBI and the localisers included)."
+    import subprocess, sys
+    code = "from deepfake_course.detect.core import list_detectors; print(' '.join(list_detectors()['name']))"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert {'shallownet_v3', 'ocfakedect1', 'tgd_resnet_gnws', 'xray', 'sbi', 'mfcnn'} <= set(out)

@@ -31,7 +31,8 @@ __all__ = ['DETECTORS', 'PERTURBATIONS', 'PERTURBATION_KINDS', 'BLENDSWAP_VERSIO
 DETECTORS: dict[str, dict] = {}
 _DETECTOR_MODULES = ('deepfake_course.detect.shallownet', 'deepfake_course.detect.baselines',
                      'deepfake_course.detect.fdftnet', 'deepfake_course.detect.siamese',
-                     'deepfake_course.detect.ocvae', 'deepfake_course.detect.tgd')
+                     'deepfake_course.detect.ocvae', 'deepfake_course.detect.tgd', 'deepfake_course.detect.xray',
+                     'deepfake_course.detect.localise')
 
 def register_detector(name: str, *, input_size: int | None = 64, paper: str = ''):
     "Decorator: register a factory `(**kw) -> nn.Module` under `name` (`input_size=None`: any size)."
