@@ -206,12 +206,12 @@ class MFCNN(nn.Module):
 
 class PatchSet(torch.utils.data.Dataset):
     "Random `patch`×`patch` crops of images with label 1 when at least `frac` of the crop is tampered (a new crop each access)."
-    def __init__(self, images: torch.Tensor, masks, patch: int = 32, frac: float = 0.25, per_image: int = 4, seed: int = 0):
+    def __init__(self, images: torch.Tensor, masks, patch: int = 32, frac: float = 0.25, per_image: int = 4, seed: int | None = 0):
         self.x = check_images(images, 'PatchSet'); self.m = check_masks(masks, self.x, 'PatchSet')
         H, W = self.x.shape[-2:]
         if H < patch or W < patch: raise ValueError(f"PatchSet: images of {H}×{W} px are smaller than the patch {patch} px")
         self.patch, self.frac, self.per_image = patch, frac, per_image
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = None if seed is None else torch.Generator().manual_seed(seed)  # None: torch's global RNG (what fit checkpoints)
     def __len__(self): return len(self.x) * self.per_image
     def __getitem__(self, i):
         j = i % len(self.x); p = self.patch; H, W = self.x.shape[-2:]
@@ -413,13 +413,14 @@ def _mfcnn_detector(width: int = 16, patch: int = 32, stride: int = 8, hidden: i
 class MaskSet(torch.utils.data.Dataset):
     """Images N×3×H×W with masks N×H×W; items `(image, mask 1×H×W)`, flipped together at random when `flip`,
     and cut to a random `crop`×`crop` window when `crop` is set (the fully convolutional models train on crops)."""
-    def __init__(self, images, masks, flip: bool = False, crop: int | None = None, seed: int = 0):
+    def __init__(self, images, masks, flip: bool = False, crop: int | None = None, seed: int | None = None):
         self.x = check_images(torch.as_tensor(images), 'MaskSet')
         self.m = check_masks(masks, self.x, 'MaskSet')[:, None]
         H, W = self.x.shape[-2:]
         if crop is not None and not 8 <= crop <= min(H, W):
             raise ValueError(f"MaskSet: crop={crop} must lie between 8 and the image side {min(H, W)} px")
-        self.flip, self.crop, self.g = flip, crop, torch.Generator().manual_seed(seed)
+        # seed None: draw from torch's global RNG, which `fit` saves in every checkpoint, so a resumed run draws the same crops
+        self.flip, self.crop, self.g = flip, crop, None if seed is None else torch.Generator().manual_seed(seed)
     def __len__(self): return len(self.x)
     def __getitem__(self, i):
         x, m = self.x[i], self.m[i]
@@ -440,12 +441,12 @@ def train_localiser(model: nn.Module, train: tuple, val: tuple, *, epochs: int =
     images) with `model.loss`, validated on whole images."""
     (xt, mt), (xv, mv) = train, val
     if isinstance(model, MFCNN):
-        tr = PatchSet(xt, mt, model.patch, patch_frac, patches_per_image, seed)
+        tr = PatchSet(xt, mt, model.patch, patch_frac, patches_per_image, seed=None)  # training crops: the global RNG (resumable)
         va = PatchSet(xv, mv, model.patch, patch_frac, patches_per_image, seed + 1)
         va = torch.utils.data.TensorDataset(*[torch.stack(t) for t in zip(*[va[i] for i in range(len(va))])])  # fixed crops
         loss = None
     else:
-        tr, va, loss = MaskSet(xt, mt, flip=True, crop=crop, seed=seed), MaskSet(xv, mv), model.loss
+        tr, va, loss = MaskSet(xt, mt, flip=True, crop=crop), MaskSet(xv, mv), model.loss
     g = torch.Generator().manual_seed(seed)
     dl = torch.utils.data.DataLoader(tr, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(tr) > batch_size)
     vl = torch.utils.data.DataLoader(va, batch_size=4 * batch_size)
