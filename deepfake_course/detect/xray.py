@@ -229,10 +229,10 @@ def self_blended_image(img, lm, rng=None, ratio: float | None = None, shift=(0.0
 
 # %% ../../nbs/37_xray.ipynb #cell-17
 def jpeg_array(img: np.ndarray, quality: int) -> np.ndarray:
-    "Encode and decode an H×W×3 float face as JPEG at `quality` (OpenCV)."
+    "Encode and decode an H×W×3 float face as JPEG at `quality` (the course's OpenCV codec, `generate.tamper.jpeg_compress`)."
+    from deepfake_course.generate.tamper import jpeg_compress
     u8 = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode('.jpg', u8[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255
+    return jpeg_compress(u8, quality).astype(np.float32) / 255
 
 def post_augment(img: np.ndarray, rng: np.random.Generator, p_jpeg: float = 0.3, p_down: float = 0.2) -> np.ndarray:
     """What real and blended faces both get (so it is no cue): down-up sampling (p `p_down`, factor 0.6-0.9, bilinear or
