@@ -19,10 +19,11 @@ from .report import calibrate, results_table, bootstrap_unit, fake_examples_figu
 
 # %% auto #0
 __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED',
-           'PRETRAIN_PEOPLE', 'main_config', 'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity',
-           'Judges', 'train_judges', 'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'build_faceswap_fakes',
-           'build_gan_fakes', 'match_real', 'source_data', 'train_main_detectors', 'evaluation_sets', 'score_all',
-           'user_data', 'main_job']
+           'PRETRAIN_PEOPLE', 'COURSE_GANS', 'FAKE_SOURCES', 'main_config', 'conditions', 'Stages', 'build_real',
+           'identity_split', 'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality',
+           'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes', 'match_real', 'source_data',
+           'course_sources', 'load_sources', 'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data',
+           'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
 # QUICK is CPU-sized (2 cores): 24 identities (16/4/4, so the bootstrap resamples 4 test people), 16 faces each; the face
@@ -346,6 +347,69 @@ def source_data(cfg: dict, fake_set: str, data_root: Path):
         warnings.filterwarnings('ignore', message='.*size mismatch can itself be a cue')
         return detection_data(data_root, fake_set=fake_set, size=cfg['size'], n_identities=cfg['n_identities'],
                               images_per_identity=cfg['images_per_identity'], seed=cfg['seed'])
+
+
+# %% ../nbs/60_benchmark.ipynb #cell-42
+COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan')
+FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS)  # the fake sources a detector lecture can test on
+
+def course_sources(names, job: dict, data_root=None, *, device='auto', gan_params: dict | None = None, verbose=None) -> dict:
+    """Build, or reuse from the data root, the fake set of every source in `names` (see `FAKE_SOURCES`) for the
+    SynthFaces faces of `job` (a `main_config`). 'blend-swap' is cheap; 'faceswap-df' and 'dcgan' follow the main job's
+    recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2' and 'stargan' follow their lecture's recipe
+    (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
+    when the data root does not hold it (30-45 CPU minutes each). Returns {source: dict(fake_set, how, seconds)}."""
+    from deepfake_course.detect.core import blendswap_set
+    from deepfake_course.generate.gan import course_gan_fake_set
+    names = list(dict.fromkeys([names] if isinstance(names, str) else names))
+    if bad := [s for s in names if s not in FAKE_SOURCES]:
+        raise ValueError(f"unknown fake source(s) {bad}; known: {', '.join(FAKE_SOURCES)}")
+    gan_params = dict(gan_params or {})
+    if bad := set(gan_params) - set(COURSE_GANS[1:]):
+        raise ValueError(f"gan_params for {sorted(bad)}: only the lecture GANs take parameters ({', '.join(COURSE_GANS[1:])})")
+    root = get_data_root(data_root)
+    real = build_real(job, root); split_of = identity_split(real)
+    out = {}
+    for src in names:
+        t0 = time.time()
+        if src == 'blend-swap':
+            name, how = blendswap_set(root, job['n_identities'], job['images_per_identity'], job['size'], job['seed'],
+                                      verbose=verbose is not False), 'built or reused (blendswap_set)'
+        elif src == 'faceswap-df':
+            judges = lambda: train_judges(job, sorted(split_of), device=device, verbose=verbose)  # trained only if the set is not cached
+            name, how = build_faceswap_fakes(job, real, root, judges, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
+        elif src == 'dcgan':
+            name, how = build_gan_fakes(dict(job, gan='dcgan'), real, root, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
+        else:
+            name = course_gan_fake_set(src, root, device=device, seed=job['seed'], verbose=verbose, **gan_params.get(src, {}))
+            how = 'its lecture recipe (course_gan_fake_set)'
+        out[src] = dict(fake_set=name, how=how, seconds=round(time.time() - t0, 1))
+    return out
+
+def load_sources(sources: dict, job: dict, data_root=None) -> tuple[dict, dict]:
+    """The detection data of every source that `course_sources` returned: {source: DetectionData} (the real faces of
+    `job` and that source's fakes, split by identity and leak-checked; a generator's smaller faces are met by real faces
+    sent through the same size, `match_real`) and {source: verdict} ('meets its bar', 'BELOW ITS QUALITY BAR' with the
+    card's warning, or 'n/a' for sources without a bar; 'unusable: ...' for a set that cannot be read)."""
+    from deepfake_course.data.fakes import BelowQualityBar
+    from deepfake_course.data.manifest import LeakError
+    from deepfake_course.media import load_image
+    root = get_data_root(data_root)
+    data, verdicts = {}, {}
+    for src, info in sources.items():
+        name = info['fake_set'] if isinstance(info, dict) else info
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter('always')
+            try: d = source_data(job, name, root)
+            except (ValueError, LeakError) as e: verdicts[src] = f'unusable: {e}'; continue
+        below = [str(w.message) for w in ws if issubclass(w.category, BelowQualityBar)]
+        verdict = f'BELOW ITS QUALITY BAR: {below[0]}' if below else 'meets its bar' if src in COURSE_GANS else 'n/a'
+        fakes = d.test.df[d.test.df.label == 1]
+        fake_px = load_image(fakes['path'].iloc[0]).shape[-1] if len(fakes) else job['size']
+        if fake_px < job['size']:
+            d = match_real(d, fake_px); verdict += f'; {fake_px} px fakes, real faces resampled through {fake_px} px'
+        data[src], verdicts[src] = d, verdict
+    return data, verdicts
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-23

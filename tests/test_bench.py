@@ -58,3 +58,20 @@ def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
     assert n_first >= 3 and len(steps) == n_first  # the second call trained nothing
     assert a['fake_set'] == b['fake_set']
     assert any((tmp_path / 'models' / 'gan').iterdir())
+
+
+def test_course_sources_names_and_dispatch(tmp_path, monkeypatch):
+    cfg = bench.main_config(quick=True, n_identities=9)
+    with pytest.raises(ValueError, match=r"unknown fake source\(s\) \['deepfakes'\].*blend-swap"):
+        bench.course_sources(['deepfakes'], cfg, tmp_path)
+    with pytest.raises(ValueError, match='only the lecture GANs take parameters'):
+        bench.course_sources(['dcgan'], cfg, tmp_path, gan_params={'dcgan': {'steps': 3}})
+    # each source goes to its recipe, once, in the order given (duplicates dropped); the lecture GANs get their parameters
+    calls = []
+    monkeypatch.setattr(bench, 'build_real', lambda job, root: _real())
+    monkeypatch.setattr(bench, 'build_gan_fakes', lambda job, real, root, **kw: calls.append(('main', job['gan'])) or {'fake_set': 'dcgan/1'})
+    import deepfake_course.generate.gan as G
+    monkeypatch.setattr(G, 'course_gan_fake_set', lambda name, root, **kw: calls.append((name, kw.get('steps'))) or f'{name}/2')
+    out = bench.course_sources(['dcgan', 'pggan', 'dcgan'], cfg, tmp_path, gan_params={'pggan': {'steps': 7}})
+    assert calls == [('main', 'dcgan'), ('pggan', 7)]
+    assert list(out) == ['dcgan', 'pggan'] and out['pggan']['fake_set'] == 'pggan/2' and 'lecture' in out['pggan']['how']
