@@ -31,19 +31,44 @@ def _x(n=2, s=64): return torch.rand(n, 3, s, s)
 def test_registry_has_every_detector():
     names = set(list_detectors()['name'])
     for n in ['shallownet_v1', 'shallownet_v2', 'shallownet_v3', 'shallownet_ensemble', 'meso4', 'mesoinception4',
-              'xception', 'xception_mini', 'resnet50', 'resnet_small', 'efficientnet_b0', 'squeezenet', 'fdftnet']:
+              'xception', 'xception_mini', 'resnet50', 'resnet_small', 'efficientnet_b0', 'squeezenet', 'fdftnet',
+              'vgg_small', 'inception_small', 'densenet_small', 'vit_small', 'gramnet', 'efficientnet_b4']:
         assert n in names, n
     with pytest.raises(KeyError, match='Unknown detector'): build_detector('nope')
 
 
 @pytest.mark.parametrize('name', ['shallownet_v1', 'shallownet_v2', 'shallownet_v3', 'shallownet_ensemble', 'meso4',
-                                  'mesoinception4', 'xception_mini', 'resnet_small', 'squeezenet'])
+                                  'mesoinception4', 'xception_mini', 'resnet_small', 'squeezenet', 'vgg_small',
+                                  'inception_small', 'densenet_small', 'vit_small', 'gramnet'])
 def test_every_small_detector_scores_a_batch(name):
     kw = {'width_mult': 0.25} if name in ('shallownet_v1', 'shallownet_v2') else {}
     m = build_detector(name, input_size=64, **kw).eval()
     with torch.no_grad(): p = fake_prob(m(_x(3)))
     assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
     assert m.detector_name == name and m.input_size == 64
+
+
+@pytest.mark.parametrize('name', ['vgg_small', 'inception_small', 'densenet_small', 'vit_small', 'gramnet'])
+def test_zoo_detectors_learn_a_planted_cue(name):
+    "Each architecture of the zoo separates faces with a planted bright square from faces without after a few steps."
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 32, 32) * 0.5; y = (torch.arange(32) % 2).float()
+    x[y == 1, :, 8:16, 8:16] = 1.0
+    m = build_detector(name, input_size=32); opt = torch.optim.Adam(m.parameters(), 3e-3)
+    for _ in range(25):
+        loss = nn.functional.binary_cross_entropy_with_logits(m(x), y); opt.zero_grad(); loss.backward(); opt.step()
+    m.eval()
+    with torch.no_grad(): p = torch.sigmoid(m(x))
+    assert (p[y == 1].min() > p[y == 0].max()) or ((p > 0.5).float() == y).float().mean() > 0.9, (name, float(loss))
+
+
+def test_gram_matrix_ignores_where_a_texture_is():
+    from deepfake_course.detect.baselines import GramBlock
+    f = torch.randn(2, 4, 5, 5); perm = torch.randperm(25)
+    g = GramBlock.gram(f)
+    assert g.shape == (2, 4, 4) and torch.allclose(g, g.transpose(1, 2))
+    assert torch.allclose(g, GramBlock.gram(f.flatten(2)[:, :, perm].reshape(2, 4, 5, 5)), atol=1e-5)
+    assert torch.allclose(g[0, 0, 0], (f[0, 0] ** 2).mean())
 
 
 # ---------------------------------------------------------------- ShallowNet
@@ -433,7 +458,8 @@ def _damage(x, kind, level, seed=0): return (perturb(x, kind, level, seed).float
 
 def test_perturbations_keep_shape_and_dtype():
     x = _toy_faces(6, 64, 0).x
-    assert list(PERTURBATIONS) == ['jpeg90', 'jpeg70', 'jpeg50', 'blur1', 'blur2', 'resize0.5', 'resize0.25', 'noise5', 'noise10']
+    assert list(PERTURBATIONS) == ['jpeg90', 'jpeg70', 'jpeg50', 'blur1', 'blur2', 'resize0.5', 'resize0.25', 'noise5', 'noise10',
+                                   'c23', 'c40']
     for name, (kind, level) in PERTURBATIONS.items():
         y = perturb(x, kind, level)
         assert y.shape == x.shape and y.dtype == torch.uint8, name
@@ -453,7 +479,7 @@ def test_perturbations_level_zero_is_identity():
 def test_perturbations_damage_grows_with_the_level():
     x = _toy_faces(8, 64, 0).x
     for kind, levels in [('blur', [0.5, 1, 2, 4]), ('noise', [2, 5, 10, 20]), ('resize', [0.75, 0.5, 0.25, 0.125]),
-                         ('jpeg', [95, 90, 70, 50, 30])]:
+                         ('jpeg', [95, 90, 70, 50, 30]), ('h264', [10, 23, 32, 40, 51])]:
         d = [_damage(x, kind, lv) for lv in levels]
         assert all(a < b for a, b in zip(d, d[1:])), (kind, d)
     # the noise has the std asked for (rounding and clipping aside)
@@ -464,8 +490,15 @@ def test_perturbations_are_deterministic_for_a_seed():
     x = _toy_faces(4, 32, 0).x
     assert torch.equal(perturb(x, 'noise', 5, seed=3), perturb(x, 'noise', 5, seed=3))
     assert not torch.equal(perturb(x, 'noise', 5, seed=3), perturb(x, 'noise', 5, seed=4))
-    for kind, level in [('jpeg', 70), ('blur', 1.0), ('resize', 0.5)]:
+    for kind, level in [('jpeg', 70), ('blur', 1.0), ('resize', 0.5), ('h264', 40)]:
         assert torch.equal(perturb(x, kind, level, seed=0), perturb(x, kind, level, seed=1))
+
+
+def test_h264_levels_and_sides_are_checked():
+    x = _toy_faces(2, 32, 0).x
+    for bad in (-1, 52, 23.5):
+        with pytest.raises(ValueError, match='integer CRF in 0..51'): perturb(x, 'h264', bad)
+    with pytest.raises(ValueError, match='even sides, got 31×31'): perturb(x[:, :, :31, :31], 'h264', 23)
 
 
 def test_perturb_errors_name_the_bad_kind_or_level():

@@ -17,7 +17,9 @@ from .core import register_detector, build_detector
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MesoBlock', 'InceptionLayer', 'MesoNet', 'meso4', 'mesoinception4',
            'load_weights_file', 'TimmDetector', 'SqueezeNetDetector', 'xception', 'resnet50', 'efficientnet_b0',
-           'squeezenet', 'resnet_small', 'SepConv', 'XceptionBlock', 'MiniXception', 'xception_mini']
+           'squeezenet', 'resnet_small', 'SepConv', 'XceptionBlock', 'MiniXception', 'xception_mini', 'VGGSmall',
+           'InceptionModule', 'InceptionSmall', 'ViTDetector', 'GramBlock', 'GramNet', 'vgg_small', 'inception_small',
+           'densenet_small', 'vit_small', 'gramnet', 'efficientnet_b4']
 
 # %% ../../nbs/31_baselines.ipynb #cell-8
 class MesoBlock(nn.Sequential):
@@ -93,11 +95,12 @@ class _Normalise(nn.Module):
 
 class TimmDetector(nn.Module):
     "A timm architecture as a detector (from scratch unless `weights` names a state dict); input in [0,1]."
-    def __init__(self, arch: str, input_size: int = 64, n_out: int = 1, weights=None, **timm_kw):
+    def __init__(self, arch: str, input_size: int = 64, n_out: int = 1, weights=None, net: nn.Module | None = None, **timm_kw):
         super().__init__()
         import timm
         self.arch, self.input_size, self.norm = arch, input_size, _Normalise()
-        self.net = timm.create_model(arch, pretrained=False, num_classes=n_out, **timm_kw)
+        # `net`: a timm model built by hand (a size timm has no name for); otherwise timm's `arch`, from scratch
+        self.net = net if net is not None else timm.create_model(arch, pretrained=False, num_classes=n_out, **timm_kw)
         self.weights_report = load_weights_file(self.net, weights) if weights else None
     def features(self, x): return self.net.forward_features(self.norm(x))
     def forward(self, x):
@@ -184,3 +187,129 @@ class MiniXception(nn.Module):
 def xception_mini(input_size: int = 64, n_out: int = 1, middle: int = 2):
     "A mini-Xception (entry 32-64-128, middle 2×128, exit 256) for CPU training."
     return MiniXception(input_size, n_out, middle=middle)
+
+# %% ../../nbs/31_baselines.ipynb #cell-27
+class VGGSmall(nn.Module):
+    "VGG-11's plan (configuration A) at 1/`div` of its widths, with batch norm, global average pooling and one linear layer."
+    PLAN_A = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
+    def __init__(self, input_size: int = 64, n_out: int = 1, div: int = 8):
+        super().__init__()
+        layers, cin = [], 3
+        for v in self.PLAN_A:
+            if v == 'M': layers.append(nn.MaxPool2d(2, ceil_mode=True)); continue
+            c = max(8, v // div)
+            layers += [nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]; cin = c
+        self.input_size, self.norm, self.body, self.fc = input_size, _Normalise(), nn.Sequential(*layers), nn.Linear(cin, n_out)
+    def features(self, x): return self.body(self.norm(x))
+    def forward(self, x):
+        out = self.fc(self.features(x).mean((2, 3)))
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+class InceptionModule(nn.Module):
+    "GoogLeNet's module: 1×1 | 1×1→3×3 | 1×1→5×5 | 3×3 max pool→1×1, with BN and ReLU, concatenated to `cout` channels."
+    def __init__(self, cin, cout):
+        super().__init__()
+        def cbr(i, o, k): return [nn.Conv2d(i, o, k, padding=k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        c1, c3, c5 = cout // 4, cout // 2, cout // 8; cp = cout - c1 - c3 - c5
+        self.b1 = nn.Sequential(*cbr(cin, c1, 1))
+        self.b3 = nn.Sequential(*cbr(cin, max(8, c3 // 2), 1), *cbr(max(8, c3 // 2), c3, 3))
+        self.b5 = nn.Sequential(*cbr(cin, max(8, c5 // 2), 1), *cbr(max(8, c5 // 2), c5, 5))
+        self.bp = nn.Sequential(nn.MaxPool2d(3, 1, padding=1), *cbr(cin, cp, 1))
+    def forward(self, x): return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.bp(x)], 1)
+
+class InceptionSmall(nn.Module):
+    "A small GoogLeNet: a strided stem conv and pool, then Inception modules at 1/4, 1/8 and 1/16 of the input size, GAP, linear."
+    def __init__(self, input_size: int = 64, n_out: int = 1, width: int = 32):
+        super().__init__()
+        w = width; pool = lambda: nn.MaxPool2d(3, 2, padding=1)
+        self.input_size, self.norm = input_size, _Normalise()
+        self.body = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), pool(),
+                                  InceptionModule(w, 2 * w), InceptionModule(2 * w, 2 * w), pool(),
+                                  InceptionModule(2 * w, 4 * w), InceptionModule(4 * w, 4 * w), pool(),
+                                  InceptionModule(4 * w, 8 * w))
+        self.fc = nn.Linear(8 * w, n_out)
+    def features(self, x): return self.body(self.norm(x))
+    def forward(self, x):
+        out = self.fc(self.features(x).mean((2, 3)))
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+class ViTDetector(TimmDetector):
+    "timm's VisionTransformer at a chosen size as a detector; `features` gives the patch tokens as a C×h×w map."
+    def __init__(self, input_size: int = 64, n_out: int = 1, patch: int = 8, dim: int = 96, depth: int = 4, heads: int = 4):
+        from timm.models.vision_transformer import VisionTransformer
+        if input_size % patch: raise ValueError(f"vit_small: input_size={input_size} is not a multiple of the patch size {patch}")
+        super().__init__('vit_small', input_size, n_out, net=VisionTransformer(img_size=input_size, patch_size=patch, embed_dim=dim,
+                                                                               depth=depth, num_heads=heads, num_classes=n_out))
+    def features(self, x):
+        t = self.net.forward_features(self.norm(x))[:, self.net.num_prefix_tokens:]   # B × (h·w) × C
+        h = self.input_size // self.net.patch_embed.patch_size[0]
+        return t.transpose(1, 2).reshape(len(x), -1, h, h)
+
+class GramBlock(nn.Module):
+    "GramNet's texture block: 3×3 conv to `c` channels, Gram matrix G = F Fᵀ / HW (c×c), two strided convs on G, pooled to `out` values."
+    def __init__(self, cin, c: int = 32, out: int = 32):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, c, 3, padding=1, bias=False)
+        self.read = nn.Sequential(nn.Conv2d(1, out // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(out // 2), nn.ReLU(inplace=True),
+                                  nn.Conv2d(out // 2, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True))
+    @staticmethod
+    def gram(f):
+        B, C, H, W = f.shape; f = f.flatten(2)
+        return f @ f.transpose(1, 2) / (H * W)                      # B × C × C
+    def forward(self, x): return self.read(self.gram(self.proj(x))[:, None]).mean((2, 3))
+
+class GramNet(nn.Module):
+    "GramNet (Liu et al. 2020) at CPU size: a ResNet-18-style backbone (timm, widths `width`·(1,2,4,8)) with a Gram block on the image and after each stage."
+    def __init__(self, input_size: int = 64, n_out: int = 1, width: int = 16, gram: int = 32):
+        super().__init__()
+        import timm
+        self.input_size, self.norm = input_size, _Normalise()
+        self.net = timm.create_model('resnet18', pretrained=False, num_classes=0, channels=tuple(width * m for m in (1, 2, 4, 8)),
+                                     stem_width=width)
+        chans = [3, self.net.conv1.out_channels] + [width * m for m in (1, 2, 4, 8)]   # timm's plain stem is 64 wide
+        self.grams = nn.ModuleList([GramBlock(c, gram, gram) for c in chans])
+        self.fc = nn.Linear(width * 8 + gram * len(chans), n_out)
+    def _taps(self, x):
+        n = self.net; x = self.norm(x); taps = [x]
+        x = n.maxpool(n.act1(n.bn1(n.conv1(x)))); taps.append(x)
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4): x = layer(x); taps.append(x)
+        return taps
+    def features(self, x): return self._taps(x)[-1]
+    def forward(self, x):
+        taps = self._taps(x)
+        z = torch.cat([taps[-1].mean((2, 3))] + [g(t) for g, t in zip(self.grams, taps)], 1)
+        out = self.fc(z)
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+@register_detector('vgg_small', input_size=None, paper='Simonyan & Zisserman 2015 (CPU-sized)')
+def vgg_small(input_size: int = 64, n_out: int = 1, div: int = 8):
+    "VGG-11-BN's plan at 1/`div` of its widths, global average pooling instead of the 4096-wide dense layers."
+    return VGGSmall(input_size, n_out, div)
+
+@register_detector('inception_small', input_size=None, paper='Szegedy et al. 2015 (CPU-sized)')
+def inception_small(input_size: int = 64, n_out: int = 1, width: int = 32):
+    "A small GoogLeNet: five Inception modules over three scales."
+    return InceptionSmall(input_size, n_out, width)
+
+@register_detector('densenet_small', input_size=None, paper='Huang et al. 2017 (CPU-sized)')
+def densenet_small(input_size: int = 64, n_out: int = 1, growth_rate: int = 12, blocks=(4, 8, 6)):
+    "timm's DenseNet with growth rate 12 and dense blocks of 4, 8 and 6 layers."
+    from timm.models.densenet import DenseNet
+    return TimmDetector('densenet_small', input_size, n_out, net=DenseNet(growth_rate=growth_rate, block_config=tuple(blocks),
+                                                                          num_classes=n_out))
+
+@register_detector('vit_small', input_size=None, paper='Dosovitskiy et al. 2021 (CPU-sized)')
+def vit_small(input_size: int = 64, n_out: int = 1, patch: int = 8, dim: int = 96, depth: int = 4, heads: int = 4):
+    "A small vision transformer (timm): 8×8 patches, 4 blocks of width 96, 4 heads."
+    return ViTDetector(input_size, n_out, patch, dim, depth, heads)
+
+@register_detector('gramnet', input_size=None, paper='Liu, Qi & Torr 2020 (CPU-sized)')
+def gramnet(input_size: int = 64, n_out: int = 1, width: int = 16, gram: int = 32):
+    "GramNet: a small ResNet with Gram-matrix texture blocks on the image and after every stage."
+    return GramNet(input_size, n_out, width, gram)
+
+@register_detector('efficientnet_b4', input_size=None, paper='Tan & Le 2019; Celeb-DF baseline')
+def efficientnet_b4(input_size: int = 64, n_out: int = 1, weights=None):
+    "EfficientNet-B4 (timm `efficientnet_b4`, 17.5 M parameters), the Celeb-DF baseline; heavy on a CPU."
+    return TimmDetector('efficientnet_b4', input_size, n_out, weights)
+

@@ -23,16 +23,18 @@ from ..data.fakes import read_fake_set, ensure_fake_set
 # %% auto #0
 __all__ = ['DETECTORS', 'PERTURBATIONS', 'PERTURBATION_KINDS', 'BLENDSWAP_VERSION', 'register_detector', 'list_detectors',
            'build_detector', 'fake_prob', 'layer_table', 'detector_loss', 'save_detector', 'load_detector',
-           'jpeg_recompress', 'FaceTensorSet', 'perturb', 'show_perturbations', 'similarity_from_landmarks',
-           'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData', 'detection_data', 'Augment',
-           'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg', 'NoFaceError', 'detect']
+           'jpeg_recompress', 'FaceTensorSet', 'h264_recompress', 'perturb', 'show_perturbations',
+           'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
+           'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg',
+           'NoFaceError', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
 _DETECTOR_MODULES = ('deepfake_course.detect.shallownet', 'deepfake_course.detect.baselines',
                      'deepfake_course.detect.fdftnet', 'deepfake_course.detect.siamese',
                      'deepfake_course.detect.ocvae', 'deepfake_course.detect.tgd', 'deepfake_course.detect.xray',
-                     'deepfake_course.detect.localise')
+                     'deepfake_course.detect.localise', 'deepfake_course.detect.frequency',
+                     'deepfake_course.detect.attribution', 'deepfake_course.detect.audio')
 
 def register_detector(name: str, *, input_size: int | None = 64, paper: str = ''):
     "Decorator: register a factory `(**kw) -> nn.Module` under `name` (`input_size=None`: any size)."
@@ -211,8 +213,31 @@ PERTURBATIONS: dict[str, tuple[str, float]] = {
     'jpeg90': ('jpeg', 90), 'jpeg70': ('jpeg', 70), 'jpeg50': ('jpeg', 50),
     'blur1': ('blur', 1.0), 'blur2': ('blur', 2.0),
     'resize0.5': ('resize', 0.5), 'resize0.25': ('resize', 0.25),
-    'noise5': ('noise', 5.0), 'noise10': ('noise', 10.0)}
-PERTURBATION_KINDS = ('jpeg', 'blur', 'resize', 'noise')
+    'noise5': ('noise', 5.0), 'noise10': ('noise', 10.0),
+    'c23': ('h264', 23), 'c40': ('h264', 40)}   # FaceForensics++'s two H.264 qualities (CRF 23 and 40)
+PERTURBATION_KINDS = ('jpeg', 'blur', 'resize', 'noise', 'h264')
+
+def h264_recompress(x: torch.Tensor, crf: int) -> torch.Tensor:
+    """Encode and decode uint8 N×3×H×W faces with H.264 (libx264 through PyAV, yuv420p, `crf` 0..51, preset medium),
+    each face a one-frame video: an intra-coded frame at the rate control FaceForensics++ uses (`c23` = CRF 23,
+    `c40` = CRF 40). A whole clip also loses detail to motion prediction between frames; a still face cannot."""
+    import io, av
+    if isinstance(crf, bool) or not float(crf).is_integer() or not 0 <= crf <= 51:
+        raise ValueError(f"h264_recompress: crf must be an integer in 0..51, got {crf!r}")
+    H, W = x.shape[-2:]
+    if H % 2 or W % 2: raise ValueError(f"h264_recompress: H.264 in yuv420p needs even sides, got {H}×{W}")
+    out = []
+    for im in x:
+        buf = io.BytesIO()
+        with av.open(buf, 'w', format='mp4') as c:
+            vs = c.add_stream('libx264', rate=25); vs.width, vs.height, vs.pix_fmt = W, H, 'yuv420p'
+            vs.options = {'crf': str(int(crf)), 'preset': 'medium'}
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(im.permute(1, 2, 0).numpy()), format='rgb24')): c.mux(pkt)
+            for pkt in vs.encode(): c.mux(pkt)
+        buf.seek(0)
+        with av.open(buf) as c: fr = next(c.decode(video=0)).to_ndarray(format='rgb24')
+        out.append(torch.from_numpy(fr.copy()).permute(2, 0, 1))
+    return torch.stack(out) if out else x.clone()
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     "Gaussian blur of float N×C×H×W with σ = `sigma` px: kornia when it is installed, else torchvision."
@@ -228,8 +253,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def perturb(x: torch.Tensor, kind: str, level: float, seed: int = 0) -> torch.Tensor:
     """Uint8 faces (N×3×H×W or 3×H×W) under one robustness condition (see `PERTURBATIONS`): 'jpeg' (quality 1..100),
-    'blur' (Gaussian σ in px, ≥ 0), 'resize' (down by a factor in (0, 1], back up with `media.resize`) or 'noise'
-    (Gaussian, std in 0..255 units, ≥ 0, from a generator seeded with `seed`). Same shape and dtype; deterministic."""
+    'blur' (Gaussian σ in px, ≥ 0), 'resize' (down by a factor in (0, 1], back up with `media.resize`), 'noise'
+    (Gaussian, std in 0..255 units, ≥ 0, from a generator seeded with `seed`) or 'h264' (CRF 0..51, `h264_recompress`).
+    Same shape and dtype; deterministic."""
     if kind not in PERTURBATION_KINDS:
         raise ValueError(f"perturb: unknown kind {kind!r}; known: {', '.join(PERTURBATION_KINDS)}")
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() not in (3, 4):
@@ -240,12 +266,14 @@ def perturb(x: torch.Tensor, kind: str, level: float, seed: int = 0) -> torch.Te
         raise ValueError(f"perturb: the {kind} level must be a finite number, got {level!r}")
     ok = {'jpeg': (1 <= level <= 100 and float(level).is_integer(), 'an integer quality in 1..100'),
           'blur': (level >= 0, 'a sigma >= 0 (px)'), 'resize': (0 < level <= 1, 'a factor in (0, 1]'),
-          'noise': (level >= 0, 'a std >= 0 (0..255 units)')}[kind]
+          'noise': (level >= 0, 'a std >= 0 (0..255 units)'),
+          'h264': (0 <= level <= 51 and float(level).is_integer(), 'an integer CRF in 0..51')}[kind]
     if not ok[0]: raise ValueError(f"perturb: the {kind} level must be {ok[1]}, got {level!r}")
     one = x.dim() == 3
     x = x[None] if one else x
     H, W = x.shape[-2:]
     if kind == 'jpeg': y = jpeg_recompress(x, int(level))
+    elif kind == 'h264': y = h264_recompress(x, int(level))
     elif kind == 'blur':
         y = x.clone() if level == 0 else _gaussian_blur(x.float(), float(level)).round().clamp(0, 255).to(torch.uint8)
     elif kind == 'resize':
