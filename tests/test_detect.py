@@ -288,6 +288,20 @@ def test_fdftnet_frozen_backbone_does_not_change():
     assert n_params(net.backbone, trainable_only=True) == 0
 
 
+def test_fdftnet_without_ftt_is_the_mbblock_head_alone():
+    "use_ftt=False (the paper's Table 6 ablation) drops the FTT's weights and its term in the sum, nothing else."
+    torch.manual_seed(0)
+    a = build_detector('fdftnet', backbone='shallownet_v3', input_size=32, M=2, N=1, ftt_widths=(8, 16), expand=16, mb_out=8, se=4, feat=16)
+    b = build_detector('fdftnet', backbone='shallownet_v3', input_size=32, M=2, N=1, ftt_widths=(8, 16), expand=16, mb_out=8, se=4, feat=16,
+                       use_ftt=False)
+    assert b.ftt is None and n_params(a) - n_params(b) == n_params(a.ftt)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith('ftt.')})
+    a.eval(); b.eval(); x = _x(2, 32)
+    with torch.no_grad():
+        assert torch.allclose(b(x), a.fc(a.mb(a.backbone.features(x))), atol=1e-5)
+        assert not torch.allclose(a(x), b(x))                     # the FTT term is really there in the full model
+
+
 def test_fdftnet_unfrozen_backbone_trains():
     torch.manual_seed(0)
     net = _tiny_fdft(False); net.train()

@@ -112,7 +112,7 @@ class FDFtNet(PreciseBN, nn.Module):
     frozen) when the model is switched to eval mode; 0: PyTorch's running averages, whose scores collapse."""
     def __init__(self, backbone: nn.Module, input_size: int = 64, M: int = 3, N: int = 4, ftt_widths=(32, 64, 96),
                  expand: int = 576, mb_out: int = 128, se: int = 144, feat: int = 576, freeze_backbone: bool = True,
-                 faithful_to_code: bool = False, attend_at=None, n_out: int = 2, precise_bn: int = 512):
+                 faithful_to_code: bool = False, attend_at=None, n_out: int = 2, precise_bn: int = 512, use_ftt: bool = True):
         super().__init__()
         if not callable(getattr(backbone, 'features', None)):
             raise TypeError(f"FDFtNet: the backbone {type(backbone).__name__} has no features(x) method")
@@ -121,7 +121,7 @@ class FDFtNet(PreciseBN, nn.Module):
             was = backbone.training; backbone.eval()
             c = backbone.features(torch.zeros(1, 3, input_size, input_size)).shape[1]; backbone.train(was)
         self.mb = MBStack(c, N, expand, mb_out, se, feat, faithful_to_code)
-        self.ftt = FineTuneTransformer(M, ftt_widths, feat, attend_at)
+        self.ftt = FineTuneTransformer(M, ftt_widths, feat, attend_at) if use_ftt else None   # None: the paper's Table 6 ablation
         self.fc = nn.Linear(feat, n_out)
         self.set_frozen(freeze_backbone)
         self._init_precise_bn(precise_bn)
@@ -144,23 +144,25 @@ class FDFtNet(PreciseBN, nn.Module):
         if self.freeze_backbone:
             with torch.no_grad(): fmap = self.backbone.features(x)
         else: fmap = self.backbone.features(x)
-        out = self.fc(self.mb(fmap) + self.ftt(x))
+        z = self.mb(fmap)
+        out = self.fc(z + self.ftt(x) if self.ftt is not None else z)
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 @register_detector('fdftnet', input_size=64, paper='Jeon, Bang & Woo 2020')
 def fdftnet(backbone: str = 'shallownet_v3', backbone_kwargs: dict | None = None, backbone_ckpt: str | None = None,
             input_size: int = 64, M: int = 3, N: int = 4, ftt_widths=(32, 64, 96), expand: int = 576, mb_out: int = 128,
             se: int = 144, feat: int = 576, freeze_backbone: bool = True, faithful_to_code: bool = False, attend_at=None,
-            n_out: int = 2, precise_bn: int = 512):
+            n_out: int = 2, precise_bn: int = 512, use_ftt: bool = True):
     """FDFtNet on a registered backbone (weights from `backbone_ckpt`, a detector checkpoint pre-trained on the task);
-    `precise_bn=0`: the heads' BatchNorm keeps PyTorch's running averages (the version whose scores collapse)."""
+    `precise_bn=0`: the heads' BatchNorm keeps PyTorch's running averages (the version whose scores collapse);
+    `use_ftt=False`: MBblockV3 alone on the backbone, the paper's ablation without the Fine-Tune Transformer."""
     if backbone_ckpt:
         bb = load_detector(backbone_ckpt, expect=backbone)
     else:
         bkw = dict(backbone_kwargs or {}); bkw.setdefault('input_size', input_size)
         bb = build_detector(backbone, **bkw)
     return FDFtNet(bb, input_size, M, N, tuple(ftt_widths), expand, mb_out, se, feat, freeze_backbone, faithful_to_code,
-                   attend_at, n_out, precise_bn)
+                   attend_at, n_out, precise_bn, use_ftt)
 
 
 # %% ../../nbs/32_fdftnet.ipynb #cell-19
