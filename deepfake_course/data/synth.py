@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from .audio import SR, syllable_envelope, synth_voice, log_mel
 
 # %% auto #0
-__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS',
-           'SYNTH_VERSION', 'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project',
-           'landmarks', 'jpeg_approx', 'render', 'render_faces', 'render_face', 'clip_params', 'render_clip',
-           'make_synthfaces']
+__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS', 'HR_RANGE',
+           'PULSE_AMP', 'PBV', 'BLINK_RATE', 'BLINK_DURATION', 'SYNTH_VERSION', 'identity_params', 'check_ranges',
+           'sample_params', 'rotation', 'landmarks3d', 'project', 'landmarks', 'jpeg_approx', 'render', 'render_faces',
+           'render_face', 'heart_rate', 'blink_rate', 'pulse_wave', 'clip_params', 'render_clip', 'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
 SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
@@ -567,7 +567,9 @@ def _paint_skin(c, p, f):
     sock = (1 - _sq((Xa - ex) * (1 / 0.26)) - _sq((Y - ey + 0.02) * (1 / 0.18))).clamp_min_(0)
     alb = c.c3(p['skin']) * (1 - 0.35 * _sq(sock)).unsqueeze(1)
     bl = (1 - _sq((Xa - 0.42) * (1 / 0.2)) - _sq((Y - 0.3) * (1 / 0.17))).clamp_min_(0)
-    return _lerp(alb, c.rgb(0.85, 0.35, 0.35), v(p['blush']) * 0.5 * _sq(bl))
+    alb = _lerp(alb, c.rgb(0.85, 0.35, 0.35), v(p['blush']) * 0.5 * _sq(bl))
+    if 'pulse' in p: alb = alb * c.c3(p['pulse'])   # physiology: the skin's per-frame colour factor (blood volume, `pulse_factor`)
+    return alb
 
 
 def _paint_beard(c, p, f, alb):
@@ -591,6 +593,18 @@ def _paint_brows(c, p, f, alb):
     return _lerp(alb, c.c3(p['brow']), a_b)
 
 
+def _corneal_glint(c, f, dxi, dyi, ri):
+    """Coverage of the light's reflection on a spherical cornea (seen radius 0.75 iris radii): the highlight sits where the
+    surface normal halves the angle between the light and the camera, h = (L + V)/|L + V| in head coordinates, so it
+    moves with the light and the head and is at the same place in both eyes (offsets in true X: `sgn` undoes the mirror)."""
+    h = c.Lh + c.R[:, 2, :]                       # light + view direction (R's third row: the camera axis in head coordinates)
+    h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    rc = 0.75 * ri
+    gx, gy = c.v(h[:, 0]) * rc, c.v(h[:, 1]) * rc
+    d = (_sq(dxi - f['sgn'] * gx) + _sq(dyi - gy)).sqrt()
+    return c.cov(0.22 * ri - d) * 0.95
+
+
 def _paint_eyes(c, p, f, alb):
     "The eyes: lid crease, sclera, iris (darker rim) looking along the gaze, pupil, catch-light, lashes."
     Xa, Y, v = f['Xa'], f['Y'], c.v
@@ -612,7 +626,10 @@ def _paint_eyes(c, p, f, alb):
     eye = _lerp(eye, iris, c.cov(ri - r))
     eye = _lerp(eye, c.rgb(0.03, 0.03, 0.03), c.cov(0.42 * ri - r))
     cl = (_sq(dxi + 0.35 * ri) + _sq(dyi + 0.35 * ri)).sqrt_()
-    eye = _lerp(eye, c.rgb(1.0, 1.0, 1.0), c.cov(0.14 * ri - cl) * 0.9)
+    glint = c.cov(0.14 * ri - cl) * 0.9
+    if 'glint' in p:   # physiology: the corneal highlight mirrors the light, at the same place in both eyes
+        glint = torch.lerp(glint, _corneal_glint(c, f, dxi, dyi, ri), v(p['glint']))
+    eye = _lerp(eye, c.rgb(1.0, 1.0, 1.0), glint)
     alb = _lerp(alb, eye, a_eye)
     return _lerp(alb, c.rgb(0.06, 0.04, 0.04), a_lash)
 
@@ -641,6 +658,7 @@ def _paint_mouth(c, p, f, alb):
         alb = _lerp(alb, torch.lerp(c.rgb(0.2, 0.05, 0.05), c.rgb(0.86, 0.83, 0.76), teeth.unsqueeze(1)), a_in)
     a_line = c.cov(0.011 - (Y - ym).abs()) * c.cov(side_d + 0.01) * 0.75
     return _lerp(alb, c.c3(p['lip']) * 0.3, a_line)
+
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-54
 def _shade(c, f, alb):
@@ -830,17 +848,20 @@ def _check_size(size):
     return int(size)
 
 
-def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu', **ranges) -> dict:
+def render_faces(identities, n: int, size: int = 64, seed: int = 0, device='cpu', physiology: bool = False, **ranges) -> dict:
     """Render `n` images of each identity at size×size (identity-major: N = len(ids) * n).
 
     `identities`: a list of ids or an int k (ids 0..k-1). Keyword ranges, a (lo, hi) pair or one number, override
     `RANGES` (e.g. `yaw=(-10, 10)`, `smile=1`, `jpeg=None` for no JPEG). Returns a dict with `images` (N×3×H×W float
     in [0, 1]), `mask` (N×1×H×W, the visible skin of the head), `landmarks5` (N×5×2, MTCNN order: left eye, right
     eye, nose tip, left and right mouth corner, image-left first), `landmarks68` (N×68×2, iBUG order), both in pixel
-    coordinates where the image spans [0, size], `identity` (N, long) and `params` (every parameter per image)."""
+    coordinates where the image spans [0, size], `identity` (N, long) and `params` (every parameter per image).
+    `physiology=True`: corneal highlights that follow the light (off by default; see `clip_params`)."""
     _check_size(size)
     p = sample_params(identities, n, seed, **ranges)
+    if physiology: p['glint'] = torch.ones(len(p['yaw']))
     return render(p, size, device)
+
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-34
 def render_face(identity: int = 0, size: int = 128, seed: int = 0, device='cpu', **values) -> dict:
@@ -861,9 +882,70 @@ def _smooth_track(rng, T, lo, hi, centre_frac=0.5, amp_frac=0.25, n_sin=2):
     return np.clip(y, lo, hi)
 
 
-def clip_params(identity: int, n_frames: int = 50, seed: int = 0, **ranges) -> tuple[dict, np.ndarray, np.ndarray]:
+HR_RANGE = (50.0, 110.0)        # resting heart rates of the identities, bpm
+PULSE_AMP = 0.02                # peak-to-peak relative change of the skin's green channel over one heartbeat
+PBV = (0.33, 0.77, 0.53)        # the blood-volume pulse's relative strength in R, G, B (de Haan & van Leest 2014)
+BLINK_RATE = 26.0               # blinks a minute while talking, the median person (Bentivoglio et al. 1997: 26 talking, 17 at rest)
+BLINK_DURATION = (0.1, 0.4)     # seconds, one blink (the range In Ictu Oculi cites)
+
+
+def _unit(tag: int, ids: list[int]) -> np.ndarray:
+    return np.array([torch.rand(1, generator=torch.Generator().manual_seed(_mix(tag, i))).item() for i in ids])
+
+
+def heart_rate(identities) -> np.ndarray:
+    "The resting heart rate (bpm) of each identity, uniform over `HR_RANGE`; the same id always has the same pulse."
+    lo, hi = HR_RANGE
+    return lo + (hi - lo) * _unit(0x4EA27, _as_ids(identities))
+
+
+def blink_rate(identities) -> np.ndarray:
+    "Each identity's blink rate while talking (blinks/min): log-normal about `BLINK_RATE` (people differ about twofold)."
+    from scipy.stats import norm
+    z = norm.ppf(np.clip(_unit(0xB1175, _as_ids(identities)), 1e-3, 1 - 1e-3))
+    return BLINK_RATE * np.exp(0.35 * z)
+
+
+def pulse_wave(phase: np.ndarray) -> np.ndarray:
+    "A photoplethysmogram shape from its phase (radians): systolic peak, dicrotic wave; zero mean, peak-to-peak 1."
+    w = np.cos(phase) + 0.45 * np.cos(2 * phase - 0.9) + 0.12 * np.cos(3 * phase - 1.8)
+    return w / 1.8862
+
+
+def _physiology(identity: int, T: int, seed: int) -> dict:
+    """The pulse and blinks of one clip: instantaneous heart rate (the identity's rate with a respiratory sinus
+    arrhythmia of ±2 bpm), blood-volume waveform, skin colour factor per frame, and blink events (onset, duration)."""
+    rng = np.random.default_rng(_mix(0x9F15E, seed, identity))
+    t = np.arange(T) / FPS
+    hr = heart_rate([identity])[0] + 2.0 * np.sin(2 * np.pi * rng.uniform(0.2, 0.3) * t + rng.uniform(0, 2 * np.pi))
+    phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.cumsum(hr / 60 / FPS)
+    wave = pulse_wave(phase)
+    factor = 1 - PULSE_AMP * np.outer(wave, np.array(PBV) / PBV[1])        # more blood: darker skin, most in green
+    mean_gap = 60 / blink_rate([identity])[0]
+    onsets, durs = [], []
+    s = rng.uniform(0, mean_gap)
+    while s < T / FPS:
+        d = rng.uniform(*BLINK_DURATION)
+        onsets.append(s); durs.append(d)
+        s += d + 0.25 + rng.gamma(2.0, max(mean_gap - d - 0.25, 0.1) / 2.0)   # a refractory 0.25 s, then a gamma wait
+    # eyelid closure: down in the first third of the blink, up in the rest; each frame averages its 40 ms exposure
+    sub = (np.arange(T * 8) + 0.5) / (8 * FPS)
+    close = np.zeros_like(sub)
+    for s, d in zip(onsets, durs):
+        u = (sub - s) / d
+        close = np.maximum(close, np.where(u < 1 / 3, 3 * u, 1.5 * (1 - u)).clip(0, 1) * ((u >= 0) & (u <= 1)))
+    return dict(hr_bpm=hr, pulse_wave=wave, pulse=factor, blink=close.reshape(T, 8).mean(1),
+                blink_onsets=np.array(onsets), blink_durations=np.array(durs))
+
+
+def clip_params(identity: int, n_frames: int = 50, seed: int = 0, physiology: bool = False,
+                **ranges) -> tuple[dict, np.ndarray, np.ndarray]:
     """Per-frame parameters of a talking clip (smooth pose and expression, blinks, mouth from the syllable envelope),
-    plus the audio envelope and vowel track. Light, background, clothes and camera stay fixed within a clip."""
+    plus the audio envelope and vowel track. Light, background, clothes and camera stay fixed within a clip.
+    `physiology=True` adds what real faces do (off by default: the default clips stay byte-identical): a pulse
+    (`pulse`, the skin colour factor per frame; `pulse_wave`, `hr_bpm` per frame), blinks at each identity's rate with
+    durations from the literature (`blink`, `blink_onset` = 1 at each blink's first frame), and a corneal highlight
+    that follows the light (`glint`)."""
     if not isinstance(n_frames, (int, np.integer)) or isinstance(n_frames, bool) or n_frames < 1:
         raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
     ids = _as_ids([identity])
@@ -892,20 +974,36 @@ def clip_params(identity: int, n_frames: int = 50, seed: int = 0, **ranges) -> t
         t += rng.uniform(2.0, 4.5)
     lo, hi = check_ranges(blink=(0, 1))['blink'] if 'blink' not in ranges else rg['blink']
     p['blink'] = torch.tensor(lo + (hi - lo) * blink, dtype=torch.float32)
+    if physiology:    # its own random stream: the rest of the clip is the same as without it
+        ph = _physiology(ids[0], T, seed)
+        p['blink'] = torch.tensor(lo + (hi - lo) * ph['blink'], dtype=torch.float32)
+        at = (ph['blink_onsets'] * FPS).astype(int)          # onsets are >= 0.35 s apart: one per frame at most
+        onset, dur = np.zeros(T), np.zeros(T)
+        onset[at], dur[at] = 1, ph['blink_durations']
+        p['blink_onset'] = torch.tensor(onset, dtype=torch.float32)
+        p['blink_duration'] = torch.tensor(dur, dtype=torch.float32)
+        p['pulse'] = torch.tensor(ph['pulse'], dtype=torch.float32)
+        p['pulse_wave'] = torch.tensor(ph['pulse_wave'], dtype=torch.float32)
+        p['hr_bpm'] = torch.tensor(ph['hr_bpm'], dtype=torch.float32)
+        p['glint'] = torch.ones(T)
     return p, env, vowels
 
 
-def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0, device='cpu', **ranges) -> dict:
+def render_clip(identity: int, n_frames: int = 50, size: int = 64, seed: int = 0, device='cpu', physiology: bool = False,
+                **ranges) -> dict:
     """A talking clip of one identity at 25 fps: frames (T×3×H×W in [0,1]), a 16 kHz voice whose loudness is the
-    same syllable envelope that opens the mouth, its 80-band log-mel, landmarks, masks and parameters."""
+    same syllable envelope that opens the mouth, its 80-band log-mel, landmarks, masks and parameters.
+    `physiology=True`: a pulse, natural blinks and light-following corneal highlights (see `clip_params`); the truth
+    is in `params` (`hr_bpm`, `pulse_wave`, `blink`, `blink_onset`, `blink_duration`)."""
     _check_size(size)
-    p, env, vowels = clip_params(identity, n_frames, seed, **ranges)
+    p, env, vowels = clip_params(identity, n_frames, seed, physiology=physiology, **ranges)
     out = render(p, size, device)
     rng = np.random.default_rng(_mix(0xA0D10, seed, int(identity)))
     audio = synth_voice(env, vowels, float(p['voice_hz'][0]), float(p['formant'][0]), rng)
     return {'frames': out['images'], 'audio': torch.from_numpy(audio), 'mel': log_mel(audio), 'landmarks5': out['landmarks5'],
             'landmarks68': out['landmarks68'], 'mask': out['mask'], 'fps': FPS, 'sr': SR, 'identity': int(identity),
             'envelope': torch.from_numpy(env), 'params': p}
+
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-46
 SYNTH_VERSION = 3   # bump when what a build holds changes (renderer or manifest): builds are keyed by it
@@ -925,10 +1023,13 @@ def _identity_splits(df, seed: int):
 
 
 def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: int = 32, clips_per_identity: int = 1,
-                    size: int = 64, seed: int = 0, clip_frames: int = 50, device='cpu', verbose: bool | None = None) -> Path:
+                    size: int = 64, seed: int = 0, clip_frames: int = 50, device='cpu', verbose: bool | None = None,
+                    physiology: bool = False) -> Path:
     """Build (or reuse) a SynthFaces set under `<data_root>/synthfaces/<cfg_hash>/`: PNG images, talking clips
     (`clips/<clip_id>.npz` canonical + `.mp4` with AAC sound), `manifest.csv`, `landmarks.npz` and `card.json`.
-    `split` is by identity (no person in two splits), checked by `check_no_leak` before the build is kept."""
+    `split` is by identity (no person in two splits), checked by `check_no_leak` before the build is kept.
+    `physiology=True` renders pulse, natural blinks and light-following corneal highlights (`render_clip`), stores their
+    truth in each clip's .npz and the manifest (`hr_bpm`, `n_blinks`), and enters the configuration (and hash) only when on."""
     import pandas as pd
     from PIL import Image
     from deepfake_course.core import get_data_root, cfg_hash, atomic_dir, atomic_write_json, progress, write_mp4
@@ -939,6 +1040,7 @@ def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: 
     if images_per_identity == 0 and clips_per_identity == 0: raise ValueError("nothing to build: images_per_identity and clips_per_identity are both 0")
     cfg = dict(kind='synthfaces', version=SYNTH_VERSION, n_identities=int(n_identities), images_per_identity=int(images_per_identity),
                clips_per_identity=int(clips_per_identity), size=int(size), seed=int(seed), clip_frames=int(clip_frames))
+    if physiology: cfg['physiology'] = True   # only when on: every build made before the option keeps its hash
     h = cfg_hash(cfg)
     final = get_data_root(data_root) / 'synthfaces' / h
     if final.exists():
@@ -952,7 +1054,7 @@ def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: 
             steps = progress(total=n_identities * (1 + clips_per_identity), desc=f'SynthFaces {h}', verbose=verbose)
             for i in range(n_identities):
                 if images_per_identity:
-                    out = render_faces([i], images_per_identity, size=size, seed=seed, device=device)
+                    out = render_faces([i], images_per_identity, size=size, seed=seed, device=device, physiology=physiology)
                     u8 = (out['images'].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                     (tmp / 'images' / str(i)).mkdir(parents=True, exist_ok=True)
                     P = out['params']
@@ -970,17 +1072,23 @@ def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: 
                 steps.update(1)
                 for c in range(clips_per_identity):
                     cid = f'synthfaces-{h}-{i}-{c}'
-                    clip = render_clip(i, clip_frames, size=size, seed=_mix(seed, c) % (2 ** 31), device=device)
+                    clip = render_clip(i, clip_frames, size=size, seed=_mix(seed, c) % (2 ** 31), device=device, physiology=physiology)
+                    P = clip['params']
+                    # with physiology, the truth of the cues: pulse, blinks, pose and light per frame
+                    truth = {k: P[k].numpy() for k in ('hr_bpm', 'pulse_wave', 'blink', 'blink_onset', 'blink_duration', 'yaw',
+                                                        'pitch', 'roll', 'light_az', 'light_el')} if physiology else {}
                     fr = (clip['frames'].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                     a16 = (clip['audio'].numpy() * 32767).round().astype(np.int16)
                     (tmp / 'clips').mkdir(exist_ok=True)
                     np.savez_compressed(tmp / 'clips' / f'{cid}.npz', frames=fr, audio=a16, mel=clip['mel'].numpy(),
                                         landmarks5=clip['landmarks5'].cpu().numpy(), landmarks68=clip['landmarks68'].cpu().numpy(),
-                                        fps=np.int64(FPS), sr=np.int64(SR), identity=np.int64(i))
+                                        fps=np.int64(FPS), sr=np.int64(SR), identity=np.int64(i), **truth)
                     write_mp4(tmp / 'clips' / f'{cid}.mp4', clip['frames'], FPS, clip['audio'].numpy(), SR,
                               metadata={'comment': 'synthetic: SynthFaces render (deepfake-course)'})
                     rows.append(dict(path=f'clips/{cid}.npz', label=0, source='synthfaces', identity=i, target_identity=-1,
-                                     clip_id=cid, frame=-1, kind='clip'))
+                                     clip_id=cid, frame=-1, kind='clip',
+                                     **(dict(hr_bpm=round(float(truth['hr_bpm'].mean()), 2), n_blinks=int(truth['blink_onset'].sum()))
+                                        if physiology else {})))
                     steps.update(1)
             steps.close()
             df = _identity_splits(pd.DataFrame(rows), seed)
@@ -1003,3 +1111,4 @@ def make_synthfaces(data_root=None, n_identities: int = 8, images_per_identity: 
         if (final / 'card.json').exists(): return final
         raise
     return final
+
