@@ -126,9 +126,9 @@ def test_checkpoint_of_another_generator_is_refused(tmp_path):
 
 def test_registry(tmp_path):
     gens = G.generators()  # imports every generator module of the course
-    assert set(gens) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'}
+    assert set(gens) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'dcgan-transpose', 'dcgan-nearest', 'dcgan-bilinear'}
     assert all(gens[k].name == k and issubclass(gens[k], G.GANTrainer) for k in gens)
-    assert {gens[k].__module__.rsplit('.', 1)[1] for k in gens} == {'gan', 'pggan', 'stylegan', 'stylegan2', 'stargan'}
+    assert {gens[k].__module__.rsplit('.', 1)[1] for k in gens} == {'gan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'attribution'}
     with pytest.raises(KeyError, match='unknown generator.*dcgan'): G.build_generator('biggan', _imgs())
     with pytest.raises(TypeError, match='not a GANTrainer'): G.register_generator(dict)
     class Clash(G.DCGANTrainer): name = 'dcgan'
