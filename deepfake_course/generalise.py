@@ -16,8 +16,8 @@ from .detect.core import (DetectionData, FaceTensorSet, PERTURBATIONS, build_det
 
 # %% auto #0
 __all__ = ['FAMILIES', 'REAL_ONLY_ROWS', 'FEATURE_ROWS', 'MSE_ROWS', 'NOT_ROWS', 'BACKBONE', 'family_of', 'source_families',
-           'SourceBuild', 'how_trained', 'check_rows', 'real_training_faces', 'val_metrics', 'train_row', 'test_sets',
-           'score_rows', 'generalisation_table', 'wide', 'plot_generalisation', 'pool_sources', 'choose_rows']
+           'SourceBuild', 'how_trained', 'check_rows', 'real_training_faces', 'train_row', 'test_sets', 'score_rows',
+           'generalisation_table', 'wide', 'plot_generalisation', 'pool_sources', 'choose_rows']
 
 # %% ../nbs/60c_generalisation.ipynb #cell-8
 FAMILIES = {'autoencoder-swap': ('faceswap-df',), 'blend-swap': ('blend-swap',),
@@ -125,13 +125,9 @@ def real_training_faces(real: pd.DataFrame, size: int, extra: int = 0, seed: int
                         np.concatenate([i, ex['identity'].numpy()]))
     return out
 
-def _auroc(y, s) -> float:
-    from sklearn.metrics import roc_auc_score
-    y = np.asarray(y); return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float('nan')
+from .bench import _val_auroc as val_metrics   # the main job's selection metric, AUROC (`train.fit`'s `metrics`)
 
-def val_metrics(scores, labels) -> dict:
-    "The validation metric every supervised row is selected on (`train.fit`'s `metrics`): AUROC."
-    return {'auroc': _auroc(labels, scores)}
+def _auroc(y, s) -> float: return val_metrics(np.asarray(s), np.asarray(y))['auroc']
 
 def train_row(name: str, data: DetectionData, ckpt_dir, *, real: dict | None = None, trained: dict | None = None,
               epochs: int = 4, lr: float = 1e-3, batch_size: int = 32, blend_epochs: int = 10, blend_lr: float = 5e-3,
