@@ -700,4 +700,4 @@ def test_registry_lists_every_detector_module_without_importing_it():
     import subprocess, sys
     code = "from deepfake_course.detect.core import list_detectors; print(' '.join(list_detectors()['name']))"
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
-    assert {'shallownet_v3', 'ocfakedect1', 'tgd_resnet_gnws', 'xray', 'sbi', 'mfcnn'} <= set(out)
+    assert {'shallownet_v3', 'ocfakedect1', 'tgd_resnet_gnws', 'xray', 'sbi', 'mfcnn', 'pulse', 'lrcn', 'headpose', 'eyes'} <= set(out)

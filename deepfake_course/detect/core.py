@@ -34,7 +34,8 @@ _DETECTOR_MODULES = ('deepfake_course.detect.shallownet', 'deepfake_course.detec
                      'deepfake_course.detect.fdftnet', 'deepfake_course.detect.siamese',
                      'deepfake_course.detect.ocvae', 'deepfake_course.detect.tgd', 'deepfake_course.detect.xray',
                      'deepfake_course.detect.localise', 'deepfake_course.detect.frequency',
-                     'deepfake_course.detect.attribution', 'deepfake_course.detect.audio')
+                     'deepfake_course.detect.attribution', 'deepfake_course.detect.audio',
+                     'deepfake_course.detect.cues', 'deepfake_course.detect.eyes')
 
 def register_detector(name: str, *, input_size: int | None = 64, paper: str = ''):
     "Decorator: register a factory `(**kw) -> nn.Module` under `name` (`input_size=None`: any size)."
