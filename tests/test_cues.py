@@ -56,6 +56,9 @@ def test_pulse_on_rendered_clip():
     f = pulse_features(fr, c['landmarks68'].numpy(), 25)
     assert abs(f['hr_est'] - float(c['params']['hr_bpm'].mean())) < 6
     assert set(cues.PULSE_FEATURES) <= set(f)
+    still = pulse_features(np.repeat(fr[:1], len(fr), 0), np.repeat(c['landmarks68'].numpy()[:1], len(fr), 0), 25)
+    assert f['amp'] > 0.1 and still['amp'] < 1e-6             # a face whose colour never changes has no pulse
+    assert all(np.isfinite(still[k]) for k in cues.PULSE_FEATURES)   # and features a classifier can take
 
 
 def test_ear_and_blinks():

@@ -189,23 +189,27 @@ def heart_rate_bpm(sig, fps) -> tuple[float, float]:
     f, p = pulse_spectrum(sig, fps)
     hr = float(f[p.argmax()])
     near = (np.abs(f - hr) <= 6) | (np.abs(f - 2 * hr) <= 6)
-    return hr, float(10 * np.log10(p[near].sum() / max(p[~near].sum(), 1e-20)))
+    return hr, float(10 * np.log10(max(p[near].sum(), 1e-20) / max(p[~near].sum(), 1e-20)))   # finite for a still face
 
-PULSE_FEATURES = ('snr', 'snr_regions', 'hr_spread', 'region_corr', 'hr_agree')
+PULSE_FEATURES = ('snr', 'snr_regions', 'hr_spread', 'region_corr', 'hr_agree', 'amp')
 
 def pulse_features(frames: np.ndarray, landmarks68: np.ndarray, fps: float) -> dict:
     """FakeCatcher's idea on one clip: a POS pulse from the whole skin (all regions) and from each region; the heart rate
     and SNR of each; how the regions agree (spread of their heart rates, correlation of their pulse signals, share of
-    regions within 6 bpm of the whole). Returns the clip's heart rate and the features `PULSE_FEATURES`."""
+    regions within 6 bpm of the whole); and how strong the colour change is (`amp`: the standard deviation of the
+    whole-skin POS signal, relative to the skin's mean colour; FakeCatcher also keeps its signals'
+    spreads). Returns the clip's heart rate and the features `PULSE_FEATURES`."""
     check_pulse_length(len(frames), fps)
     tr = region_traces(frames, landmarks68)                      # T×R×3
     whole = np.nanmean(tr, 1)
-    hw, snr = heart_rate_bpm(pos(whole, fps), fps)
+    h = pos(whole, fps); hw, snr = heart_rate_bpm(h, fps)
     sigs = [pos(tr[:, k], fps) for k in range(tr.shape[1])]
     hrs, snrs = zip(*[heart_rate_bpm(s, fps) for s in sigs])
-    C = np.corrcoef(np.stack(sigs)); iu = np.triu_indices(len(sigs), 1)
+    with np.errstate(invalid='ignore', divide='ignore'):       # a region whose colour never changes correlates with nothing
+        C = np.nan_to_num(np.corrcoef(np.stack(sigs)), nan=0.0)
+    iu = np.triu_indices(len(sigs), 1)
     return dict(hr_est=hw, snr=snr, snr_regions=float(np.mean(snrs)), hr_spread=float(np.std(hrs)),
-                region_corr=float(np.nanmean(C[iu])), hr_agree=float(np.mean(np.abs(np.array(hrs) - hw) <= 6)))
+                region_corr=float(np.mean(C[iu])), hr_agree=float(np.mean(np.abs(np.array(hrs) - hw) <= 6)), amp=float(np.std(h)))
 
 
 # %% ../../nbs/41_cues.ipynb #cell-19
