@@ -137,3 +137,17 @@ def test_detectors_registered():
     assert {'pulse', 'lrcn', 'headpose'} <= set(DETECTORS)
     assert isinstance(build_detector('pulse'), PulseDetector) and isinstance(build_detector('lrcn'), LRCN)
     assert isinstance(build_detector('headpose'), cues.HeadPoseDetector)
+
+
+def test_fitted_headpose_and_pulse_detectors_save_and_load(tmp_path):
+    from deepfake_course.detect.core import build_detector, save_detector, load_detector
+    rng = np.random.default_rng(3); X = rng.normal(size=(120, cues.N_POSE_FEATURES)); y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    det = build_detector('headpose'); det.head.fit(X, y, 1.0)
+    assert det.checkpoint_config['n_sv'] == det.head.sv.shape[0] > 0          # the rebuilt head gets buffers of this size
+    again = load_detector(save_detector(det, tmp_path / 'hp.pt'), expect='headpose')
+    assert torch.allclose(again(torch.from_numpy(X)), det(torch.from_numpy(X)))
+    assert torch.equal(again.landmarks.head[1].weight, det.landmarks.head[1].weight)
+    p = build_detector('pulse'); p.head.fit(rng.normal(size=(40, len(cues.PULSE_FEATURES))), np.r_[np.zeros(20), np.ones(20)], 0.1)
+    p2 = load_detector(save_detector(p, tmp_path / 'pulse.pt'), expect='pulse')
+    f = torch.from_numpy(rng.normal(size=(5, len(cues.PULSE_FEATURES))))
+    assert torch.allclose(p2(f), p(f)) and float(p2.head.C) == pytest.approx(0.1)

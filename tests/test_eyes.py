@@ -53,11 +53,12 @@ def test_rendered_pairs_agree_more_than_mixed_ones():
     assert reflection_iou(p).mean() > reflection_iou(mixed).mean() + 0.15
 
 
-def test_detector_registered_and_scores():
+def test_detector_registered_and_scores(tmp_path):
     from deepfake_course.detect.core import DETECTORS, build_detector
     assert 'eyes' in DETECTORS and DETECTORS['eyes']['input_size'] == eyes.EYE_PAIR
     det = build_detector('eyes', rel=0.7)
     assert isinstance(det, EyeReflectionDetector) and float(det.rel) == pytest.approx(0.7)
     s = det(torch.cat([_drawn(), _drawn(dot_bottom=(36, 19))]))
     assert s.shape == (2,) and s[0] < 0.01 and s[1] == 1.0
-    det2 = EyeReflectionDetector(); det2.load_state_dict(det.state_dict()); assert float(det2.rel) == pytest.approx(0.7)
+    from deepfake_course.detect.core import save_detector, load_detector
+    det2 = load_detector(save_detector(det, tmp_path / 'eyes.pt'), expect='eyes'); assert float(det2.rel) == pytest.approx(0.7)

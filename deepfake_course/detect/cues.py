@@ -433,11 +433,12 @@ def pose_features(lm68, size: int, model3d=None) -> np.ndarray:
 class SVMHead(nn.Module):
     """A support-vector machine with an RBF kernel as a module: standardise the features (buffers `mean`, `scale`), then
     the decision function of scikit-learn's `SVC`, whose support vectors, dual coefficients, gamma and intercept `fit`
-    copies into buffers (so a fitted head is saved and loaded like any module). Positive scores: fake."""
-    def __init__(self, n_features: int):
+    copies into buffers (so a fitted head is saved and loaded like any module; `n_sv` sizes the support-vector buffers
+    of a head about to load a fitted state). Positive scores: fake."""
+    def __init__(self, n_features: int, n_sv: int = 0):
         super().__init__()
         self.n_features = n_features
-        for k, v in dict(mean=torch.zeros(n_features), scale=torch.ones(n_features), sv=torch.zeros(0, n_features), coef=torch.zeros(0),
+        for k, v in dict(mean=torch.zeros(n_features), scale=torch.ones(n_features), sv=torch.zeros(n_sv, n_features), coef=torch.zeros(n_sv),
                          gamma=torch.tensor(1.0), intercept=torch.tensor(0.0), C=torch.tensor(float('nan'))).items():
             self.register_buffer(k, v.double())
     @property
@@ -467,11 +468,18 @@ class SVMHead(nn.Module):
 
 class HeadPoseDetector(nn.Module):
     """Yang, Li & Lyu's detector: landmarks of the pixels (`LandmarkNet`), the poses of the whole and the central face
-    (`pose_features`), an RBF SVM per frame (`SVMHead`); a clip's score is the mean over every `frame_step`-th frame."""
-    def __init__(self, landmarks: LandmarkNet | None = None, frame_step: int = 2):
+    (`pose_features`), an RBF SVM per frame (`SVMHead`); a clip's score is the mean over every `frame_step`-th frame.
+    Its checkpoint configuration records the number of support vectors, so `load_detector` rebuilds a fitted one."""
+    def __init__(self, landmarks: LandmarkNet | None = None, frame_step: int = 2, n_sv: int = 0):
         super().__init__()
         self.landmarks = landmarks if landmarks is not None else LandmarkNet()
-        self.head = SVMHead(N_POSE_FEATURES); self.frame_step = frame_step
+        self.head = SVMHead(N_POSE_FEATURES, n_sv); self.frame_step = frame_step
+        self._config = None
+    @property
+    def checkpoint_config(self):
+        return None if self._config is None else {**self._config, 'n_sv': int(self.head.sv.shape[0])}
+    @checkpoint_config.setter
+    def checkpoint_config(self, cfg): self._config = None if cfg is None else {k: v for k, v in cfg.items() if k != 'n_sv'}
     def features(self, frames) -> np.ndarray:
         "Pose features of every `frame_step`-th frame of a clip (T×H×W×3 uint8)."
         fr = np.asarray(frames)[::self.frame_step]
@@ -481,6 +489,6 @@ class HeadPoseDetector(nn.Module):
     def score_clip(self, frames) -> float: return float(self(torch.from_numpy(self.features(frames))).mean())
 
 @register_detector('headpose', input_size=None, paper='Yang, Li, Lyu, Exposing Deep Fakes Using Inconsistent Head Poses, ICASSP 2019')
-def _headpose(frame_step: int = 2):
+def _headpose(frame_step: int = 2, n_sv: int = 0):
     "Head pose from the whole face vs its centre (landmarks, cv2.solvePnP), RBF SVM per frame, mean over the clip."
-    return HeadPoseDetector(frame_step=frame_step)
+    return HeadPoseDetector(frame_step=frame_step, n_sv=n_sv)
