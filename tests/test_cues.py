@@ -9,11 +9,7 @@ from deepfake_course.detect.cues import (CueInputError, pos, heart_rate_bpm, che
 from deepfake_course.data.synth import render_clip
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')      # conftest's: one torch thread for this module
 
 
 def _toy(bpm=72.0, T=250, fps=25, flicker=0.0):

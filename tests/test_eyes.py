@@ -9,11 +9,7 @@ from deepfake_course.detect.eyes import (EyeInputError, eye_pairs, eye_strips, s
                                          EyeReflectionDetector)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')      # conftest's: one torch thread for this module
 
 
 def _drawn(dot_top=(30, 13), dot_bottom=(30, 13), sclera=0.8, offset=eyes.EYE_OFFSET):
