@@ -74,8 +74,7 @@ def swap_clip_sets(real: pd.DataFrame, data_root=None, steps: int = 440, train_f
         clips = {r.path: load_clip(r.path) for r in real.itertuples()}
         swapped = {m: [] for m in todo}
         for s, (src, dsts) in pairs.items():
-            tr = render_faces([src], train_faces, size=int(real.attrs.get('size', 64)) if False else clips[real.path.iloc[0]]['frames'].shape[1],
-                              seed=seed + SWAP_TRAIN_SEED)
+            tr = render_faces([src], train_faces, size=clips[real.path.iloc[0]]['frames'].shape[1], seed=seed + SWAP_TRAIN_SEED)
             fs_src = fsw.make_swap_faceset(tr['images'], tr['mask'], tr['landmarks5'], identity=src, size=fs_size)
             rows = real[real.identity.isin(dsts)]
             fr = np.concatenate([clips[p]['frames'][::4] for p in rows.path])
