@@ -46,6 +46,20 @@ def test_smoke_params_name_real_notebooks():
     assert not stale, f'tests/smoke_params.yaml names notebooks that do not exist: {sorted(stale)}'
 
 
+def ipc_kernel_manager(folder):
+    """A kernel manager whose kernels talk over IPC (Unix sockets in `folder`, the test's own tmp_path) instead of TCP
+    ports. Two xdist workers starting kernels at once can race for the same free ports; the likely cause of a CI run
+    where 10_synthfaces waited 20 minutes on a kernel that sat idle (py-spy: client and kernel both waiting)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+    class IPCKernelManager(AsyncKernelManager):
+        @default('transport')
+        def _default_transport(self): return 'ipc'
+        @default('ip')
+        def _default_ip(self): return str(pathlib.Path(folder) / 'ipc')   # one folder per test: no two kernels share a socket
+    return IPCKernelManager
+
+
 def without_export(nb_path, tmp_path):
     """A copy of the notebook without its closing `nbdev.nbdev_export()` cell: a test must not rewrite the library
     while another worker imports it (a module caught half-written fails that import); `.ci/run` checks the export."""
@@ -71,5 +85,5 @@ def test_notebook(nb, tmp_path, session_data_root):
     params.setdefault('out_dir', str(tmp_path / 'out'))
     params.setdefault('device', 'cpu')
     pm.execute_notebook(str(without_export(nb, tmp_path)), str(tmp_path / nb.name), parameters=params, kernel_name='python3',
-                        cwd=str(nb.parent), progress_bar=False, execution_timeout=1200)
+                        cwd=str(nb.parent), progress_bar=False, execution_timeout=1200, kernel_manager_class=ipc_kernel_manager(tmp_path))
     assert (tmp_path / 'out' / 'metrics.json').exists(), f'{nb.name} recorded no figure with record(...)'
