@@ -350,13 +350,13 @@ def source_data(cfg: dict, fake_set: str, data_root: Path):
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-42
-COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan')
+COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm', 'ldm')  # the lecture generators (21-21d, 25)
 FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS)  # the fake sources a detector lecture can test on
 
 def course_sources(names, job: dict, data_root=None, *, device='auto', gan_params: dict | None = None, verbose=None) -> dict:
     """Build, or reuse from the data root, the fake set of every source in `names` (see `FAKE_SOURCES`) for the
     SynthFaces faces of `job` (a `main_config`). 'blend-swap' is cheap; 'faceswap-df' and 'dcgan' follow the main job's
-    recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2' and 'stargan' follow their lecture's recipe
+    recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
     when the data root does not hold it (30-45 CPU minutes each). Returns {source: dict(fake_set, how, seconds)}."""
     from deepfake_course.detect.core import blendswap_set

@@ -17,9 +17,9 @@ from .media import resize
 from .train import CheckpointError, fit, load_checkpoint, load_model_state, save_checkpoint
 
 # %% auto #0
-__all__ = ['ALIGNED_RANGES', 'FEATURES', 'FEATURES_FILE', 'check_images', 'crop_faces', 'synth_faces', 'lfw_faces',
-           'frechet_distance', 'knn_precision_recall', 'FaceFeatureNet', 'save_feature_net', 'load_feature_net',
-           'train_feature_net', 'fidelity_scores']
+__all__ = ['ALIGNED_RANGES', 'FEATURES', 'FEATURES_FILE', 'check_images', 'crop_box', 'crop_landmarks', 'crop_faces',
+           'synth_faces', 'lfw_faces', 'frechet_distance', 'knn_precision_recall', 'FaceFeatureNet', 'save_feature_net',
+           'load_feature_net', 'train_feature_net', 'fidelity_scores']
 
 # %% ../nbs/19b_fidelity.ipynb #cell-8
 def check_images(images, what: str = 'images', min_n: int = 2) -> torch.Tensor:
@@ -38,12 +38,22 @@ def check_images(images, what: str = 'images', min_n: int = 2) -> torch.Tensor:
 
 ALIGNED_RANGES = dict(yaw=(-15., 15.), pitch=(-10., 10.), roll=(-8., 8.), blur=(0., 0.3))  # near-frontal, as aligned face data is
 
-def crop_faces(images: torch.Tensor, landmarks68: torch.Tensor, size: int, margin: float = 1.6) -> torch.Tensor:
-    "Square crops centred on each face's 68 landmarks, `margin` × the landmark extent wide, resized to size×size."
-    import kornia
+def crop_box(landmarks68: torch.Tensor, margin: float = 1.6) -> tuple[torch.Tensor, torch.Tensor]:
+    "The square crop of each face: its centre (N×2) and half-width (N,), `margin` × the landmark extent wide."
     lo, hi = landmarks68.amin(1).float(), landmarks68.amax(1).float()
     half = (hi - lo).amax(1) / 2 * margin
     c = (lo + hi) / 2; c[:, 1] -= 0.15 * half  # a little more forehead and hair than chin
+    return c, half
+
+def crop_landmarks(landmarks68: torch.Tensor, size: int, margin: float = 1.6) -> torch.Tensor:
+    "Where the landmarks fall in the size×size crops of `crop_faces` (pixel coordinates of the crop)."
+    c, half = crop_box(landmarks68, margin)
+    return (landmarks68.float() - (c - half[:, None])[:, None]) / (2 * half)[:, None, None] * size
+
+def crop_faces(images: torch.Tensor, landmarks68: torch.Tensor, size: int, margin: float = 1.6) -> torch.Tensor:
+    "Square crops centred on each face's 68 landmarks, `margin` × the landmark extent wide, resized to size×size."
+    import kornia
+    c, half = crop_box(landmarks68, margin)
     x0, y0, x1, y1 = c[:, 0] - half, c[:, 1] - half, c[:, 0] + half, c[:, 1] + half
     boxes = torch.stack([torch.stack(p, 1) for p in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]], 1)
     out = kornia.geometry.transform.crop_and_resize(images.float(), boxes, (size, size), mode='bilinear', align_corners=False)
@@ -127,10 +137,15 @@ class FaceFeatureNet(nn.Module):
         return torch.cat([self(x[i:i+batch].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch)])
 
 class _Mirrored(Dataset):
-    "Images and labels; each image mirrored with probability ½ (drawn with the global torch RNG, which `fit` checkpoints)."
-    def __init__(self, x, y): self.x, self.y = x, y
+    """Images and labels; each image mirrored with probability ½ (drawn with the global torch RNG, which `fit` checkpoints).
+    `swaps`: label columns (0/1) that a mirror image flips (an attribute that says left or right)."""
+    def __init__(self, x, y, swaps=()): self.x, self.y, self.swaps = x, y, list(swaps)
     def __len__(self): return len(self.x)
-    def __getitem__(self, i): return (self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]), self.y[i]
+    def __getitem__(self, i):
+        if torch.rand(()) >= 0.5: return self.x[i], self.y[i]
+        y = self.y[i].clone()
+        if self.swaps: y[self.swaps] = 1 - y[self.swaps]
+        return self.x[i].flip(-1), y
 
 def _data_sha1(*ts) -> str:
     h = hashlib.sha1()

@@ -396,7 +396,8 @@ class DCGANTrainer(GANTrainer):
 # %% ../../nbs/21_gans.ipynb #cell-41
 GENERATOR_MODULES = ('deepfake_course.generate.gan', 'deepfake_course.generate.pggan', 'deepfake_course.generate.stylegan',
                      'deepfake_course.generate.stargan', 'deepfake_course.generate.stylegan2',   # one lecture notebook each (21, 21a-21d)
-                     'deepfake_course.detect.attribution')  # lecture 40's DCGANs that differ only in up-sampling
+                     'deepfake_course.detect.attribution',  # lecture 40's DCGANs that differ only in up-sampling
+                     'deepfake_course.generate.diffusion')  # lecture 25's DDPM and latent diffusion (same base class, same recipes)
 
 def generators() -> dict[str, type[GANTrainer]]:
     "Every generator of the course by name (imports the generator modules, which register their trainers)."

@@ -57,11 +57,12 @@ class AttrJudge:
 
 def train_attr_judge(images, labels, identities, attr_names, epochs: int = 12, batch: int = 64, lr: float = 2e-3,
                      holdout: float = 0.2, width: int = 32, seed: int = 0, device='auto', ckpt_dir=None,
-                     verbose: bool | None = None) -> AttrJudge:
+                     verbose: bool | None = None, mirror_swaps: tuple = ()) -> AttrJudge:
     """Train `AttrJudge` on the images of a random (1 − holdout) share of the identities; `accuracy` holds the held-out
     identities' per-attribute and all-attribute accuracy (`val_acc`: the mean over attributes). With `ckpt_dir` the
     finished judge is saved under `<ckpt_dir>/<hash of configuration and data>/` and loaded by a later call with the same
-    configuration and data (another configuration or data trains a judge of its own)."""
+    configuration and data (another configuration or data trains a judge of its own). `mirror_swaps`: the attributes
+    (column indices) that the mirror augmentation flips, such as a light or a pose that says left or right."""
     from pathlib import Path
     from torch.utils.data import DataLoader
     from deepfake_course.fidelity import _Mirrored
@@ -76,6 +77,7 @@ def train_attr_judge(images, labels, identities, attr_names, epochs: int = 12, b
     size = images.shape[-1]
     config = dict(epochs=epochs, batch=batch, lr=lr, holdout=holdout, width=width, seed=seed, attrs=attr_names, size=size,
                   data=cfg_hash({'x': float(images.double().sum()), 'y': labels.tolist(), 'i': identities.tolist()}))
+    if mirror_swaps: config['mirror_swaps'] = [int(j) for j in mirror_swaps]   # (absent when empty: earlier judges keep their hash)
     run = Path(ckpt_dir) / cfg_hash(config) if ckpt_dir is not None else None
     final = run / 'attr-judge.pt' if run is not None else None
     if final is not None and final.exists():
@@ -89,7 +91,7 @@ def train_attr_judge(images, labels, identities, attr_names, epochs: int = 12, b
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = FaceFeatureNet(len(attr_names), size, images.shape[1], width)
-        dl = DataLoader(_Mirrored(images[~val], labels[~val]), batch_size=batch, shuffle=True)
+        dl = DataLoader(_Mirrored(images[~val], labels[~val], mirror_swaps), batch_size=batch, shuffle=True)
         res = fit(net, dl, None, loss_fn=_bce, epochs=epochs, lr=lr, opt='adamw', weight_decay=1e-4, schedule='cosine',
                   schedule_per='step', device=device, seed=seed, progress=verbose, name=ATTR_JUDGE, config=config,
                   ckpt_dir=run / 'fit' if run is not None else None)
