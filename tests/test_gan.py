@@ -126,9 +126,10 @@ def test_checkpoint_of_another_generator_is_refused(tmp_path):
 
 def test_registry(tmp_path):
     gens = G.generators()  # imports every generator module of the course
-    assert set(gens) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'dcgan-transpose', 'dcgan-nearest', 'dcgan-bilinear'}
+    assert set(gens) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'dcgan-transpose', 'dcgan-nearest', 'dcgan-bilinear',
+                         'ddpm', 'ldm'}
     assert all(gens[k].name == k and issubclass(gens[k], G.GANTrainer) for k in gens)
-    assert {gens[k].__module__.rsplit('.', 1)[1] for k in gens} == {'gan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'attribution'}
+    assert {gens[k].__module__.rsplit('.', 1)[1] for k in gens} == {'gan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'attribution', 'diffusion'}
     with pytest.raises(KeyError, match='unknown generator.*dcgan'): G.build_generator('biggan', _imgs())
     with pytest.raises(TypeError, match='not a GANTrainer'): G.register_generator(dict)
     class Clash(G.DCGANTrainer): name = 'dcgan'
@@ -264,7 +265,7 @@ def test_course_recipes_take_their_lectures_defaults():
     "A later lecture's `course_gan(name)` must train (or find) exactly what the lecture trains at its defaults."
     from deepfake_course.generate.gan import _recipes, course_params
     recipes = _recipes()
-    assert set(recipes) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'}
+    assert set(recipes) == {'dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm', 'ldm'}
     for name, fn in recipes.items():
         nb = _notebook_parameters(fn.notebook)
         params = course_params(name)
