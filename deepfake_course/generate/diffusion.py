@@ -595,7 +595,7 @@ def make_diffusion_fake_set(trainer: DiffusionTrainer, method: str, n: int, *, q
     spec, verdict = _check_split_spec(split, n), quality_verdict(quality)
     _check_steps(steps, trainer.cfg['T'])
     how = dict(steps=int(steps), eta=float(eta), guidance=float(guidance) if captions is not None else None,
-               sampler='DDPM ancestral' if eta == 1 and steps == trainer.cfg['T'] else 'DDIM')
+               sampler='DDPM ancestral (DDIM with η = 1)' if eta == 1 else f'DDIM (η = {eta:g})')
     cfg = {'generator': trainer.name, 'run_id': trainer.run_id, 'step': trainer.step, 'weights_sha1': trainer.weights_sha1(),
            'n': int(n), 'seed': int(seed), 'how': how, 'split': list(spec),
            'captions': None if captions is None else hashlib.sha1('\n'.join(captions).encode()).hexdigest()[:12]}
