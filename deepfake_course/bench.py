@@ -309,9 +309,10 @@ def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto
     from deepfake_course.quality import mtcnn_face_found
     tr = real[real['split'] == 'train']
     x = load_images(tr['path'].tolist(), cfg['gan_size'], dtype='float')
-    w = cfg['gan_width']
+    w = cfg['gan_width']  # the width setting of whichever generator `gan` names (DCGAN's ngf/ndf, a diffusion U-Net's ch)
+    width = {k: w for k in ('ngf', 'ndf', 'ch') if k in gan.generators().get(cfg['gan'], gan.GANTrainer).defaults}
     g = gan.build_generator(cfg['gan'], x, identities=tr['identity'].to_numpy(copy=True), device=device, size=cfg['gan_size'],
-                            ngf=w, ndf=w, seed=cfg['seed'])
+                            seed=cfg['seed'], **width)
     g.fit(cfg['gan_steps'], ckpt_dir=Path(run_dir)/'gan' if run_dir is not None else gan.gan_model_dir(g, data_root),  # found, not retrained
           ckpt_every=max(cfg['gan_steps'] // 4, 1), verbose=verbose)
     trained_on = dict(dataset=f"synthfaces/{Path(real.attrs['real_dir']).name}", split='train',

@@ -60,6 +60,21 @@ def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
     assert any((tmp_path / 'models' / 'gan').iterdir())
 
 
+def test_main_job_gan_can_be_the_diffusion_model(tmp_path):
+    "`--set gan=ddpm`: the main job's generator stage builds lecture 25's DDPM (its width is `ch`) and writes its fake set."
+    from deepfake_course.media import write_png
+    from deepfake_course.data.fakes import read_fake_set
+    cfg = bench.main_config(quick=True, gan='ddpm', gan_steps=2, gan_size=16, gan_width=8, n_gan=6, size=32)
+    rows = []
+    for i, s in enumerate(['train'] * 4 + ['test'] * 2):
+        p = tmp_path / 'real' / f'{i}.png'; p.parent.mkdir(exist_ok=True)
+        write_png(p, torch.rand(3, 32, 32), {})
+        rows.append(dict(identity=i, split=s, path=str(p), label=0))
+    real = pd.DataFrame(rows); real.attrs['real_dir'] = str(tmp_path / 'real')
+    out = bench.build_gan_fakes(cfg, real, tmp_path, device='cpu', verbose=False)
+    assert out['fake_set'].startswith('ddpm/') and len(read_fake_set(out['fake_set'], tmp_path)) == 6
+
+
 def test_course_sources_names_and_dispatch(tmp_path, monkeypatch):
     cfg = bench.main_config(quick=True, n_identities=9)
     with pytest.raises(ValueError, match=r"unknown fake source\(s\) \['deepfakes'\].*blend-swap"):
