@@ -33,17 +33,23 @@ def test_cached_faceswap_set_does_not_train_judges(tmp_path, monkeypatch):
     assert calls == [1]
 
 
-def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
-    "Without a run folder, build_gan_fakes trains its GAN in gan_model_dir: a second call loads it (0 new steps)."
-    from deepfake_course.generate import gan as G
+def _random_real(tmp_path):
+    "Six random 32-px 'real faces' of six identities (four train, two test), as the main job's real manifest."
     from deepfake_course.media import write_png
-    cfg = bench.main_config(quick=True, gan_steps=3, gan_size=16, gan_width=8, n_gan=6, size=32)
     rows = []
     for i, s in enumerate(['train'] * 4 + ['test'] * 2):
         p = tmp_path / 'real' / f'{i}.png'; p.parent.mkdir(exist_ok=True)
         write_png(p, torch.rand(3, 32, 32), {})
         rows.append(dict(identity=i, split=s, path=str(p), label=0))
     real = pd.DataFrame(rows); real.attrs['real_dir'] = str(tmp_path / 'real')
+    return real
+
+
+def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
+    "Without a run folder, build_gan_fakes trains its GAN in gan_model_dir: a second call loads it (0 new steps)."
+    from deepfake_course.generate import gan as G
+    cfg = bench.main_config(quick=True, gan_steps=3, gan_size=16, gan_width=8, n_gan=6, size=32)
+    real = _random_real(tmp_path)
     steps, build = [], G.build_generator
     def counting_build(*a, **k):  # every training step of the trainers that build_gan_fakes builds is counted
         tr = build(*a, **k); step = tr.train_step
@@ -62,15 +68,9 @@ def test_main_job_gan_found_in_data_root(tmp_path, monkeypatch):
 
 def test_main_job_gan_can_be_the_diffusion_model(tmp_path):
     "`--set gan=ddpm`: the main job's generator stage builds lecture 25's DDPM (its width is `ch`) and writes its fake set."
-    from deepfake_course.media import write_png
     from deepfake_course.data.fakes import read_fake_set
     cfg = bench.main_config(quick=True, gan='ddpm', gan_steps=2, gan_size=16, gan_width=8, n_gan=6, size=32)
-    rows = []
-    for i, s in enumerate(['train'] * 4 + ['test'] * 2):
-        p = tmp_path / 'real' / f'{i}.png'; p.parent.mkdir(exist_ok=True)
-        write_png(p, torch.rand(3, 32, 32), {})
-        rows.append(dict(identity=i, split=s, path=str(p), label=0))
-    real = pd.DataFrame(rows); real.attrs['real_dir'] = str(tmp_path / 'real')
+    real = _random_real(tmp_path)
     out = bench.build_gan_fakes(cfg, real, tmp_path, device='cpu', verbose=False)
     assert out['fake_set'].startswith('ddpm/') and len(read_fake_set(out['fake_set'], tmp_path)) == 6
 
