@@ -402,8 +402,8 @@ def train_autoencoder(images: torch.Tensor, steps: int = 1000, batch: int = 32, 
                       latent_weight: float = 1e-3, seed: int = 0, device='auto', ckpt_dir=None, verbose: bool | None = None):
     """Train a `LatentAutoencoder` on images in [0, 1] (L1 + `latent_weight`·mean z²), set its latent scale, and
     return (model, history); with `ckpt_dir`, checkpoints there in the course's format and resumes."""
-    from deepfake_course.fidelity import check_images
-    from deepfake_course.train import StepLoop
+    from deepfake_course.fidelity import _data_sha1, check_images
+    from deepfake_course.train import StepLoop, _Cosine
     x = check_images(images, 'train_autoencoder images') * 2 - 1
     dev = get_device(device)
     with torch.random.fork_rng():
@@ -411,12 +411,13 @@ def train_autoencoder(images: torch.Tensor, steps: int = 1000, batch: int = 32, 
         gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(ae.parameters(), lr)
     cfg = dict(steps=steps, batch=batch, lr=lr, ch=ch, zc=zc, latent_weight=latent_weight, seed=seed,
-               data=hashlib.sha1(x.numpy().tobytes()).hexdigest()[:16])
+               data=_data_sha1(x))
     ckpt = None if ckpt_dir is None else Path(ckpt_dir) / 'checkpoint.pt'
     loop = StepLoop({'ae': ae}, {'opt': opt}, steps=steps, ckpt_path=ckpt, every=500, name='latent-ae', config=cfg,
                     generators=[gen], device=dev, amp=False, progress=verbose, desc='autoencoder')
+    decay = _Cosine(steps)                                   # the course's cosine factor (train)
     for step in loop:
-        for g in opt.param_groups: g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))   # cosine decay
+        for g in opt.param_groups: g['lr'] = lr * decay(step)
         xb = x[torch.randint(len(x), (batch,), generator=gen)].to(dev)
         ae.train(); z = ae.enc(xb)
         rec = (ae.dec(z) - xb).abs().mean(); reg = z.pow(2).mean()
@@ -546,13 +547,14 @@ def make_inpaint_fake_set(trainer: DiffusionTrainer, faces: dict, regions: Seque
     import cv2
     from deepfake_course.core import is_quiet
     from deepfake_course.data.fakes import ensure_fake_set
+    from deepfake_course.fidelity import _data_sha1
     from deepfake_course.generate.gan import _assign_splits, _check_split_spec
     bad = [r for r in regions if r not in REGIONS]
     if bad: raise InpaintError(f"unknown region(s) {bad}; known: {list(REGIONS)}")
     spec = _check_split_spec(split, len(faces['images']))
     size = trainer.cfg['size']
     cfg = {'generator': trainer.name, 'run_id': trainer.run_id, 'step': trainer.step, 'weights_sha1': trainer.weights_sha1(),
-           'faces': hashlib.sha1(faces['images'].numpy().tobytes()).hexdigest()[:12], 'regions': list(regions), 'steps': int(steps),
+           'faces': _data_sha1(faces['images']), 'regions': list(regions), 'steps': int(steps),
            'resample': int(resample), 'guidance': float(guidance), 'seed': int(seed), 'split': list(spec), 'job': config or {}}
     def build(w):
         for d in ('masks', 'pristine'): (w.dir / d).mkdir()

@@ -173,10 +173,7 @@ class _WarmupCosine:
         if t < self.warmup: return (t + 1) / self.warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))))
 
-def _sha(*ts) -> str:
-    h = hashlib.sha1()
-    for t in ts: h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from ..fidelity import _data_sha1 as _sha   # the course's fingerprint of tensors (notebook 19b)
 
 def train_clip(model: CourseCLIP, images: torch.Tensor, labels: torch.Tensor, steps: int = 600, batch: int = 128, lr: float = 2e-3,
                weight_decay: float = 0.05, keep_p: float = 0.5, hard_negatives: bool = True, warmup: int = 50, seed: int = 0,
