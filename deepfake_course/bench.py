@@ -19,11 +19,11 @@ from .report import calibrate, results_table, bootstrap_unit, fake_examples_figu
 
 # %% auto #0
 __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED',
-           'PRETRAIN_PEOPLE', 'COURSE_GANS', 'FAKE_SOURCES', 'main_config', 'conditions', 'Stages', 'build_real',
-           'identity_split', 'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality',
-           'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes', 'match_real', 'source_data',
-           'course_sources', 'load_sources', 'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data',
-           'main_job']
+           'PRETRAIN_PEOPLE', 'REENACT_SEED', 'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES', 'main_config',
+           'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity', 'Judges', 'train_judges',
+           'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes',
+           'mtcnn_quality', 'build_reenact_fakes', 'match_real', 'source_data', 'course_sources', 'load_sources',
+           'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
 # QUICK is CPU-sized (2 cores): 24 identities (16/4/4, so the bootstrap resamples 4 test people), 16 faces each; the face
@@ -31,6 +31,8 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION',
 # is not upsampled blur; each split's model trains on 96 other renders per side, 30% of its 440 steps with random warp, then
 # sharpening as the learning rate falls. Measured (2 cores, one test split's model): 450 steps give masked SSIM 0.55,
 # 1200 steps 0.70; neither reaches report.QUALITY_TARGETS, which the report says. `fs_pretrain_steps` > 0 adds DFL's pretraining.
+# `extra_sources`: more fake sources of `FAKE_SOURCES` the job trains and tests detectors on, beside the face swap and the GAN
+# (e.g. `--set extra_sources=[reenact]`; each is built, or found in the data root, by `course_sources`).
 QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              fs_size=32, fs_train_faces=96, fs_steps=440, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
              fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge_erode=1, merge_blur=3, merge_color='rct',
@@ -38,7 +40,7 @@ QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              judge_faces=48, judge_epochs=12,
              gan='dcgan', gan_size=32, gan_steps=600, gan_width=32, n_gan=288, det_epochs=4, det_batch=32, det_lr=1e-3,
              detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), blur=(1.0, 2.0), resize=(0.5, 0.25),
-             noise=(5.0, 10.0), n_boot=300, n_examples=8)
+             noise=(5.0, 10.0), n_boot=300, n_examples=8, extra_sources=())
 FULL = dict(QUICK, n_identities=40, images_per_identity=48, fs_size=64, fs_train_faces=384, fs_steps=4000, fs_batch=16,
             fs_warp_fraction=0.5, fs_lr=5e-4, fs_pretrain_people=64, fs_pretrain_faces=24,
             fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16), merge_erode=2, merge_blur=5, judge_faces=96,
@@ -80,6 +82,12 @@ def main_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         raise ValueError(f"fs_size={cfg['fs_size']}: the face-swap model size must be a multiple of 16 from 32 to {cfg['size'] * 2}")
     if not 0 <= cfg['fs_warp_fraction'] <= 1: raise ValueError(f"fs_warp_fraction must be in [0, 1], got {cfg['fs_warp_fraction']}")
     cfg['detectors'] = list(cfg['detectors'])
+    extra = cfg['extra_sources']
+    extra = [extra] if isinstance(extra, str) else list(extra or ())
+    if bad := [s for s in extra if s not in FAKE_SOURCES or s in ('faceswap-df', cfg['gan'])]:
+        raise ValueError(f"extra_sources {bad}: each must be a fake source other than the job's own (faceswap-df, {cfg['gan']}); "
+                         f"known: {', '.join(s for s in FAKE_SOURCES if s not in ('faceswap-df', cfg['gan']))}")
+    cfg['extra_sources'] = list(dict.fromkeys(extra))
     return cfg
 
 def conditions(cfg: dict) -> dict:
@@ -304,7 +312,6 @@ def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto
     MTCNN's detection rate on its test faces next to the rate on the test identities' real faces sent through the same
     `gan_size` px (identity transfer, SSIM and landmarks do not apply: a GAN face is nobody's swap)."""
     from deepfake_course.generate import gan
-    from deepfake_course.data.fakes import read_fake_set
     from deepfake_course.media import load_images, resize
     from deepfake_course.quality import mtcnn_face_found
     tr = real[real['split'] == 'train']
@@ -320,13 +327,37 @@ def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto
     judged = resize(g.sample(min(cfg['n_gan'], 128), seed=cfg['seed'] + 777), cfg['size'])  # the card records the generator's quality
     name = gan.make_gan_fake_set(g, n=cfg['n_gan'], trained_on=trained_on, data_root=data_root, method=cfg['gan'],
                                  seed=cfg['seed'], verbose=verbose, quality={'mtcnn_rate': float(mtcnn_face_found(judged).mean())})
-    fk = read_fake_set(name, data_root); fk = fk[fk.split == 'test']
+    return dict(fake_set=name, train_images=len(x), train_seconds=round(g.train_seconds, 1),
+                quality=mtcnn_quality(name, real, data_root, cfg, through=cfg['gan_size']))
+
+def mtcnn_quality(fake_set: str, real: pd.DataFrame, data_root: Path, cfg: dict, through: int | None = None) -> dict:
+    """The quality of a source the swap judges do not apply to: MTCNN's detection rate on the set's test fakes next to the
+    rate on the test people's real faces (both sent through `through` px first when given), as {'test': q, 'all': q}."""
+    from deepfake_course.data.fakes import read_fake_set
+    from deepfake_course.media import load_images, resize
+    from deepfake_course.quality import mtcnn_face_found
+    fk = read_fake_set(fake_set, data_root); fk = fk[(fk.split == 'test') & (fk.kind == 'image')]
     te = real[real.split == 'test']
-    fake_x = resize(load_images(fk['path'].tolist(), cfg['gan_size'], dtype='float'), cfg['size'])
-    real_x = resize(load_images(te['path'].tolist(), cfg['gan_size'], dtype='float'), cfg['size'])
-    q = dict(identity_transfer=None, recon_ssim=None, landmark_nme=None, mtcnn_rate_fake=float(mtcnn_face_found(fake_x).mean()),
-             mtcnn_rate_real=float(mtcnn_face_found(real_x).mean()), n=len(fk))
-    return dict(fake_set=name, train_images=len(x), train_seconds=round(g.train_seconds, 1), quality={'test': q, 'all': q})
+    load = lambda paths: resize(load_images(paths, through or cfg['size'], dtype='float'), cfg['size'])
+    q = dict(identity_transfer=None, recon_ssim=None, landmark_nme=None, mtcnn_rate_fake=float(mtcnn_face_found(load(fk['path'].tolist())).mean()),
+             mtcnn_rate_real=float(mtcnn_face_found(load(te['path'].tolist())).mean()), n=len(fk))
+    return {'test': q, 'all': q}
+
+REENACT_SEED = 15485863  # the driving clips of the job's people: other renders than its stills
+
+def build_reenact_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', verbose=None) -> dict:
+    """Reenactment (23_reenactment): the lecture's FOMM recipe trained at the job's size and at the stills' framing
+    (`reenact_recipe(scale=None)`, on people from `TRAIN_PEOPLE` on, none of the job's) animates the first frame of a clip
+    of each of the job's people with the clip of the next person of the same split (`reenact_pairs`); every frame of
+    each `images_per_identity`-frame clip is an image of the set, the clips themselves keep the driver's voice."""
+    from deepfake_course.generate.reenact import make_reenact_fake_set, reenact_pairs, reenact_recipe
+    run = reenact_recipe(data_root, size=cfg['size'], scale=None, seed=cfg['seed'], device=device, verbose=verbose)
+    n = max(cfg['images_per_identity'], 2)
+    name = make_reenact_fake_set(run.model, reenact_pairs(identity_split(real)), n_frames=n, frames_per_clip=n, scale=None,
+                                 seed=cfg['seed'] + REENACT_SEED, data_root=data_root, verbose=verbose,
+                                 config=dict(real=f"synthfaces/{Path(real.attrs['real_dir']).name}"),
+                                 description="main job: each person's first frame animated by the next person of the split")
+    return dict(fake_set=name, train_seconds=round(run.seconds, 1), quality=mtcnn_quality(name, real, data_root, cfg))
 
 
 
@@ -352,14 +383,16 @@ def source_data(cfg: dict, fake_set: str, data_root: Path):
 
 # %% ../nbs/60_benchmark.ipynb #cell-42
 COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm', 'ldm')  # the lecture generators (21-21d, 25)
-FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS)  # the fake sources a detector lecture can test on
+OTHER_FAMILIES = ('reenact',)  # reenactment (23); identity injection joins when its lecture exists
+FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS, *OTHER_FAMILIES)  # the fake sources a detector lecture can test on
 
 def course_sources(names, job: dict, data_root=None, *, device='auto', gan_params: dict | None = None, verbose=None) -> dict:
     """Build, or reuse from the data root, the fake set of every source in `names` (see `FAKE_SOURCES`) for the
     SynthFaces faces of `job` (a `main_config`). 'blend-swap' is cheap; 'faceswap-df' and 'dcgan' follow the main job's
     recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
-    when the data root does not hold it (30-45 CPU minutes each). Returns {source: dict(fake_set, how, seconds)}."""
+    when the data root does not hold it (30-45 CPU minutes each); 'reenact' reenacts the job's people
+    (`build_reenact_fakes`, 10-20 CPU minutes the first time). Returns {source: dict(fake_set, how, seconds)}."""
     from deepfake_course.detect.core import blendswap_set
     from deepfake_course.generate.gan import course_gan_fake_set
     names = list(dict.fromkeys([names] if isinstance(names, str) else names))
@@ -381,6 +414,8 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
             name, how = build_faceswap_fakes(job, real, root, judges, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
         elif src == 'dcgan':
             name, how = build_gan_fakes(dict(job, gan='dcgan'), real, root, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
+        elif src == 'reenact':
+            name, how = build_reenact_fakes(job, real, root, device=device, verbose=verbose)['fake_set'], 'its lecture recipe at the job framing (bench)'
         else:
             name = course_gan_fake_set(src, root, device=device, seed=job['seed'], verbose=verbose, **gan_params.get(src, {}))
             how = 'its lecture recipe (course_gan_fake_set)'
@@ -531,15 +566,25 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
         stages = ['faceswap', 'gan']
         fake_sets = {'faceswap-df': fs['fake_set'], cfg['gan']: gn['fake_set']}  # source -> the named set it reads
         quality = {'faceswap-df': fs['quality'], cfg['gan']: gn['quality']}
-        data = {s: source_data(cfg, n, root) for s, n in fake_sets.items()}
+        for s in cfg['extra_sources']:  # more course sources, each built (or found) by course_sources and judged by MTCNN
+            def extra(s=s):
+                name = course_sources([s], cfg, root, device=dev, verbose=verbose)[s]['fake_set']
+                return dict(fake_set=name, quality=mtcnn_quality(name, real, root, cfg))
+            info = st.run(f'source_{s}', extra, log); stages.append(f'source_{s}')
+            fake_sets[s], quality[s] = info['fake_set'], info['quality']
+        data = {s: source_data(cfg, n, root) for s, n in fake_sets.items() if s not in cfg['extra_sources']}
         data[cfg['gan']] = match_real(data[cfg['gan']], cfg['gan_size'])
+        if cfg['extra_sources']:  # a smaller generator's faces are met by real faces sent through its size (load_sources)
+            extra_data, _ = load_sources({s: fake_sets[s] for s in cfg['extra_sources']}, cfg, root)
+            data.update(extra_data)
         test_ids, units = sum(s == 'test' for s in ids.values()), 'people'
         examples['fakes_vs_sources'] = fake_examples_figure(read_fake_set(fs['fake_set'], root), real)
         note = (f"Real faces: SynthFaces, {cfg['n_identities']} rendered people × {cfg['images_per_identity']} images at "
                 f"{cfg['size']} px, split by person. Fakes: face swaps (faceswap-df: one DF autoencoder per split at {cfg['fs_size']} px, "
                 f"{cfg['fs_steps']} steps, swapping only between that split's people) and {cfg['gan']} faces ({cfg['gan_size']} px, "
                 f"trained on the training people only; next to them the real faces go through {cfg['gan_size']} px too, so "
-                "resolution gives nothing away).")
+                "resolution gives nothing away)." + (f" Also the course's {', '.join(cfg['extra_sources'])} fakes (`course_sources`)."
+                                                     if cfg['extra_sources'] else ''))
     else:
         d, q = user_data(spec, cfg, root, dev, verbose)
         fake_sets, quality, data = {'yours': d.fake_set}, {'yours': q}, {'yours': d}

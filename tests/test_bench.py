@@ -90,3 +90,23 @@ def test_course_sources_names_and_dispatch(tmp_path, monkeypatch):
     out = bench.course_sources(['dcgan', 'pggan', 'dcgan'], cfg, tmp_path, gan_params={'pggan': {'steps': 7}})
     assert calls == [('main', 'dcgan'), ('pggan', 7)]
     assert list(out) == ['dcgan', 'pggan'] and out['pggan']['fake_set'] == 'pggan/2' and 'lecture' in out['pggan']['how']
+
+
+def test_extra_sources_and_the_reenact_source(tmp_path, monkeypatch):
+    assert bench.main_config(quick=True)['extra_sources'] == []
+    assert bench.main_config(quick=True, extra_sources='reenact')['extra_sources'] == ['reenact']
+    with pytest.raises(ValueError, match=r"extra_sources \['faceswap-df'\]"): bench.main_config(quick=True, extra_sources=['faceswap-df'])
+    with pytest.raises(ValueError, match=r"extra_sources \['nope'\].*reenact"): bench.main_config(quick=True, extra_sources=['nope'])
+    # 'reenact' trains the lecture's recipe at the job's size and stills' framing, and pairs people inside each split
+    import deepfake_course.generate.reenact as R
+    cfg = bench.main_config(quick=True, n_identities=9)
+    seen = {}
+    monkeypatch.setattr(bench, 'build_real', lambda job, root: _real())
+    monkeypatch.setattr(R, 'reenact_recipe', lambda root, **kw: seen.update(recipe=kw) or R.FOMMRun(R.FOMM(64, num_kp=2, kp_width=4, gen_width=4, dense_width=4, n_res=1), pd.DataFrame(), 1.0))
+    monkeypatch.setattr(R, 'make_reenact_fake_set', lambda model, pairs, **kw: seen.update(pairs=pairs, set=kw) or 'reenact/1')
+    monkeypatch.setattr(bench, 'mtcnn_quality', lambda *a, **k: {'all': {}})
+    out = bench.course_sources(['reenact'], cfg, tmp_path)
+    assert out['reenact']['fake_set'] == 'reenact/1'
+    assert seen['recipe']['size'] == cfg['size'] and seen['recipe']['scale'] is None and seen['set']['scale'] is None
+    assert (seen['pairs'].groupby('split').apply(lambda p: set(p.src) == set(p.dst))).all()
+    assert seen['set']['frames_per_clip'] == seen['set']['n_frames'] == cfg['images_per_identity']
