@@ -22,8 +22,8 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION',
            'PRETRAIN_PEOPLE', 'REENACT_SEED', 'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES', 'main_config',
            'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity', 'Judges', 'train_judges',
            'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes',
-           'mtcnn_quality', 'build_reenact_fakes', 'match_real', 'source_data', 'course_sources', 'load_sources',
-           'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data', 'main_job']
+           'mtcnn_quality', 'build_reenact_fakes', 'build_idswap_fakes', 'match_real', 'source_data', 'course_sources',
+           'load_sources', 'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
 # QUICK is CPU-sized (2 cores): 24 identities (16/4/4, so the bootstrap resamples 4 test people), 16 faces each; the face
@@ -359,6 +359,20 @@ def build_reenact_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='
                                  description="main job: each person's first frame animated by the next person of the split")
     return dict(fake_set=name, train_seconds=round(run.seconds, 1), quality=mtcnn_quality(name, real, data_root, cfg))
 
+def build_idswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', verbose=None) -> dict:
+    """Identity injection (24_identity_swap): the lecture's SimSwap-mini (`course_idswap`, trained on people from
+    `PRETRAIN_PEOPLE` on, none of the job's) puts each person's identity, taken from another picture of them, into the
+    job's own faces of the next person of the same split (`reenact_pairs`), merged back into the frames."""
+    from deepfake_course.generate.idswap import SOURCE_SEED, course_idswap, make_idswap_fake_set
+    from deepfake_course.generate.reenact import reenact_pairs
+    run = course_idswap(data_root, device=device, seed=cfg['seed'], verbose=verbose)
+    # the driving faces are the job's own stills (seed offset 0), the identity comes from other renders (SOURCE_SEED)
+    render = lambda identity, n, seed: render_identity(cfg, identity, n, seed - cfg['seed'])
+    name = make_idswap_fake_set(run.generator, run.idenc, reenact_pairs(identity_split(real)), data_root,
+                                n_images=cfg['images_per_identity'], seed=cfg['seed'], render_fn=render, verbose=verbose,
+                                config=dict(real=f"synthfaces/{Path(real.attrs['real_dir']).name}", size=cfg['size']))
+    return dict(fake_set=name, quality=mtcnn_quality(name, real, data_root, cfg))
+
 
 
 # %% ../nbs/60_benchmark.ipynb #cell-21
@@ -383,7 +397,7 @@ def source_data(cfg: dict, fake_set: str, data_root: Path):
 
 # %% ../nbs/60_benchmark.ipynb #cell-42
 COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm', 'ldm')  # the lecture generators (21-21d, 25)
-OTHER_FAMILIES = ('reenact',)  # reenactment (23); identity injection joins when its lecture exists
+OTHER_FAMILIES = ('reenact', 'idswap')  # reenactment (23) and identity injection (24)
 FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS, *OTHER_FAMILIES)  # the fake sources a detector lecture can test on
 
 def course_sources(names, job: dict, data_root=None, *, device='auto', gan_params: dict | None = None, verbose=None) -> dict:
@@ -392,7 +406,8 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
     recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
     when the data root does not hold it (30-45 CPU minutes each); 'reenact' reenacts the job's people
-    (`build_reenact_fakes`, 10-20 CPU minutes the first time). Returns {source: dict(fake_set, how, seconds)}."""
+    (`build_reenact_fakes`, 10-20 CPU minutes the first time), 'idswap' swaps identities among them (`build_idswap_fakes`,
+    about 15 CPU minutes the first time). Returns {source: dict(fake_set, how, seconds)}."""
     from deepfake_course.detect.core import blendswap_set
     from deepfake_course.generate.gan import course_gan_fake_set
     names = list(dict.fromkeys([names] if isinstance(names, str) else names))
@@ -416,6 +431,8 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
             name, how = build_gan_fakes(dict(job, gan='dcgan'), real, root, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
         elif src == 'reenact':
             name, how = build_reenact_fakes(job, real, root, device=device, verbose=verbose)['fake_set'], 'its lecture recipe at the job framing (bench)'
+        elif src == 'idswap':
+            name, how = build_idswap_fakes(job, real, root, device=device, verbose=verbose)['fake_set'], 'its lecture recipe on the job faces (bench)'
         else:
             name = course_gan_fake_set(src, root, device=device, seed=job['seed'], verbose=verbose, **gan_params.get(src, {}))
             how = 'its lecture recipe (course_gan_fake_set)'

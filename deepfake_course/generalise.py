@@ -22,7 +22,8 @@ __all__ = ['FAMILIES', 'REAL_ONLY_ROWS', 'FEATURE_ROWS', 'MSE_ROWS', 'NOT_ROWS',
 # %% ../nbs/60c_generalisation.ipynb #cell-8
 FAMILIES = {'autoencoder-swap': ('faceswap-df',), 'blend-swap': ('blend-swap',),
             'gan': ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'), 'diffusion': ('ddpm', 'ldm'),
-            'tampering': ('self-blend',), 'reenactment': ('reenact',)}
+            'tampering': ('self-blend',), 'reenactment': ('reenact',),
+            'identity-injection': ('idswap',)}
 
 def family_of(source: str, families: dict = FAMILIES) -> str:
     "The family of a fake source ('faceswap-df' -> 'autoencoder-swap'); an unknown source is an error naming the known ones."

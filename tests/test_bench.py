@@ -110,3 +110,21 @@ def test_extra_sources_and_the_reenact_source(tmp_path, monkeypatch):
     assert seen['recipe']['size'] == cfg['size'] and seen['recipe']['scale'] is None and seen['set']['scale'] is None
     assert (seen['pairs'].groupby('split').apply(lambda p: set(p.src) == set(p.dst))).all()
     assert seen['set']['frames_per_clip'] == seen['set']['n_frames'] == cfg['images_per_identity']
+
+
+def test_the_idswap_source_swaps_the_job_faces_inside_each_split(tmp_path, monkeypatch):
+    import deepfake_course.generate.idswap as I
+    cfg = bench.main_config(quick=True, n_identities=9)
+    seen = {}
+    class Run: generator, idenc = 'G', 'E'
+    monkeypatch.setattr(bench, 'build_real', lambda job, root: _real())
+    monkeypatch.setattr(I, 'course_idswap', lambda root, **kw: Run)
+    monkeypatch.setattr(I, 'make_idswap_fake_set', lambda g, e, pairs, root, **kw: seen.update(pairs=pairs, kw=kw) or 'idswap/1')
+    monkeypatch.setattr(bench, 'mtcnn_quality', lambda *a, **k: {'all': {}})
+    calls = []
+    monkeypatch.setattr(bench, 'render_identity', lambda c, i, n=None, off=0: calls.append((i, n, off)))
+    assert bench.course_sources(['idswap'], cfg, tmp_path)['idswap']['fake_set'] == 'idswap/1'
+    assert (seen['pairs'].groupby('split').apply(lambda p: set(p.src) == set(p.dst))).all()
+    seen['kw']['render_fn'](4, cfg['images_per_identity'], cfg['seed'])                 # the driving faces: the job's own stills
+    seen['kw']['render_fn'](5, 1, cfg['seed'] + I.SOURCE_SEED)                         # the identity: another render
+    assert calls == [(4, cfg['images_per_identity'], 0), (5, 1, I.SOURCE_SEED)]
