@@ -21,7 +21,7 @@ from .core import (atomic_write_bytes, autocast, get_device, progress as _progre
 
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'CKPT_FORMAT', 'CALLBACK_EVENTS', 'make_toy_images', 'tiny_cnn', 'unpack_batch',
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'CKPT_FORMAT', 'CALLBACK_EVENTS', 'make_toy_images', 'tiny_cnn', 'ResBlock', 'unpack_batch',
            'default_loss', 'scores_from_outputs', 'unwrap', 'to_device', 'evaluate', 'predict', 'make_optimizer',
            'make_scheduler', 'CheckpointError', 'checkpoint_bytes', 'save_checkpoint', 'read_checkpoint',
            'load_model_state', 'load_checkpoint', 'model_info', 'DistInfo', 'dist_info_from_env', 'setup_distributed',
@@ -51,6 +51,17 @@ def tiny_cnn(n_out: int = 1, width: int = 16, in_ch: int = 3, norm: bool = True,
                    nn.ReLU(inplace=True), nn.MaxPool2d(2) if i < 3 else nn.AdaptiveAvgPool2d(1)]
         c = w
     return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, n_out))
+
+class ResBlock(nn.Module):
+    "A basic residual block: conv3×3 (stride) BN ReLU conv3×3 BN, plus a 1×1 projection when the shape changes, then ReLU."
+    def __init__(self, cin: int, cout: int, stride: int = 2):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if cin == cout and stride == 1 else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+    def forward(self, x): return F.relu(self.body(x) + self.skip(x))
+
 
 # %% ../nbs/01_train.ipynb #cell-12
 def unpack_batch(batch) -> tuple:

@@ -188,6 +188,7 @@ def lfs_cuts(window: int, n_bands: int = 6) -> list:
     return [2 * window * b / n_bands for b in range(n_bands + 1)]
 
 # %% ../../nbs/38_frequency.ipynb #cell-24
+from ..train import ResBlock
 class BandFilter(nn.Module):
     """A fixed band mask plus a learnable part, f = base + (2σ(w) − 1) with w ~ N(0, 0.1²) (F3-Net's filters; `learnable=False`:
     the base alone). `norm` divides by the band's size (LFS uses it to average the band)."""
@@ -235,22 +236,12 @@ class LFS(nn.Module):
         out = torch.stack([(X * f.filt()).sum((-2, -1)) for f in self.filters], 1)    # N × M × L
         return out.reshape(N, self.n_bands, h, w)
 
-class _ResBlock(nn.Module):
-    "conv3×3(stride) BN ReLU conv3×3 BN, plus a 1×1 shortcut when the shape changes, then ReLU."
-    def __init__(self, cin, cout, stride=2):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = (nn.Identity() if cin == cout and stride == 1 else
-                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
-    def forward(self, x): return F.relu(self.body(x) + self.skip(x))
-
 def small_resnet(cin: int, width: int = 16, stem_stride: int = 1) -> nn.Sequential:
     """A stem conv (cin → w, stride `stem_stride`: 2 as Xception's first conv) and three stride-2 residual blocks
     (w → 2w → 4w → 8w), the CPU-size stand-in for Xception; 8w features after global pooling."""
     w = int(width)
     return nn.Sequential(nn.Conv2d(cin, w, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                         _ResBlock(w, 2 * w), _ResBlock(2 * w, 4 * w), _ResBlock(4 * w, 8 * w))
+                         ResBlock(w, 2 * w), ResBlock(2 * w, 4 * w), ResBlock(4 * w, 8 * w))
 
 F3_VARIANTS = ('both', 'fad', 'lfs')
 

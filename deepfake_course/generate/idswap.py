@@ -115,14 +115,7 @@ def training_pool(n_train_ids: int, per_identity: int, size: int = 64, render_si
     return render_aligned(range(PRETRAIN_PEOPLE, PRETRAIN_PEOPLE + n_train_ids), per_identity, size, render_size, seed, face_type, counterfactual)
 
 # %% ../../nbs/24_identity_swap.ipynb #cell-11
-class _ResBlock(nn.Module):
-    "A pre-activation-free basic residual block: conv3 (stride s) BN ReLU conv3 BN, plus a 1x1 projection when the shape changes."
-    def __init__(self, cin, cout, stride=2):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-    def forward(self, x): return F.relu(self.body(x) + self.skip(x))
+from ..train import ResBlock
 
 class IdentityEncoder(nn.Module):
     """The course's ArcFace stand-in: a small ResNet from an aligned face (cut to the inner-face ellipse, as ArcFace's
@@ -138,7 +131,7 @@ class IdentityEncoder(nn.Module):
         self.register_buffer('region', face_ellipse(size, face_type)[None])
         w = width
         self.body = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                                  _ResBlock(w, 2 * w), _ResBlock(2 * w, 4 * w), _ResBlock(4 * w, 8 * w), _ResBlock(8 * w, 8 * w))
+                                  ResBlock(w, 2 * w), ResBlock(2 * w, 4 * w), ResBlock(4 * w, 8 * w), ResBlock(8 * w, 8 * w))
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * w * (size // 16) ** 2, dim), nn.BatchNorm1d(dim))
     checkpoint_name = IDENC
     @property
