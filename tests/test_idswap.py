@@ -58,7 +58,7 @@ def test_train_identity_encoder_caches(faces, tmp_path):
 
 
 def test_generator_shapes_injection_and_errors(faces, enc):
-    G = ids.SimSwapGenerator(32, 16, **TINY).eval()
+    G = ids.SimSwapGenerator(32, 16, residual=True, **TINY).eval()
     x, v = faces.images[:2], enc(faces.images[[3, 6]])
     img, m = G(x, v)
     assert img.shape == (2, 3, 32, 32) and m.shape == (2, 1, 32, 32) and 0 <= m.min() and m.max() <= 1
@@ -69,8 +69,11 @@ def test_generator_shapes_injection_and_errors(faces, enc):
     with pytest.raises(ValueError, match='takes identity vectors of size 16'): G(x, torch.rand(2, 128))
     with pytest.raises(ValueError, match='3 identity vectors for 2 faces'): G(x, torch.rand(3, 16))
     with pytest.raises(ValueError, match='divisible by 2\\*\\*n_down'): ids.SimSwapGenerator(36, 16, **TINY)
-    G2 = ids.SimSwapGenerator(32, 16, residual=False, predict_mask=False, **TINY)
+    G2 = ids.SimSwapGenerator(32, 16, predict_mask=False, **TINY)
     assert G2(x, v)[1].eq(1).all()
+    assert not torch.allclose(G2(x, v)[0], G2(x, v.flip(0))[0], atol=1e-4)   # the default (not residual): the identity matters from step 0
+    img2 = G2(x, v)[0]; img2.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in G2.named_parameters() if 'style' in n)  # and gets gradients
     logit, feats = ids.PatchDiscriminator(4)(x)
     assert logit.shape == (2, 1, 4, 4) and len(feats) == 4
     with pytest.raises(ValueError, match='of size 16'): ids.IdentitySwapper(G, torch.rand(8))

@@ -241,8 +241,8 @@ def train_identity_encoder(faces: AlignedFaces, epochs: int = 8, batch_size: int
 # %% ../../nbs/24_identity_swap.ipynb #cell-17
 RECIPE = dict(n_train_ids=300, per_identity=12, render_size=128, size=64, face_type='full',             # the training pool
               idenc_width=16, id_dim=128, idenc_epochs=6, margin='cosface', margin_s=30.0, margin_m=0.35,   # the identity encoder
-              g_base=32, g_max_ch=128, n_blocks=4, d_ch=32, steps=1200, batch_size=8, lr=4e-4,             # the generator
-              w_id=30.0, w_fm=10.0, w_rec=10.0, w_mask=5.0, w_cf=10.0)
+              g_base=32, g_max_ch=128, n_blocks=4, residual=False, d_ch=32, steps=2000, batch_size=8, lr=4e-4,             # the generator
+              w_id=30.0, w_fm=10.0, w_rec=10.0, w_mask=5.0, w_cf=30.0)
 _IDENC_KEYS = ('n_train_ids', 'per_identity', 'render_size', 'size', 'face_type', 'idenc_width', 'id_dim', 'idenc_epochs', 'margin', 'margin_s', 'margin_m')
 
 def recipe_params(**params) -> dict:
@@ -287,7 +287,7 @@ def course_idswap(data_root=None, *, pool: AlignedFaces | None = None, device='a
     d = idswap_model_dir(data_root, 'generator', seed, **params)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        G = SimSwapGenerator(p['size'], p['id_dim'], p['g_base'], p['g_max_ch'], 3, p['n_blocks'])
+        G = SimSwapGenerator(p['size'], p['id_dim'], p['g_base'], p['g_max_ch'], 3, p['n_blocks'], residual=p['residual'])
         D = PatchDiscriminator(p['d_ch'])
     res = train_idswap(G, D, idenc, pool, steps=p['steps'], batch_size=p['batch_size'], lr=p['lr'], w_id=p['w_id'], w_fm=p['w_fm'],
                        w_rec=p['w_rec'], w_mask=p['w_mask'], w_cf=p['w_cf'], preview=preview, preview_every=preview_every, ckpt_path=d / 'simswap.pt',
@@ -353,7 +353,7 @@ class SimSwapGenerator(nn.Module):
     Injection Module of `n_blocks` AdaIN residual blocks, bilinear-upsampling decoder, conv7 to RGB (sigmoid) and, with
     `predict_mask`, a fourth channel: the face mask (sigmoid) that says where the swap may change the target. No skips."""
     def __init__(self, resolution: int = 64, id_dim: int = 128, base: int = 32, max_ch: int = 128, n_down: int = 3,
-                 n_blocks: int = 4, predict_mask: bool = True, residual: bool = True):
+                 n_blocks: int = 4, predict_mask: bool = True, residual: bool = False):
         super().__init__()
         for k, v in dict(resolution=resolution, id_dim=id_dim, base=base, max_ch=max_ch, n_down=n_down, n_blocks=n_blocks).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"SimSwapGenerator: {k} must be a positive integer, got {v!r}")
