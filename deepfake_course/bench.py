@@ -18,12 +18,12 @@ from .report import calibrate, results_table, bootstrap_unit, fake_examples_figu
 
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED',
-           'PRETRAIN_PEOPLE', 'REENACT_SEED', 'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES', 'main_config',
-           'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity', 'Judges', 'train_judges',
-           'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes',
-           'mtcnn_quality', 'build_reenact_fakes', 'build_idswap_fakes', 'match_real', 'source_data', 'course_sources',
-           'load_sources', 'train_main_detectors', 'evaluation_sets', 'score_all', 'user_data', 'main_job']
+__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED', 'REENACT_SEED',
+           'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES', 'main_config', 'conditions', 'Stages', 'build_real',
+           'identity_split', 'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality',
+           'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes', 'mtcnn_quality', 'build_reenact_fakes',
+           'build_idswap_fakes', 'match_real', 'source_data', 'course_sources', 'load_sources', 'train_main_detectors',
+           'evaluation_sets', 'score_all', 'user_data', 'main_job']
 
 # %% ../nbs/60_benchmark.ipynb #cell-8
 # QUICK is CPU-sized (2 cores): 24 identities (16/4/4, so the bootstrap resamples 4 test people), 16 faces each; the face
@@ -219,7 +219,7 @@ def _pooled(parts: dict) -> dict:
     n = sum(q['n'] for q in parts.values())
     return {k: sum(q[k] * q['n'] for q in parts.values()) / n for k in next(iter(parts.values())) if k != 'n'} | {'n': n}
 
-PRETRAIN_PEOPLE = 100_000  # SynthFaces identities from here on: people no job or notebook of the course uses
+from .data.synth import PRETRAIN_PEOPLE  # SynthFaces identities from here on: people no job or notebook of the course uses
 
 def pretrained_swap_model(cfg: dict, data_root: Path, device='auto', verbose=None):
     """DeepFaceLab's *pretrain* step: the DF model first learns faces in general, from `fs_pretrain_people` SynthFaces

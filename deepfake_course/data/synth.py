@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from .audio import SR, syllable_envelope, synth_voice, log_mel
 
 # %% auto #0
-__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS', 'HR_RANGE',
-           'PULSE_AMP', 'PBV', 'BLINK_RATE', 'BLINK_DURATION', 'SYNTH_VERSION', 'identity_params', 'check_ranges',
-           'sample_params', 'rotation', 'landmarks3d', 'project', 'landmarks', 'jpeg_approx', 'render', 'render_faces',
-           'render_face', 'heart_rate', 'blink_rate', 'pulse_wave', 'clip_params', 'render_clip', 'make_synthfaces']
+__all__ = ['SKIN_PALETTE', 'HAIR_COLOURS', 'IRIS_COLOURS', 'HAIR_STYLES', 'RANGES', 'BOUNDS', 'HEAD_SCALE', 'FPS',
+           'PRETRAIN_PEOPLE', 'HR_RANGE', 'PULSE_AMP', 'PBV', 'BLINK_RATE', 'BLINK_DURATION', 'SYNTH_VERSION',
+           'identity_params', 'check_ranges', 'sample_params', 'rotation', 'landmarks3d', 'project', 'landmarks',
+           'jpeg_approx', 'render', 'render_faces', 'render_face', 'heart_rate', 'blink_rate', 'pulse_wave',
+           'clip_params', 'render_clip', 'make_synthfaces']
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-8
 SKIN_PALETTE = torch.tensor([[0.38, 0.24, 0.16], [0.50, 0.33, 0.22], [0.64, 0.45, 0.33], [0.78, 0.58, 0.46],
@@ -870,6 +871,7 @@ def render_face(identity: int = 0, size: int = 128, seed: int = 0, device='cpu',
 
 # %% ../../nbs/10_synthfaces.ipynb #cell-42
 FPS = 25     # video frame rate of the talking clips
+PRETRAIN_PEOPLE = 100_000  # identities from here on: people no job split and no notebook's evaluation uses (pretraining pools)
 
 
 def _smooth_track(rng, T, lo, hi, centre_frac=0.5, amp_frac=0.25, n_sin=2):

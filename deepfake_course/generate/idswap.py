@@ -109,9 +109,9 @@ def render_aligned(identities, per_identity: int, size: int = 64, render_size: i
 
 def training_pool(n_train_ids: int, per_identity: int, size: int = 64, render_size: int = 128, seed: int = 0, face_type: str = 'full',
                   counterfactual: bool = True) -> AlignedFaces:
-    """The people the encoder and the generator learn from: SynthFaces identities from `bench.PRETRAIN_PEOPLE` on (no job
+    """The people the encoder and the generator learn from: SynthFaces identities from `synth.PRETRAIN_PEOPLE` on (no job
     or evaluation uses them), with their counterfactual pictures."""
-    from deepfake_course.bench import PRETRAIN_PEOPLE
+    from deepfake_course.data.synth import PRETRAIN_PEOPLE
     return render_aligned(range(PRETRAIN_PEOPLE, PRETRAIN_PEOPLE + n_train_ids), per_identity, size, render_size, seed, face_type, counterfactual)
 
 # %% ../../nbs/24_identity_swap.ipynb #cell-11
