@@ -20,7 +20,8 @@ KERNEL = {'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'languag
 def as_config(base, quick, seed=0):
     "What main_config returns for an untouched QUICK/FULL (tuples become lists, seed and quick added)."
     return {**base, 'detectors': list(base['detectors']), 'jpeg': list(base['jpeg']), 'blur': [float(v) for v in base['blur']],
-            'resize': [float(v) for v in base['resize']], 'noise': [float(v) for v in base['noise']], 'seed': seed, 'quick': quick}
+            'resize': [float(v) for v in base['resize']], 'noise': [float(v) for v in base['noise']],
+            'extra_sources': list(base['extra_sources']), 'seed': seed, 'quick': quick}
 
 
 def notebook_overrides(nb_path):
