@@ -357,7 +357,7 @@ def build_reenact_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='
                                  seed=cfg['seed'] + REENACT_SEED, data_root=data_root, verbose=verbose,
                                  config=dict(real=f"synthfaces/{Path(real.attrs['real_dir']).name}"),
                                  description="main job: each person's first frame animated by the next person of the split")
-    return dict(fake_set=name, train_seconds=round(run.seconds, 1), quality=mtcnn_quality(name, real, data_root, cfg))
+    return dict(fake_set=name, train_seconds=round(run.seconds, 1))   # its quality: `mtcnn_quality`, where the job uses it
 
 def build_idswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', verbose=None) -> dict:
     """Identity injection (24_identity_swap): the lecture's SimSwap-mini (`course_idswap`, trained on people from
@@ -371,7 +371,7 @@ def build_idswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='a
     name = make_idswap_fake_set(run.generator, run.idenc, reenact_pairs(identity_split(real)), data_root,
                                 n_images=cfg['images_per_identity'], seed=cfg['seed'], render_fn=render, verbose=verbose,
                                 config=dict(real=f"synthfaces/{Path(real.attrs['real_dir']).name}", size=cfg['size']))
-    return dict(fake_set=name, quality=mtcnn_quality(name, real, data_root, cfg))
+    return dict(fake_set=name, train_seconds=round(run.result.seconds, 1))   # its quality: `mtcnn_quality`, where the job uses it
 
 
 

@@ -116,7 +116,7 @@ def test_the_idswap_source_swaps_the_job_faces_inside_each_split(tmp_path, monke
     import deepfake_course.generate.idswap as I
     cfg = bench.main_config(quick=True, n_identities=9)
     seen = {}
-    class Run: generator, idenc = 'G', 'E'
+    class Run: generator, idenc, result = 'G', 'E', type('R', (), {'seconds': 1.0})
     monkeypatch.setattr(bench, 'build_real', lambda job, root: _real())
     monkeypatch.setattr(I, 'course_idswap', lambda root, **kw: Run)
     monkeypatch.setattr(I, 'make_idswap_fake_set', lambda g, e, pairs, root, **kw: seen.update(pairs=pairs, kw=kw) or 'idswap/1')
