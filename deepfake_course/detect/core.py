@@ -26,7 +26,7 @@ __all__ = ['DETECTORS', 'PERTURBATIONS', 'PERTURBATION_KINDS', 'BLENDSWAP_VERSIO
            'jpeg_recompress', 'FaceTensorSet', 'h264_recompress', 'perturb', 'show_perturbations',
            'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
            'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg',
-           'NoFaceError', 'detect']
+           'clip_model_scores', 'NoFaceError', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -35,7 +35,8 @@ _DETECTOR_MODULES = ('deepfake_course.detect.shallownet', 'deepfake_course.detec
                      'deepfake_course.detect.ocvae', 'deepfake_course.detect.tgd', 'deepfake_course.detect.xray',
                      'deepfake_course.detect.localise', 'deepfake_course.detect.frequency',
                      'deepfake_course.detect.attribution', 'deepfake_course.detect.audio',
-                     'deepfake_course.detect.cues', 'deepfake_course.detect.eyes')
+                     'deepfake_course.detect.cues', 'deepfake_course.detect.eyes',
+                     'deepfake_course.detect.temporal')
 
 def register_detector(name: str, *, input_size: int | None = 64, paper: str = ''):
     "Decorator: register a factory `(**kw) -> nn.Module` under `name` (`input_size=None`: any size)."
@@ -537,16 +538,67 @@ def _crops_from_frames(frames, size, faces, min_prob, device='auto'):
             rows.append(dict(k=k, face=j, x0=b[0], y0=b[1], x1=b[2], y1=b[3], face_prob=float(d.probs[j])))
     return rows, crops, [d.reason for d in dets]
 
+def _one_face_per_frame(rows: list) -> dict:
+    "For each frame position k, the index (into rows) of its most confident face."
+    best = {}
+    for j, r in enumerate(rows):
+        p = r['face_prob'] if np.isfinite(r['face_prob']) else 1.0
+        if r['k'] not in best or p > rows[best[r['k']]]['face_prob']: best[r['k']] = j
+    return best
+
+def clip_model_scores(model: nn.Module, crops: torch.Tensor, mel: torch.Tensor | None = None, device='auto') -> tuple[np.ndarray, dict]:
+    """Score consecutive face crops (n×3×S×S uint8, one per frame) with a video detector (a model with `clip_frames` and
+    `clip_logits(frames B×T×3×S×S uint8, mel B×80×4T or None)`; with `needs_audio`, `mel` is the clip's 80×4n log-mel). Windows of `clip_frames` frames every half window (the last one ends
+    at the last frame); a clip shorter than a window but at least half as long is padded by repeating its last frame,
+    a shorter one is refused. Returns (per-frame fake probability: sigmoid of the mean logit of the windows that hold the
+    frame, info: video_prob (sigmoid of the mean window logit, the video-level score), windows, padded)."""
+    T = int(model.clip_frames); n = len(crops)
+    if n < max(2, T // 2):
+        raise ValueError(f"detect: {n} frame(s) with a face; this video detector reads windows of {T} frames and pads clips "
+                         f"of at least {max(2, T // 2)}, so a shorter clip cannot be scored")
+    needs_audio = bool(getattr(model, 'needs_audio', False))
+    if needs_audio and mel is None: raise ValueError("detect: this detector is audio-visual and the clip has no audio track (pass audio=)")
+    if needs_audio and mel.shape[-1] != 4 * n: raise ValueError(f"detect: {mel.shape[-1]} log-mel frames for {n} video frames (4 per frame expected)")
+    pad = max(0, T - n)
+    x = torch.cat([crops, crops[-1:].expand(pad, *crops.shape[1:])]) if pad else crops
+    m = (torch.cat([mel, mel[:, -4:].repeat(1, pad)], 1) if pad else mel) if needs_audio else None
+    N = len(x); starts = list(range(0, N - T + 1, max(1, T // 2)))
+    if starts[-1] != N - T: starts.append(N - T)
+    dev = get_device(device); model = model.to(dev).eval()
+    logits = []
+    with torch.no_grad():   # the model scales its own inputs (`clip_logits`: uint8 frames, raw log-mel)
+        for s in starts:
+            a = None if m is None else m[:, 4 * s:4 * (s + T)][None].to(dev)
+            logits.append(float(model.clip_logits(x[s:s + T][None].to(dev), a).float().reshape(-1)[0]))
+    logits = np.array(logits); per = np.zeros(N); cnt = np.zeros(N)
+    for s, l in zip(starts, logits): per[s:s + T] += l; cnt[s:s + T] += 1
+    prob = 1 / (1 + np.exp(-(per / cnt)[:n]))
+    return prob, dict(video_prob=float(1 / (1 + np.exp(-logits.mean()))), windows=len(starts), padded=pad)
+
+def _clip_mel(wav, idx: list, fps: float, name: str) -> torch.Tensor:
+    "The 80×4n log-mel of the frames `idx` (4 mel frames from each frame's time) of a 16 kHz voice."
+    from deepfake_course.data.audio import log_mel
+    if wav is None or len(wav) == 0: raise ValueError(f"detect: {name} has no audio track; the audio-visual detector needs the voice")
+    lm = log_mel(np.asarray(wav, np.float32))
+    cols = [int(round(i / fps * 100)) for i in idx]
+    if cols[-1] + 4 > lm.shape[1]:
+        raise ValueError(f"detect: the audio of {name} ({lm.shape[1] / 100:.2f} s) is shorter than its frames ({(idx[-1] + 1) / fps:.2f} s)")
+    return torch.cat([lm[:, c:c + 4] for c in cols], 1)
+
 class NoFaceError(ValueError):
     "`detect` found no face in a file or array (with `faces='auto'`); `.source` names it, `.n_frames` is how many frames were read."
     def __init__(self, msg: str, source: str = '', n_frames: int = 0):
         super().__init__(msg); self.source, self.n_frames = source, n_frames
 
 def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, max_frames: int | None = None,
-           min_prob: float = 0.9, expect: str | None = None) -> pd.DataFrame:
+           min_prob: float = 0.9, expect: str | None = None, audio=None, fps: float = 25.0) -> pd.DataFrame:
     """Fake probability per face and frame of an image/video file, an H×W×3 uint8 array, or a list of them.
     `model`: a detector or a checkpoint path (`expect`: the detector name it must hold). `faces`: 'auto' (MTCNN) or 'none'.
-    `attrs['frames']` lists the frame indices read (frames without a face have no row); no face at all raises `NoFaceError`."""
+    `attrs['frames']` lists the frame indices read (frames without a face have no row); no face at all raises `NoFaceError`.
+    A video detector (`36_temporal`: a model with `clip_frames`) scores the most confident face of each frame over
+    windows of consecutive frames (`clip_model_scores`); `attrs['video_prob']` is its video-level score and
+    `attrs['no_face_frames']` the frames it had to leave out. An audio-visual one reads the file's sound, or `audio`
+    (16 kHz mono) with frames given as arrays at `fps`."""
     if faces not in ('auto', 'none'): raise ValueError(f"detect: faces must be 'auto' or 'none', got {faces!r}")
     if every < 1: raise ValueError(f"detect: every must be >= 1, got {every}")
     if isinstance(model, (str, os.PathLike)): model = load_detector(model, expect=expect)
@@ -556,8 +608,12 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir(): raise IsADirectoryError(f"detect: {str(p)!r} is a folder, not an image or video")
-        frames, idx, _ = read_frames(p, every=every, max_frames=max_frames)   # the course's one frame reader
+        frames, idx, file_fps = read_frames(p, every=every, max_frames=max_frames)   # the course's one frame reader
         frames, idx, name = list(frames), [int(i) for i in idx], str(source)
+        if np.isfinite(file_fps) and file_fps > 0: fps = file_fps
+        if getattr(model, 'needs_audio', False) and audio is None:
+            from deepfake_course.media import read_video
+            audio = read_video(p, n_frames=1, audio=True)[2]
     else:
         arr = source if isinstance(source, (list, tuple)) else [source]
         frames = []
@@ -574,10 +630,19 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
         why = next((r for r in reasons if r), '')
         raise NoFaceError(f"detect: no face found in the {what} {name!r} (MTCNN, min_prob={min_prob}{'; ' + why if why else ''}); "
                           f"pass faces='none' if it is already a face crop", name, len(frames))
-    scores = predict_scores(model, torch.stack(crops), device)
+    video_model, info = getattr(model, 'clip_frames', None) is not None, {}
+    if video_model:
+        if every != 1: raise ValueError(f"detect: a video detector needs consecutive frames (every=1), got every={every}")
+        best = _one_face_per_frame(rows); ks = sorted(best)
+        mel = _clip_mel(audio, [idx[k] if idx[k] >= 0 else k for k in ks], fps, repr(name)) if getattr(model, 'needs_audio', False) else None
+        scores, info = clip_model_scores(model, torch.stack([crops[best[k]] for k in ks]), mel, device)
+        rows = [rows[best[k]] for k in ks]
+        info['no_face_frames'] = [idx[k] for k in range(len(frames)) if k not in best]
+    else: scores = predict_scores(model, torch.stack(crops), device)
     out = pd.DataFrame(rows)
     out.insert(0, 'frame', [idx[k] for k in out.pop('k')]); out.insert(0, 'source', name)
     out['score'] = scores; out['detector'] = getattr(model, 'detector_name', type(model).__name__)
     out.attrs['frames'] = list(idx)   # every frame read, with or without a face
+    out.attrs.update(info)
     return out
 

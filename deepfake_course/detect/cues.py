@@ -48,12 +48,14 @@ def cue_clips(data_root=None, n_identities: int = 20, clips_per_identity: int = 
 SWAP_TRAIN_SEED = 7919
 
 def swap_clip_sets(real: pd.DataFrame, data_root=None, steps: int = 440, train_faces: int = 96, fs_size: int = 32,
-                   seed: int = 0, device='cpu', verbose=None) -> dict:
+                   seed: int = 0, device='cpu', audio: bool = False, raw: bool = True, verbose=None) -> dict:
     """Per-frame DF face swaps of the real clips (20_faceswap, the main job's recipe at CPU size): in each split its
     first identity (src) is swapped into every clip of the others (dst); the model learns src from `train_faces` still
     renders and dst from the frames of dst's clips, as DeepFaceLab learns from the target video. Two fake sets, one per
     merge: 'faceswap-df-clip' (colour transfer `rct`, the course's default) and 'faceswap-df-clip-raw' (no colour transfer).
-    Frames are kept lossless beside the mp4 (.npz with the driving clip's landmarks). Returns {source: fake set name}."""
+    Frames are kept lossless beside the mp4 (.npz with the driving clip's landmarks). `audio=True` (other sets: the
+    option enters the configuration) keeps each clip's voice, which a swap leaves as it was: in the mp4, and the .npz's
+    `audio` and `mel`. `raw=False` skips the set without colour transfer. Returns {source: fake set name}."""
     from deepfake_course.data.fakes import FakeSetWriter
     from deepfake_course.data.synth import render_faces
     from deepfake_course.generate import faceswap as fsw
@@ -66,7 +68,9 @@ def swap_clip_sets(real: pd.DataFrame, data_root=None, steps: int = 440, train_f
         pairs[s] = (ids[0], ids[1:])
     recipe = dict(steps=steps, train_faces=train_faces, fs_size=fs_size, seed=seed, batch=8, lr=1e-3, lr_final=5e-5, warp=0.3,
                   dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), real=Path(real.attrs['real_dir']).name)
+    if audio: recipe['audio'] = True   # only when on: the sets made before the option keep their names
     merges = {'faceswap-df-clip': dict(erode=1, blur=3, color='rct'), 'faceswap-df-clip-raw': dict(erode=1, blur=3, color=None)}
+    if not raw: merges.pop('faceswap-df-clip-raw')
     writers = {m: FakeSetWriter(m, dict(recipe, merge=mg), root, description=f'per-frame DF face swap of SynthFaces clips, merge {mg}')
                for m, mg in merges.items()}
     todo = [m for m, w in writers.items() if not w.exists]
@@ -95,9 +99,11 @@ def swap_clip_sets(real: pd.DataFrame, data_root=None, steps: int = 440, train_f
         for m in todo:
             with writers[m] as w:
                 for s, src, dst, name, u8, c in swapped[m]:
-                    w.add_clip(u8, split=s, name=name, fps=float(c['fps']), identity=src, target_identity=dst)
+                    sound = dict(audio=c['audio'], mel=c['mel']) if audio else {}
+                    w.add_clip(u8, split=s, name=name, fps=float(c['fps']), identity=src, target_identity=dst,
+                               audio=c['audio'].astype(np.float32) / 32767 if audio else None)
                     np.savez_compressed(w.dir / 'clips' / f'{name}.npz', frames=u8, landmarks68=c['landmarks68'],
-                                        landmarks5=c['landmarks5'], fps=c['fps'])
+                                        landmarks5=c['landmarks5'], fps=c['fps'], **sound)
     return {m: w.name for m, w in writers.items()}
 
 def fake_clips(name: str, data_root=None) -> pd.DataFrame:
