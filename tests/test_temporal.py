@@ -149,3 +149,18 @@ def test_detect_with_an_audio_visual_model_on_arrays():
     with pytest.raises(ValueError, match='no audio'): detect(frames, det, faces='none', device='cpu')
     with pytest.raises(ValueError, match='shorter than its frames'): detect(frames, det, faces='none', device='cpu', audio=wav[:3000])
     with pytest.raises(ValueError, match='consecutive'): detect(frames, det, faces='none', device='cpu', audio=wav, every=2)
+
+
+def test_videos_from_manifest_reads_files_and_skips_bad_ones(tmp_path):
+    from deepfake_course.data.manifest import tiny_video
+    ok = [tiny_video(tmp_path / f'v{i}.mp4', n_frames=10, size=32, seed=i) for i in range(2)]
+    mute = tiny_video(tmp_path / 'mute.mp4', n_frames=10, size=32, audio=False)
+    short = tiny_video(tmp_path / 'short.mp4', n_frames=4, size=32)
+    df = pd.DataFrame(dict(path=[str(p) for p in (*ok, mute, short)], label=[0, 1, 0, 1], source=['real', 'dub', 'real', 'dub'],
+                           split='test', clip_id=['a', 'b', 'c', 'd']))
+    vs = T.videos_from_manifest(df, video_frames=8, size=32, faces='none')
+    assert len(vs) == 2 and vs.frames.shape == (2, 8, 3, 32, 32) and vs.mel.shape == (2, 80, 32)
+    assert list(vs.type) == ['real', 'dub'] and list(vs.video) == ['a', 'b']
+    reasons = dict(vs.skipped)
+    assert 'no audio' in reasons[str(mute)] and '4 frames' in reasons[str(short)]
+    assert len(T.videos_from_manifest(df.iloc[2:3], video_frames=8, faces='none', need_audio=False)) == 1

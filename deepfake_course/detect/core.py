@@ -26,7 +26,7 @@ __all__ = ['DETECTORS', 'PERTURBATIONS', 'PERTURBATION_KINDS', 'BLENDSWAP_VERSIO
            'jpeg_recompress', 'FaceTensorSet', 'h264_recompress', 'perturb', 'show_perturbations',
            'similarity_from_landmarks', 'blend_swap', 'make_blendswap', 'real_faces', 'blendswap_set', 'DetectionData',
            'detection_data', 'Augment', 'train_detector', 'predict_scores', 'score_faces', 'ThumbnailLogReg',
-           'clip_model_scores', 'NoFaceError', 'detect']
+           'clip_model_scores', 'clip_mel', 'NoFaceError', 'detect']
 
 # %% ../../nbs/29_detect_core.ipynb #cell-8
 DETECTORS: dict[str, dict] = {}
@@ -575,7 +575,7 @@ def clip_model_scores(model: nn.Module, crops: torch.Tensor, mel: torch.Tensor |
     prob = 1 / (1 + np.exp(-(per / cnt)[:n]))
     return prob, dict(video_prob=float(1 / (1 + np.exp(-logits.mean()))), windows=len(starts), padded=pad)
 
-def _clip_mel(wav, idx: list, fps: float, name: str) -> torch.Tensor:
+def clip_mel(wav, idx: list, fps: float, name: str) -> torch.Tensor:
     "The 80×4n log-mel of the frames `idx` (4 mel frames from each frame's time) of a 16 kHz voice."
     from deepfake_course.data.audio import log_mel
     if wav is None or len(wav) == 0: raise ValueError(f"detect: {name} has no audio track; the audio-visual detector needs the voice")
@@ -634,7 +634,7 @@ def detect(source, model, faces: str = 'auto', device='auto', every: int = 1, ma
     if video_model:
         if every != 1: raise ValueError(f"detect: a video detector needs consecutive frames (every=1), got every={every}")
         best = _one_face_per_frame(rows); ks = sorted(best)
-        mel = _clip_mel(audio, [idx[k] if idx[k] >= 0 else k for k in ks], fps, repr(name)) if getattr(model, 'needs_audio', False) else None
+        mel = clip_mel(audio, [idx[k] if idx[k] >= 0 else k for k in ks], fps, repr(name)) if getattr(model, 'needs_audio', False) else None
         scores, info = clip_model_scores(model, torch.stack([crops[best[k]] for k in ks]), mel, device)
         rows = [rows[best[k]] for k in ks]
         info['no_face_frames'] = [idx[k] for k in range(len(frames)) if k not in best]

@@ -22,11 +22,11 @@ __all__ = ['SSL_PEOPLE', 'MELS_PER_FRAME', 'MAX_SHIFT', 'MIN_SHIFT', 'FAKE_TYPES
            'SAMPLES_PER_FRAME', 'LOWER_FACE', 'FACE_HULL', 'FAKES_VERSION', 'MEL_MEAN', 'MEL_STD', 'BACKBONES', 'HEADS',
            'POOLS', 'VISUAL_TYPES', 'ClipError', 'real_clips', 'load_npz', 'voice_donors', 'rerender_mouth',
            'paste_lower_face', 'framewise_flicker', 'video_fake_sets', 'VideoSet', 'clip_tensors', 'load_videos',
-           'auroc_by_type', 'fmt_auroc', 'Conv3dNet', 'CSNBlock', 'CSNNet', 'TemporalHead', 'VideoEncoder',
-           'AudioEncoder', 'Projector', 'Predictor', 'ema_momentum', 'center_time', 'neg_cosine', 'AVSSL', 'ssl_clips',
-           'sample_windows', 'mask_inputs', 'train_stage1', 'frame_features', 'probe_r2', 'sync_video_scores',
-           'CosineClassifier', 'TemporalDetector', 'temporal', 'temporal_av', 'frozen_teacher', 'train_stage2',
-           'window_logits', 'window_rows', 'video_scores', 'train_frame_detector', 'frame_video_logits',
+           'videos_from_manifest', 'auroc_by_type', 'fmt_auroc', 'Conv3dNet', 'CSNBlock', 'CSNNet', 'TemporalHead',
+           'VideoEncoder', 'AudioEncoder', 'Projector', 'Predictor', 'ema_momentum', 'center_time', 'neg_cosine',
+           'AVSSL', 'ssl_clips', 'sample_windows', 'mask_inputs', 'train_stage1', 'frame_features', 'probe_r2',
+           'sync_video_scores', 'CosineClassifier', 'TemporalDetector', 'temporal', 'temporal_av', 'frozen_teacher',
+           'train_stage2', 'window_logits', 'window_rows', 'video_scores', 'train_frame_detector', 'frame_video_logits',
            'people_fraction', 'ssl_name', 'degrade_videos']
 
 # %% ../../nbs/36_temporal.ipynb #d4d99a41
@@ -278,7 +278,49 @@ def load_videos(real: pd.DataFrame, fake_sets: dict, data_root=None, video_frame
     return VideoSet(torch.stack(fr), torch.stack(mels), allv.label.to_numpy(int), allv.type.to_numpy(str),
                     allv.split.to_numpy(str), person, allv.clip_id.to_numpy(str))
 
-# %% ../../nbs/36_temporal.ipynb #46eafabc
+# %% ../../nbs/36_temporal.ipynb #2479cc6d
+def videos_from_manifest(df: pd.DataFrame, video_frames: int = 32, size: int = 32, faces: str = 'auto', need_audio: bool = True,
+                         device='cpu', min_prob: float = 0.9, verbose=None) -> VideoSet:
+    """A `VideoSet` of the first `video_frames` frames of every clip of a manifest (path, label, split; `source` names the
+    fake type, `identity` the person when known): faces found and aligned per frame (`faces='none'`: the frames are crops
+    already), log-mel at 4 frames per video frame (`detect.core.clip_mel`)."""
+    from deepfake_course.media import read_video, resize
+    from deepfake_course.detect.core import clip_mel
+    if faces not in ('auto', 'none'): raise ValueError(f"videos_from_manifest: faces must be 'auto' or 'none', got {faces!r}")
+    ext = None
+    if faces == 'auto':
+        from deepfake_course.faces import FaceExtractor
+        ext = FaceExtractor(device=device, min_prob=min_prob)
+    keep, fr, mels, skipped = [], [], [], []
+    for i, r in enumerate(progress(list(df.itertuples()), desc='reading videos', verbose=verbose)):
+        try: frames, fps, wav = read_video(r.path, n_frames=video_frames, audio=True)
+        except Exception as e: skipped.append((r.path, f'unreadable: {e}')); continue
+        if len(frames) < video_frames: skipped.append((r.path, f'{len(frames)} frames, {video_frames} needed')); continue
+        if wav is None or not len(wav):
+            if need_audio: skipped.append((r.path, 'no audio track')); continue
+            mel = torch.zeros(80, video_frames * MELS_PER_FRAME)
+        else:
+            try: mel = clip_mel(wav, list(range(video_frames)), fps, r.path)
+            except ValueError as e: skipped.append((r.path, str(e))); continue
+        if ext is None: crops = resize(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2), size)
+        else:
+            dets = ext.extract(list(frames), size=size)
+            empty = [t for t, d in enumerate(dets) if not len(d)]
+            if empty: skipped.append((r.path, f'no face in frame(s) {empty[:8]}')); continue
+            crops = torch.stack([(d.crops[int(np.argmax(d.probs))].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8) for d in dets])
+        keep.append(i); fr.append(crops); mels.append(mel.half())
+    if not keep: raise ValueError(f"videos_from_manifest: no usable clip among {len(df)}; first reasons: {skipped[:3]}")
+    d = df.iloc[keep]
+    label = d['label'].to_numpy(int)
+    kind = np.where(label == 0, 'real', d['source'].astype(str).to_numpy() if 'source' in d else 'fake')
+    ident = d['identity'].to_numpy(int) if 'identity' in d else np.full(len(d), -1)
+    person = np.where(ident >= 0, ident, -1 - np.arange(len(d)))   # unknown person: each clip its own group
+    cid = d['clip_id'].astype(str).to_numpy() if 'clip_id' in d else d['path'].astype(str).to_numpy()
+    vs = VideoSet(torch.stack(fr), torch.stack(mels), label, kind.astype(str), d['split'].astype(str).to_numpy(), person, cid)
+    vs.skipped = skipped
+    return vs
+
+# %% ../../nbs/36_temporal.ipynb #4195288c
 def auroc_by_type(scores: pd.DataFrame, types=None, n_boot: int = 1000, seed: int = 0, by=('detector',)) -> pd.DataFrame:
     """Video AUROC of each fake type against the real videos of the same rows, with a 95% bootstrap interval that resamples
     people (`person`: a real clip and the fakes made from it belong to the same person)."""
@@ -301,7 +343,7 @@ def fmt_auroc(t: pd.DataFrame, index='detector', columns='type') -> pd.DataFrame
     t = t.assign(cell=[f"{a:.3f} [{l:.2f}, {h:.2f}]" for a, l, h in zip(t.auroc, t.lo, t.hi)])
     return t.pivot(index=index, columns=columns, values='cell')
 
-# %% ../../nbs/36_temporal.ipynb #4195288c
+# %% ../../nbs/36_temporal.ipynb #e7c2d070
 class Conv3dNet(nn.Module):
     "Plain 3D CNN: stages of Conv3d 3×3×3 (spatial stride 2, temporal stride 1) + BN + ReLU. (B,C,T,H,W) -> (B,C',T,H/2^k,W/2^k)."
     def __init__(self, in_ch: int = 3, widths=(16, 32, 64)):
@@ -386,7 +428,7 @@ class AudioEncoder(nn.Module):
         f = self.net(mel.transpose(1, 2).unsqueeze(1))     # B, C, T, F'
         return self.out(f.mean(-1).transpose(1, 2))        # B, T, dim
 
-# %% ../../nbs/36_temporal.ipynb #cb75f8e1
+# %% ../../nbs/36_temporal.ipynb #90bdfd8a
 class Projector(nn.Module):
     "Per-frame Linear + BatchNorm1d (RealForensics' 1×1 temporal conv + BN): (B,T,D) -> (B,T,P)."
     def __init__(self, dim: int, out: int):
@@ -461,7 +503,7 @@ class AVSSL(nn.Module):
         if self.center: pv, ta = center_time(pv), center_time(ta)
         return F.cosine_similarity(pv, ta, dim=-1)
 
-# %% ../../nbs/36_temporal.ipynb #85aa3fa8
+# %% ../../nbs/36_temporal.ipynb #983b2688
 def ssl_clips(n_clips: int = 240, video_frames: int = 32, render_size: int = 64, size: int = 32, seed: int = 0,
               data_root=None, verbose=None) -> tuple[VideoSet, np.ndarray]:
     """Stage 1's real clips: one talking clip each of people `SSL_PEOPLE`, `SSL_PEOPLE`+1, ... (no split uses them), aligned
@@ -558,7 +600,7 @@ def train_stage1(ssl: AVSSL, clips: VideoSet, steps: int = 600, batch_size: int 
     h = pd.DataFrame(loop.history); h.attrs['seconds'] = loop.state.get('seconds', 0.0)
     return h
 
-# %% ../../nbs/36_temporal.ipynb #ad253ae7
+# %% ../../nbs/36_temporal.ipynb #b94d556b
 @torch.no_grad()
 def frame_features(encoder: nn.Module, data: VideoSet, audio: bool = False, clip_frames: int = 16, batch_size: int = 64) -> np.ndarray:
     "Per-frame features (N×T'×D, T' = whole windows) of a frozen video (or audio) encoder over consecutive windows."
@@ -580,7 +622,7 @@ def probe_r2(feats: np.ndarray, target: np.ndarray, fit_fraction: float = 0.8, a
     m = Ridge(alpha=alpha).fit(X[:n * T], y[:n * T])
     return float(r2_score(y[n * T:], m.predict(X[n * T:])))
 
-# %% ../../nbs/36_temporal.ipynb #cd700802
+# %% ../../nbs/36_temporal.ipynb #7cba3dfc
 @torch.no_grad()
 def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_size: int = 64, name: str = 'stage-1 sync (no labels)') -> tuple[pd.DataFrame, np.ndarray]:
     "Per video: minus the mean per-frame stream agreement (higher = more likely fake), and the per-frame agreement N×T'."
@@ -595,7 +637,7 @@ def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_s
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=-per.mean(1))), per
 
-# %% ../../nbs/36_temporal.ipynb #33a9591b
+# %% ../../nbs/36_temporal.ipynb #8fd5d98e
 class CosineClassifier(nn.Module):
     "RealForensics' head: logit = scale * <normalize(f), normalize(w)>."
     def __init__(self, dim: int, scale: float = 16.0):
@@ -661,7 +703,7 @@ def temporal_av(size: int = 32, width: int = 16, dim: int = 64, backbone: str = 
     "The audio-visual detector: video and audio encoders, their per-frame product and agreement, attention; needs the clip's voice."
     return TemporalDetector(input_size or size, width, dim, backbone, head, pool, True, proj_dim, hidden, scale, clip_frames)
 
-# %% ../../nbs/36_temporal.ipynb #749a0fbb
+# %% ../../nbs/36_temporal.ipynb #cd6fc737
 def frozen_teacher(ssl: AVSSL) -> nn.Module:
     "The stage-1 video teacher (encoder + projector), frozen: stage 2's SSL targets."
     return copy.deepcopy(ssl.teacher_v).eval().requires_grad_(False)
@@ -749,7 +791,7 @@ def video_scores(model, data: VideoSet, name: str = '', device='cpu', **kw) -> p
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=per.loc[data.video].to_numpy()))
 
-# %% ../../nbs/36_temporal.ipynb #8fd5d98e
+# %% ../../nbs/36_temporal.ipynb #b8b88ccf
 def train_frame_detector(data: VideoSet, name: str = 'meso4', steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                          seed: int = 0, device='auto', verbose=None) -> nn.Module:
     "A course image detector (`DETECTORS[name]`) trained on single frames of the training videos (BCE, logit adjustment)."
@@ -782,7 +824,7 @@ def frame_video_logits(model: nn.Module, device='cpu', batch_size: int = 512):
         return torch.cat(out).reshape(len(data), -1).numpy()
     return f
 
-# %% ../../nbs/36_temporal.ipynb #69ee6d8b
+# %% ../../nbs/36_temporal.ipynb #866b0335
 VISUAL_TYPES = ('faceswap', 'mouth', 'flicker')   # the fake types whose frames differ from the real clip's
 
 def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
@@ -793,13 +835,13 @@ def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
     keep = np.random.default_rng(seed).choice(people, size=min(k, len(people)), replace=False)
     return data.subset(np.isin(data.person, keep))
 
-# %% ../../nbs/36_temporal.ipynb #77c6ad04
+# %% ../../nbs/36_temporal.ipynb #4ca6c513
 def ssl_name(w: float) -> str:
     "How a weight is written in the recorded names: 0, 0.3, 1.0."
     s = f'{w:g}'
     return s if w == 0 or '.' in s else s + '.0'
 
-# %% ../../nbs/36_temporal.ipynb #a0a54cf1
+# %% ../../nbs/36_temporal.ipynb #2ea82310
 def degrade_videos(data: VideoSet, kind: str, level: float, seed: int = 0) -> VideoSet:
     "The videos with every frame degraded (`detect.core.perturb` kinds: jpeg, blur, noise, ...) or ('drop') a fraction of frames frozen."
     from deepfake_course.detect.core import perturb
