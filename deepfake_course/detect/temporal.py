@@ -64,7 +64,7 @@ def load_npz(path) -> dict:
     z = np.load(path)
     return {k: z[k] for k in z.files}
 
-# %% ../../nbs/36_temporal.ipynb #8af16e5e
+# %% ../../nbs/36_temporal.ipynb #395869eb
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 
 def _window(z: dict, start: int, n: int, audio_start: int | None = None) -> dict:
@@ -142,7 +142,7 @@ def framewise_flicker(frames: np.ndarray, lm68: np.ndarray, rng: np.random.Gener
         out[t] = (f * (1 - m[t]) + moved * g * m[t] + 0.5).clip(0, 255).astype(np.uint8)
     return out
 
-# %% ../../nbs/36_temporal.ipynb #395869eb
+# %% ../../nbs/36_temporal.ipynb #720e7e46
 FAKES_VERSION = 1   # bump when what a video fake set holds changes
 
 def _check_length(z: dict, need: int, path) -> None:
@@ -207,7 +207,7 @@ def video_fake_sets(real: pd.DataFrame, data_root=None, video_frames: int = 32, 
                     _write_video(w, name, v, split=r.split, identity=int(r.identity), target_identity=-1)
     return out
 
-# %% ../../nbs/36_temporal.ipynb #720e7e46
+# %% ../../nbs/36_temporal.ipynb #2479cc6d
 MEL_MEAN, MEL_STD = -9.0, 6.5     # log-mel statistics of SynthFaces voices (the audio network's input scaling)
 
 @dataclass
@@ -278,7 +278,7 @@ def load_videos(real: pd.DataFrame, fake_sets: dict, data_root=None, video_frame
     return VideoSet(torch.stack(fr), torch.stack(mels), allv.label.to_numpy(int), allv.type.to_numpy(str),
                     allv.split.to_numpy(str), person, allv.clip_id.to_numpy(str))
 
-# %% ../../nbs/36_temporal.ipynb #2479cc6d
+# %% ../../nbs/36_temporal.ipynb #22ffd053
 def videos_from_manifest(df: pd.DataFrame, video_frames: int = 32, size: int = 32, faces: str = 'auto', need_audio: bool = True,
                          device='cpu', min_prob: float = 0.9, verbose=None) -> VideoSet:
     """A `VideoSet` of the first `video_frames` frames of every clip of a manifest (path, label, split; `source` names the
@@ -320,7 +320,7 @@ def videos_from_manifest(df: pd.DataFrame, video_frames: int = 32, size: int = 3
     vs.skipped = skipped
     return vs
 
-# %% ../../nbs/36_temporal.ipynb #4195288c
+# %% ../../nbs/36_temporal.ipynb #e7c2d070
 def auroc_by_type(scores: pd.DataFrame, types=None, n_boot: int = 1000, seed: int = 0, by=('detector',)) -> pd.DataFrame:
     """Video AUROC of each fake type against the real videos of the same rows, with a 95% bootstrap interval that resamples
     people (`person`: a real clip and the fakes made from it belong to the same person)."""
@@ -343,7 +343,7 @@ def fmt_auroc(t: pd.DataFrame, index='detector', columns='type') -> pd.DataFrame
     t = t.assign(cell=[f"{a:.3f} [{l:.2f}, {h:.2f}]" for a, l, h in zip(t.auroc, t.lo, t.hi)])
     return t.pivot(index=index, columns=columns, values='cell')
 
-# %% ../../nbs/36_temporal.ipynb #e7c2d070
+# %% ../../nbs/36_temporal.ipynb #cb75f8e1
 class Conv3dNet(nn.Module):
     "Plain 3D CNN: stages of Conv3d 3×3×3 (spatial stride 2, temporal stride 1) + BN + ReLU. (B,C,T,H,W) -> (B,C',T,H/2^k,W/2^k)."
     def __init__(self, in_ch: int = 3, widths=(16, 32, 64)):
@@ -428,7 +428,7 @@ class AudioEncoder(nn.Module):
         f = self.net(mel.transpose(1, 2).unsqueeze(1))     # B, C, T, F'
         return self.out(f.mean(-1).transpose(1, 2))        # B, T, dim
 
-# %% ../../nbs/36_temporal.ipynb #90bdfd8a
+# %% ../../nbs/36_temporal.ipynb #7c40f88e
 class Projector(nn.Module):
     "Per-frame Linear + BatchNorm1d (RealForensics' 1×1 temporal conv + BN): (B,T,D) -> (B,T,P)."
     def __init__(self, dim: int, out: int):
@@ -503,7 +503,7 @@ class AVSSL(nn.Module):
         if self.center: pv, ta = center_time(pv), center_time(ta)
         return F.cosine_similarity(pv, ta, dim=-1)
 
-# %% ../../nbs/36_temporal.ipynb #983b2688
+# %% ../../nbs/36_temporal.ipynb #442e8eae
 def ssl_clips(n_clips: int = 240, video_frames: int = 32, render_size: int = 64, size: int = 32, seed: int = 0,
               data_root=None, verbose=None) -> tuple[VideoSet, np.ndarray]:
     """Stage 1's real clips: one talking clip each of people `SSL_PEOPLE`, `SSL_PEOPLE`+1, ... (no split uses them), aligned
@@ -600,7 +600,7 @@ def train_stage1(ssl: AVSSL, clips: VideoSet, steps: int = 600, batch_size: int 
     h = pd.DataFrame(loop.history); h.attrs['seconds'] = loop.state.get('seconds', 0.0)
     return h
 
-# %% ../../nbs/36_temporal.ipynb #b94d556b
+# %% ../../nbs/36_temporal.ipynb #7cba3dfc
 @torch.no_grad()
 def frame_features(encoder: nn.Module, data: VideoSet, audio: bool = False, clip_frames: int = 16, batch_size: int = 64) -> np.ndarray:
     "Per-frame features (N×T'×D, T' = whole windows) of a frozen video (or audio) encoder over consecutive windows."
@@ -622,7 +622,7 @@ def probe_r2(feats: np.ndarray, target: np.ndarray, fit_fraction: float = 0.8, a
     m = Ridge(alpha=alpha).fit(X[:n * T], y[:n * T])
     return float(r2_score(y[n * T:], m.predict(X[n * T:])))
 
-# %% ../../nbs/36_temporal.ipynb #7cba3dfc
+# %% ../../nbs/36_temporal.ipynb #749a0fbb
 @torch.no_grad()
 def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_size: int = 64, name: str = 'stage-1 sync (no labels)') -> tuple[pd.DataFrame, np.ndarray]:
     "Per video: minus the mean per-frame stream agreement (higher = more likely fake), and the per-frame agreement N×T'."
@@ -637,7 +637,7 @@ def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_s
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=-per.mean(1))), per
 
-# %% ../../nbs/36_temporal.ipynb #8fd5d98e
+# %% ../../nbs/36_temporal.ipynb #72b09954
 class CosineClassifier(nn.Module):
     "RealForensics' head: logit = scale * <normalize(f), normalize(w)>."
     def __init__(self, dim: int, scale: float = 16.0):
@@ -703,7 +703,7 @@ def temporal_av(size: int = 32, width: int = 16, dim: int = 64, backbone: str = 
     "The audio-visual detector: video and audio encoders, their per-frame product and agreement, attention; needs the clip's voice."
     return TemporalDetector(input_size or size, width, dim, backbone, head, pool, True, proj_dim, hidden, scale, clip_frames)
 
-# %% ../../nbs/36_temporal.ipynb #cd6fc737
+# %% ../../nbs/36_temporal.ipynb #29a1bb22
 def frozen_teacher(ssl: AVSSL) -> nn.Module:
     "The stage-1 video teacher (encoder + projector), frozen: stage 2's SSL targets."
     return copy.deepcopy(ssl.teacher_v).eval().requires_grad_(False)
@@ -791,7 +791,7 @@ def video_scores(model, data: VideoSet, name: str = '', device='cpu', **kw) -> p
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=per.loc[data.video].to_numpy()))
 
-# %% ../../nbs/36_temporal.ipynb #b8b88ccf
+# %% ../../nbs/36_temporal.ipynb #7f90dd72
 def train_frame_detector(data: VideoSet, name: str = 'meso4', steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                          seed: int = 0, device='auto', verbose=None) -> nn.Module:
     "A course image detector (`DETECTORS[name]`) trained on single frames of the training videos (BCE, logit adjustment)."
@@ -824,7 +824,7 @@ def frame_video_logits(model: nn.Module, device='cpu', batch_size: int = 512):
         return torch.cat(out).reshape(len(data), -1).numpy()
     return f
 
-# %% ../../nbs/36_temporal.ipynb #866b0335
+# %% ../../nbs/36_temporal.ipynb #249c8de8
 VISUAL_TYPES = ('faceswap', 'mouth', 'flicker')   # the fake types whose frames differ from the real clip's
 
 def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
@@ -835,13 +835,13 @@ def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
     keep = np.random.default_rng(seed).choice(people, size=min(k, len(people)), replace=False)
     return data.subset(np.isin(data.person, keep))
 
-# %% ../../nbs/36_temporal.ipynb #4ca6c513
+# %% ../../nbs/36_temporal.ipynb #2ea82310
 def ssl_name(w: float) -> str:
     "How a weight is written in the recorded names: 0, 0.3, 1.0."
     s = f'{w:g}'
     return s if w == 0 or '.' in s else s + '.0'
 
-# %% ../../nbs/36_temporal.ipynb #2ea82310
+# %% ../../nbs/36_temporal.ipynb #c637007c
 def degrade_videos(data: VideoSet, kind: str, level: float, seed: int = 0) -> VideoSet:
     "The videos with every frame degraded (`detect.core.perturb` kinds: jpeg, blur, noise, ...) or ('drop') a fraction of frames frozen."
     from deepfake_course.detect.core import perturb
