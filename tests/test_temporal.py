@@ -1,6 +1,6 @@
 "Unit tests of `deepfake_course.detect.temporal` (36_temporal) and the video path of `detect`."
 import numpy as np, pandas as pd, pytest, torch
-from deepfake_course.detect import temporal as T
+from deepfake_course.detect import temporal as T, videodata as V
 from deepfake_course.detect.core import detect, clip_model_scores
 
 
@@ -25,7 +25,7 @@ def test_window_keeps_voice_and_mel_aligned():
     n = 20
     z = dict(frames=np.arange(n)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8), landmarks5=np.zeros((n, 5, 2)),
              landmarks68=np.zeros((n, 68, 2)), audio=np.arange(n * T.SAMPLES_PER_FRAME), mel=np.tile(np.arange(n * 4), (80, 1)))
-    v = T._window(z, 2, 8, audio_start=5)
+    v = V._window(z, 2, 8, audio_start=5)
     assert v['frames'][0, 0, 0, 0] == 2 and len(v['frames']) == 8
     assert v['audio'][0] == 5 * T.SAMPLES_PER_FRAME and len(v['audio']) == 8 * T.SAMPLES_PER_FRAME
     assert v['mel'][0, 0] == 5 * 4 and v['mel'].shape[1] == 8 * 4
@@ -36,11 +36,11 @@ def test_flicker_and_paste_change_only_the_face():
     fr = rng.integers(0, 256, (4, 64, 64, 3)).astype(np.uint8)
     lm = np.tile(np.array([[20 + 24 * np.cos(a), 32 + 24 * np.sin(a)] for a in np.linspace(0, 2 * np.pi, 68)]) * 0.5 + 16, (4, 1, 1))
     out = T.framewise_flicker(fr, lm, rng)
-    m = T._poly_masks(lm, T.FACE_HULL, (64, 64), 1.5) > 1e-3
+    m = V._poly_masks(lm, T.FACE_HULL, (64, 64), 1.5) > 1e-3
     assert np.array_equal(out[~m], fr[~m]) and not np.array_equal(out, fr)
     new = 255 - fr
     pasted = T.paste_lower_face(fr, new, lm)
-    m2 = T._poly_masks(lm, T.LOWER_FACE, (64, 64), 1.2) > 1e-3
+    m2 = V._poly_masks(lm, T.LOWER_FACE, (64, 64), 1.2) > 1e-3
     assert np.array_equal(pasted[~m2], fr[~m2])
 
 

@@ -16,311 +16,18 @@ import torch.nn.functional as F
 
 from ..core import get_data_root, progress
 from .core import register_detector
+from .videodata import *   # the video fake sets and VideoSet (36a_videofakes)
+from .videodata import _aligned
 
 # %% auto #0
-__all__ = ['SSL_PEOPLE', 'MELS_PER_FRAME', 'MAX_SHIFT', 'MIN_SHIFT', 'FAKE_TYPES', 'LIPSYNC_TYPES', 'FAKE_METHODS',
-           'SAMPLES_PER_FRAME', 'LOWER_FACE', 'FACE_HULL', 'FAKES_VERSION', 'MEL_MEAN', 'MEL_STD', 'BACKBONES', 'HEADS',
-           'POOLS', 'VISUAL_TYPES', 'ClipError', 'real_clips', 'load_npz', 'voice_donors', 'rerender_mouth',
-           'paste_lower_face', 'framewise_flicker', 'video_fake_sets', 'VideoSet', 'clip_tensors', 'load_videos',
-           'videos_from_manifest', 'auroc_by_type', 'fmt_auroc', 'Conv3dNet', 'CSNBlock', 'CSNNet', 'TemporalHead',
-           'VideoEncoder', 'AudioEncoder', 'Projector', 'Predictor', 'ema_momentum', 'center_time', 'neg_cosine',
-           'AVSSL', 'ssl_clips', 'sample_windows', 'mask_inputs', 'train_stage1', 'frame_features', 'probe_r2',
-           'sync_video_scores', 'CosineClassifier', 'TemporalDetector', 'temporal', 'temporal_av', 'frozen_teacher',
-           'train_stage2', 'window_logits', 'window_rows', 'video_scores', 'train_frame_detector', 'frame_video_logits',
-           'people_fraction', 'ssl_name', 'degrade_videos']
-
-# %% ../../nbs/36_temporal.ipynb #d4d99a41
-SSL_PEOPLE = 300_000     # identities of the stage-1 clips: no split and no other notebook uses them
-MELS_PER_FRAME = 4       # log-mel frames (10 ms hop) per video frame (25 fps)
-MAX_SHIFT = 12           # longest voice shift (frames, 0.48 s) of the `audioshift` fakes; clips are rendered this much longer
-MIN_SHIFT = 4            # shortest (0.16 s)
-FAKE_TYPES = ('faceswap', 'audioswap', 'audioshift', 'mouth', 'flicker')
-LIPSYNC_TYPES = ('audioswap', 'audioshift', 'mouth')
-FAKE_METHODS = {'audioswap': 'lipsync-audioswap', 'audioshift': 'lipsync-audioshift', 'mouth': 'lipsync-mouth',
-                'flicker': 'flicker-framewise'}   # the fake-set method of each type ('faceswap': cues.swap_clip_sets)
-
-class ClipError(ValueError):
-    "A clip a temporal detector cannot use: too short, no audio for an audio-visual model, frame and mel lengths that disagree."
-
-def real_clips(data_root=None, n_identities: int = 60, clips_per_identity: int = 2, video_frames: int = 32,
-               render_size: int = 64, seed: int = 0, verbose=None) -> pd.DataFrame:
-    "The real talking clips (`make_synthfaces`, clips only, `video_frames + MAX_SHIFT` frames): manifest rows with absolute paths."
-    from deepfake_course.data.synth import make_synthfaces
-    d = make_synthfaces(data_root, n_identities=n_identities, images_per_identity=0, clips_per_identity=clips_per_identity,
-                        size=render_size, seed=seed, clip_frames=video_frames + MAX_SHIFT, verbose=verbose)
-    df = pd.read_csv(d / 'manifest.csv', keep_default_na=False)
-    df = df[df.kind == 'clip'].reset_index(drop=True)
-    df['path'] = [str(d / p) for p in df.path]
-    df.attrs['real_dir'] = str(d)
-    df.attrs['seed'] = seed
-    for s in ('train', 'val', 'test'):
-        if df.loc[df.split == s, 'identity'].nunique() < 2:
-            raise ValueError(f"real_clips: the {s} split has fewer than 2 identities; the fakes need two people per split "
-                             f"(n_identities={n_identities}: use at least 12)")
-    return df
-
-def load_npz(path) -> dict:
-    "A clip's lossless .npz (frames T×H×W×3 uint8, audio int16, mel 80×M, landmarks5/68, fps) as a dict of arrays."
-    z = np.load(path)
-    return {k: z[k] for k in z.files}
-
-# %% ../../nbs/36_temporal.ipynb #395869eb
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
-
-def _window(z: dict, start: int, n: int, audio_start: int | None = None) -> dict:
-    "Frames [start, start+n) of a clip with the voice (and log-mel) of frames [audio_start, audio_start+n) (default: the same)."
-    a = start if audio_start is None else audio_start
-    return dict(frames=z['frames'][start:start + n], landmarks5=z['landmarks5'][start:start + n],
-                landmarks68=z['landmarks68'][start:start + n],
-                audio=z['audio'][a * SAMPLES_PER_FRAME:(a + n) * SAMPLES_PER_FRAME],
-                mel=z['mel'][:, a * MELS_PER_FRAME:(a + n) * MELS_PER_FRAME])
-
-def _write_video(w, name: str, v: dict, *, split: str, identity: int, target_identity: int, **cols):
-    "One fake video through the fake-set writer: a tagged mp4 with its voice, and the lossless .npz beside it."
-    w.add_clip(v['frames'], split=split, name=name, fps=25, audio=v['audio'].astype(np.float32) / 32767,
-               identity=identity, target_identity=target_identity, **cols)
-    np.savez_compressed(w.dir / 'clips' / f'{name}.npz', frames=v['frames'], audio=v['audio'], mel=v['mel'],
-                        landmarks5=v['landmarks5'], landmarks68=v['landmarks68'], fps=np.int64(25))
-
-def voice_donors(real: pd.DataFrame) -> dict:
-    "For every real clip, the clip of another person of the same split whose voice a lip-sync fake gives it: {path: donor path}."
-    out = {}
-    for s, g in real.groupby('split'):
-        ids = sorted(g.identity.unique())
-        by_id = {i: sorted(g.loc[g.identity == i, 'path']) for i in ids}
-        for k, i in enumerate(ids):
-            donor = by_id[ids[(k + 1) % len(ids)]]
-            for c, p in enumerate(by_id[i]): out[p] = donor[c % len(donor)]
-    return out
-
-def _clip_render_seed(clip_id: str, build_seed: int) -> int:
-    "The renderer seed `make_synthfaces` gave the clip `synthfaces-<hash>-<identity>-<c>` (so that it can be rendered again)."
-    from deepfake_course.data.synth import _mix
-    return _mix(build_seed, int(clip_id.rsplit('-', 1)[1])) % (2 ** 31)
-
-def _poly_masks(lm68: np.ndarray, idx: list, size: tuple, sigma: float) -> np.ndarray:
-    "T×H×W float masks: the polygon of landmarks `idx` of each frame, feathered by a Gaussian of `sigma` px."
-    import cv2
-    out = np.zeros((len(lm68), *size), np.float32)
-    for t, p in enumerate(lm68):
-        cv2.fillPoly(out[t], [np.round(p[idx]).astype(np.int32)], 1.0)
-        if sigma > 0: out[t] = cv2.GaussianBlur(out[t], (0, 0), sigma)
-    return out
-
-LOWER_FACE = list(range(2, 15)) + [35, 34, 33, 32, 31]   # jaw 2-14, then the base of the nose: the part Wav2Lip re-generates
-FACE_HULL = list(range(0, 17)) + list(range(26, 16, -1))   # jaw, then the brows back: the face a frame-wise generator replaces
-
-def rerender_mouth(identity: int, clip_seed: int, donor_identity: int, donor_seed: int, n_frames: int, size: int) -> np.ndarray:
-    "The clip of `identity` rendered again with its mouth opening as the donor clip's voice drives it: T×H×W×3 uint8."
-    from deepfake_course.data.synth import clip_params, render
-    p, _, _ = clip_params(identity, n_frames, clip_seed)
-    q, _, _ = clip_params(donor_identity, n_frames, donor_seed)
-    p['mouth_open'] = q['mouth_open']
-    img = render(p, size)['images']
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-def paste_lower_face(frames: np.ndarray, new: np.ndarray, lm68: np.ndarray, soften: float = 0.5) -> np.ndarray:
-    "Wav2Lip's merge: the lower face of `new` (generated at `soften` times the resolution, so softer) pasted over `frames`."
-    import cv2
-    H, W = frames.shape[1:3]
-    m = _poly_masks(lm68, LOWER_FACE, (H, W), 1.2)[..., None]
-    lo = np.stack([cv2.resize(cv2.resize(f, (int(W * soften), int(H * soften)), interpolation=cv2.INTER_AREA), (W, H),
-                              interpolation=cv2.INTER_LINEAR) for f in new])
-    return (frames * (1 - m) + lo * m + 0.5).clip(0, 255).astype(np.uint8)
-
-def framewise_flicker(frames: np.ndarray, lm68: np.ndarray, rng: np.random.Generator, shift: float = 1.0,
-                      gain: float = 0.03) -> np.ndarray:
-    "Each frame's face moved by up to `shift` px and recoloured by about `gain`, independently: a frame-by-frame fake's flicker."
-    import cv2
-    H, W = frames.shape[1:3]
-    m = _poly_masks(lm68, FACE_HULL, (H, W), 1.5)[..., None]
-    out = np.empty_like(frames)
-    for t, f in enumerate(frames):
-        dx, dy = rng.uniform(-shift, shift, 2)
-        moved = cv2.warpAffine(f, np.float32([[1, 0, dx], [0, 1, dy]]), (W, H), borderMode=cv2.BORDER_REFLECT)
-        g = 1 + rng.normal(0, gain, 3)
-        out[t] = (f * (1 - m[t]) + moved * g * m[t] + 0.5).clip(0, 255).astype(np.uint8)
-    return out
+__all__ = ['BACKBONES', 'HEADS', 'POOLS', 'VISUAL_TYPES', 'auroc_by_type', 'fmt_auroc', 'Conv3dNet', 'CSNBlock', 'CSNNet',
+           'TemporalHead', 'VideoEncoder', 'AudioEncoder', 'Projector', 'Predictor', 'ema_momentum', 'center_time',
+           'neg_cosine', 'AVSSL', 'ssl_clips', 'sample_windows', 'mask_inputs', 'train_stage1', 'frame_features',
+           'probe_r2', 'sync_video_scores', 'CosineClassifier', 'TemporalDetector', 'temporal', 'temporal_av',
+           'frozen_teacher', 'train_stage2', 'window_logits', 'window_rows', 'video_scores', 'train_frame_detector',
+           'frame_video_logits', 'people_fraction', 'ssl_name', 'degrade_videos']
 
 # %% ../../nbs/36_temporal.ipynb #720e7e46
-FAKES_VERSION = 1   # bump when what a video fake set holds changes
-
-def _check_length(z: dict, need: int, path) -> None:
-    n, m = len(z['frames']), z['mel'].shape[1]
-    if n < need: raise ClipError(f"{path}: {n} frames, the video fakes need {need} (video_frames + MAX_SHIFT)")
-    if m < need * MELS_PER_FRAME:
-        raise ClipError(f"{path}: {m} log-mel frames for {n} video frames; {MELS_PER_FRAME} per frame are needed")
-
-def video_fake_sets(real: pd.DataFrame, data_root=None, video_frames: int = 32, fs_steps: int = 440, seed: int = 0,
-                    device='cpu', types=FAKE_TYPES, verbose=None) -> dict:
-    """Make (or reuse) the video fake sets of the real clips `real` (`real_clips`): {type: fake-set name}. Each fake video
-    shows and voices people of one split only; `FAKE_TYPES` says how each type is made."""
-    from deepfake_course.data.fakes import FakeSetWriter
-    from deepfake_course.detect.cues import swap_clip_sets
-    bad = [t for t in types if t not in FAKE_TYPES]
-    if bad: raise ValueError(f"video_fake_sets: unknown fake type(s) {bad}; known: {', '.join(FAKE_TYPES)}")
-    root = get_data_root(data_root)
-    L, build_seed = int(video_frames), int(real.attrs.get('seed', 0))
-    base = dict(real=Path(real.attrs['real_dir']).name, video_frames=L, seed=seed, version=FAKES_VERSION)
-    out = {}
-    if 'faceswap' in types:
-        sets = swap_clip_sets(real, root, steps=fs_steps, seed=seed, device=device, audio=True, raw=False, verbose=verbose)
-        out['faceswap'] = sets['faceswap-df-clip']
-    todo = {t: FakeSetWriter(FAKE_METHODS[t], dict(base, type=t), root, description=d) for t, d in (
-        ('audioswap', 'lip-sync fake: the frames of one clip with the voice of another person of the same split'),
-        ('audioshift', f'lip-sync fake: the same clip with its voice moved by {MIN_SHIFT}-{MAX_SHIFT} frames'),
-        ('mouth', "lip-sync fake: the lower face re-rendered to another person's voice, softened and pasted back (Wav2Lip-style)"),
-        ('flicker', 'frame-wise fake: each frame\'s face moved (<= 1 px) and recoloured (~3%) independently')) if t in types}
-    for t, w in todo.items(): out[t] = w.name
-    todo = {t: w for t, w in todo.items() if not w.exists}
-    if not todo: return out
-    donors = voice_donors(real)
-    by_path = real.set_index('path')
-    cache = {}
-    def clip(p):
-        if p not in cache:
-            cache[p] = load_npz(p); _check_length(cache[p], L + MAX_SHIFT, p)
-        return cache[p]
-    for t, w in todo.items():
-        with w:
-            for r in progress(list(real.itertuples()), desc=f'fakes {t}', verbose=verbose):
-                z, name = clip(r.path), Path(r.path).stem
-                rng = np.random.default_rng([seed, FAKE_TYPES.index(t), int(r.identity), int(name.rsplit('-', 1)[1])])
-                if t in ('audioswap', 'mouth'):
-                    d = by_path.loc[donors[r.path]]; zd = clip(donors[r.path])
-                    v = _window(z, 0, L)
-                    v.update(audio=zd['audio'][:L * SAMPLES_PER_FRAME], mel=zd['mel'][:, :L * MELS_PER_FRAME])
-                    if t == 'mouth':
-                        new = rerender_mouth(int(r.identity), _clip_render_seed(r.clip_id, build_seed), int(d.identity),
-                                             _clip_render_seed(d.clip_id, build_seed), L + MAX_SHIFT, z['frames'].shape[1])[:L]
-                        v['frames'] = paste_lower_face(v['frames'], new, v['landmarks68'])
-                    _write_video(w, name, v, split=r.split, identity=int(r.identity), target_identity=int(d.identity))
-                elif t == 'audioshift':
-                    s = int(rng.integers(MIN_SHIFT, MAX_SHIFT + 1))
-                    lead = bool(rng.integers(2))   # the voice ahead of the mouth, or behind it
-                    v = _window(z, 0, L, s) if lead else _window(z, s, L, 0)
-                    _write_video(w, name, v, split=r.split, identity=int(r.identity), target_identity=-1,
-                                 shift_frames=s if lead else -s)
-                else:
-                    v = _window(z, 0, L)
-                    v['frames'] = framewise_flicker(v['frames'], v['landmarks68'], rng)
-                    _write_video(w, name, v, split=r.split, identity=int(r.identity), target_identity=-1)
-    return out
-
-# %% ../../nbs/36_temporal.ipynb #2479cc6d
-MEL_MEAN, MEL_STD = -9.0, 6.5     # log-mel statistics of SynthFaces voices (the audio network's input scaling)
-
-@dataclass
-class VideoSet:
-    "Videos in memory: frames N×T×3×S×S uint8 (aligned faces), mel N×80×4T float16, and per video its label, type, split, person, id."
-    frames: torch.Tensor
-    mel: torch.Tensor
-    label: np.ndarray
-    type: np.ndarray
-    split: np.ndarray
-    person: np.ndarray
-    video: np.ndarray
-    def __len__(self): return len(self.frames)
-    @property
-    def n_frames(self) -> int: return self.frames.shape[1]
-    @property
-    def size(self) -> int: return self.frames.shape[-1]
-    def subset(self, mask) -> 'VideoSet':
-        "The videos where `mask` (bool array or index array) holds."
-        idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask)
-        t = torch.as_tensor(idx, dtype=torch.long)
-        return VideoSet(self.frames[t], self.mel[t], self.label[idx], self.type[idx], self.split[idx], self.person[idx], self.video[idx])
-    def where(self, split: str | None = None, types=None) -> 'VideoSet':
-        "The videos of one split (None: all) whose type is 'real' or in `types` (None: all)."
-        m = np.ones(len(self), bool) if split is None else self.split == split
-        if types is not None: m &= np.isin(self.type, ['real', *types])
-        return self.subset(m)
-    def summary(self) -> pd.DataFrame:
-        "Videos and people per split and type."
-        df = pd.DataFrame(dict(split=self.split, type=self.type, person=self.person))
-        return df.groupby(['split', 'type']).agg(videos=('person', 'size'), people=('person', 'nunique')).unstack(0)
-
-def clip_tensors(frames_u8: torch.Tensor, mel) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "Model inputs from uint8 frames (..., T, 3, S, S) and a log-mel (..., 80, 4T): video (..., 3, T, S, S) in [-0.5, 0.5], scaled mel."
-    v = frames_u8.float().div(255).sub(0.5).transpose(-4, -3)
-    return v, None if mel is None else (mel.float() - MEL_MEAN) / MEL_STD
-
-def _aligned(frames: np.ndarray, lm5: np.ndarray, size: int) -> torch.Tensor:
-    from deepfake_course.faces import align_faces
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    crops, _, _ = align_faces(x, lm5.astype(np.float64), size=size)
-    return crops.round().clamp(0, 255).to(torch.uint8)
-
-def load_videos(real: pd.DataFrame, fake_sets: dict, data_root=None, video_frames: int = 32, size: int = 32,
-                verbose=None) -> VideoSet:
-    "The real clips and every fake set of `fake_sets` ({type: name}) as one leak-checked `VideoSet` (first `video_frames` frames)."
-    from deepfake_course.data.fakes import read_fake_set
-    from deepfake_course.data.manifest import check_no_leak
-    parts = [real.assign(type='real', label=0)]
-    for t, name in fake_sets.items():
-        df = read_fake_set(name, data_root)
-        df = df[df.kind == 'clip'].copy()
-        df['path'] = [str(Path(p).with_suffix('.npz')) for p in df.path]
-        parts.append(df.assign(type=t, label=1))
-    allv = pd.concat(parts, ignore_index=True)
-    check_no_leak(allv, ['identity', 'clip_id'], where='the temporal videos (real clips and video fake sets)')
-    L = int(video_frames)
-    fr, mels = [], []
-    for r in progress(list(allv.itertuples()), desc='loading videos', verbose=verbose):
-        z = load_npz(r.path)
-        if len(z['frames']) < L: raise ClipError(f"{r.path}: {len(z['frames'])} frames, video_frames={L} were asked for")
-        if z['mel'].shape[1] < L * MELS_PER_FRAME:
-            raise ClipError(f"{r.path}: {z['mel'].shape[1]} log-mel frames for {L} video frames (need {L * MELS_PER_FRAME})")
-        fr.append(_aligned(z['frames'][:L], z['landmarks5'][:L], size))
-        mels.append(torch.from_numpy(z['mel'][:, :L * MELS_PER_FRAME]).half())
-    tid = allv['target_identity'] if 'target_identity' in allv else pd.Series(-1, index=allv.index)
-    person = np.where((allv.type == 'faceswap') & (tid >= 0), tid, allv.identity).astype(int)  # whose clip it is
-    return VideoSet(torch.stack(fr), torch.stack(mels), allv.label.to_numpy(int), allv.type.to_numpy(str),
-                    allv.split.to_numpy(str), person, allv.clip_id.to_numpy(str))
-
-# %% ../../nbs/36_temporal.ipynb #22ffd053
-def videos_from_manifest(df: pd.DataFrame, video_frames: int = 32, size: int = 32, faces: str = 'auto', need_audio: bool = True,
-                         device='cpu', min_prob: float = 0.9, verbose=None) -> VideoSet:
-    """A `VideoSet` of the first `video_frames` frames of every clip of a manifest (path, label, split; `source` names the
-    fake type, `identity` the person when known): faces found and aligned per frame (`faces='none'`: the frames are crops
-    already), log-mel at 4 frames per video frame (`detect.core.clip_mel`)."""
-    from deepfake_course.media import read_video, resize
-    from deepfake_course.detect.core import clip_mel
-    if faces not in ('auto', 'none'): raise ValueError(f"videos_from_manifest: faces must be 'auto' or 'none', got {faces!r}")
-    ext = None
-    if faces == 'auto':
-        from deepfake_course.faces import FaceExtractor
-        ext = FaceExtractor(device=device, min_prob=min_prob)
-    keep, fr, mels, skipped = [], [], [], []
-    for i, r in enumerate(progress(list(df.itertuples()), desc='reading videos', verbose=verbose)):
-        try: frames, fps, wav = read_video(r.path, n_frames=video_frames, audio=True)
-        except Exception as e: skipped.append((r.path, f'unreadable: {e}')); continue
-        if len(frames) < video_frames: skipped.append((r.path, f'{len(frames)} frames, {video_frames} needed')); continue
-        if wav is None or not len(wav):
-            if need_audio: skipped.append((r.path, 'no audio track')); continue
-            mel = torch.zeros(80, video_frames * MELS_PER_FRAME)
-        else:
-            try: mel = clip_mel(wav, list(range(video_frames)), fps, r.path)
-            except ValueError as e: skipped.append((r.path, str(e))); continue
-        if ext is None: crops = resize(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2), size)
-        else:
-            dets = ext.extract(list(frames), size=size)
-            empty = [t for t, d in enumerate(dets) if not len(d)]
-            if empty: skipped.append((r.path, f'no face in frame(s) {empty[:8]}')); continue
-            crops = torch.stack([(d.crops[int(np.argmax(d.probs))].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8) for d in dets])
-        keep.append(i); fr.append(crops); mels.append(mel.half())
-    if not keep: raise ValueError(f"videos_from_manifest: no usable clip among {len(df)}; first reasons: {skipped[:3]}")
-    d = df.iloc[keep]
-    label = d['label'].to_numpy(int)
-    kind = np.where(label == 0, 'real', d['source'].astype(str).to_numpy() if 'source' in d else 'fake')
-    ident = d['identity'].to_numpy(int) if 'identity' in d else np.full(len(d), -1)
-    person = np.where(ident >= 0, ident, -1 - np.arange(len(d)))   # unknown person: each clip its own group
-    cid = d['clip_id'].astype(str).to_numpy() if 'clip_id' in d else d['path'].astype(str).to_numpy()
-    vs = VideoSet(torch.stack(fr), torch.stack(mels), label, kind.astype(str), d['split'].astype(str).to_numpy(), person, cid)
-    vs.skipped = skipped
-    return vs
-
-# %% ../../nbs/36_temporal.ipynb #e7c2d070
 def auroc_by_type(scores: pd.DataFrame, types=None, n_boot: int = 1000, seed: int = 0, by=('detector',)) -> pd.DataFrame:
     """Video AUROC of each fake type against the real videos of the same rows, with a 95% bootstrap interval that resamples
     people (`person`: a real clip and the fakes made from it belong to the same person)."""
@@ -343,7 +50,7 @@ def fmt_auroc(t: pd.DataFrame, index='detector', columns='type') -> pd.DataFrame
     t = t.assign(cell=[f"{a:.3f} [{l:.2f}, {h:.2f}]" for a, l, h in zip(t.auroc, t.lo, t.hi)])
     return t.pivot(index=index, columns=columns, values='cell')
 
-# %% ../../nbs/36_temporal.ipynb #cb75f8e1
+# %% ../../nbs/36_temporal.ipynb #2479cc6d
 class Conv3dNet(nn.Module):
     "Plain 3D CNN: stages of Conv3d 3×3×3 (spatial stride 2, temporal stride 1) + BN + ReLU. (B,C,T,H,W) -> (B,C',T,H/2^k,W/2^k)."
     def __init__(self, in_ch: int = 3, widths=(16, 32, 64)):
@@ -428,7 +135,7 @@ class AudioEncoder(nn.Module):
         f = self.net(mel.transpose(1, 2).unsqueeze(1))     # B, C, T, F'
         return self.out(f.mean(-1).transpose(1, 2))        # B, T, dim
 
-# %% ../../nbs/36_temporal.ipynb #7c40f88e
+# %% ../../nbs/36_temporal.ipynb #61d5b217
 class Projector(nn.Module):
     "Per-frame Linear + BatchNorm1d (RealForensics' 1×1 temporal conv + BN): (B,T,D) -> (B,T,P)."
     def __init__(self, dim: int, out: int):
@@ -503,7 +210,7 @@ class AVSSL(nn.Module):
         if self.center: pv, ta = center_time(pv), center_time(ta)
         return F.cosine_similarity(pv, ta, dim=-1)
 
-# %% ../../nbs/36_temporal.ipynb #442e8eae
+# %% ../../nbs/36_temporal.ipynb #bbef8c2c
 def ssl_clips(n_clips: int = 240, video_frames: int = 32, render_size: int = 64, size: int = 32, seed: int = 0,
               data_root=None, verbose=None) -> tuple[VideoSet, np.ndarray]:
     """Stage 1's real clips: one talking clip each of people `SSL_PEOPLE`, `SSL_PEOPLE`+1, ... (no split uses them), aligned
@@ -600,7 +307,7 @@ def train_stage1(ssl: AVSSL, clips: VideoSet, steps: int = 600, batch_size: int 
     h = pd.DataFrame(loop.history); h.attrs['seconds'] = loop.state.get('seconds', 0.0)
     return h
 
-# %% ../../nbs/36_temporal.ipynb #7cba3dfc
+# %% ../../nbs/36_temporal.ipynb #cb75f8e1
 @torch.no_grad()
 def frame_features(encoder: nn.Module, data: VideoSet, audio: bool = False, clip_frames: int = 16, batch_size: int = 64) -> np.ndarray:
     "Per-frame features (N×T'×D, T' = whole windows) of a frozen video (or audio) encoder over consecutive windows."
@@ -622,7 +329,7 @@ def probe_r2(feats: np.ndarray, target: np.ndarray, fit_fraction: float = 0.8, a
     m = Ridge(alpha=alpha).fit(X[:n * T], y[:n * T])
     return float(r2_score(y[n * T:], m.predict(X[n * T:])))
 
-# %% ../../nbs/36_temporal.ipynb #749a0fbb
+# %% ../../nbs/36_temporal.ipynb #983b2688
 @torch.no_grad()
 def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_size: int = 64, name: str = 'stage-1 sync (no labels)') -> tuple[pd.DataFrame, np.ndarray]:
     "Per video: minus the mean per-frame stream agreement (higher = more likely fake), and the per-frame agreement N×T'."
@@ -637,7 +344,7 @@ def sync_video_scores(ssl: AVSSL, data: VideoSet, clip_frames: int = 16, batch_s
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=-per.mean(1))), per
 
-# %% ../../nbs/36_temporal.ipynb #72b09954
+# %% ../../nbs/36_temporal.ipynb #76cdf683
 class CosineClassifier(nn.Module):
     "RealForensics' head: logit = scale * <normalize(f), normalize(w)>."
     def __init__(self, dim: int, scale: float = 16.0):
@@ -703,7 +410,7 @@ def temporal_av(size: int = 32, width: int = 16, dim: int = 64, backbone: str = 
     "The audio-visual detector: video and audio encoders, their per-frame product and agreement, attention; needs the clip's voice."
     return TemporalDetector(input_size or size, width, dim, backbone, head, pool, True, proj_dim, hidden, scale, clip_frames)
 
-# %% ../../nbs/36_temporal.ipynb #29a1bb22
+# %% ../../nbs/36_temporal.ipynb #a21ac35b
 def frozen_teacher(ssl: AVSSL) -> nn.Module:
     "The stage-1 video teacher (encoder + projector), frozen: stage 2's SSL targets."
     return copy.deepcopy(ssl.teacher_v).eval().requires_grad_(False)
@@ -791,7 +498,7 @@ def video_scores(model, data: VideoSet, name: str = '', device='cpu', **kw) -> p
     return pd.DataFrame(dict(detector=name, video=data.video, type=data.type, label=data.label, split=data.split,
                              person=data.person, score=per.loc[data.video].to_numpy()))
 
-# %% ../../nbs/36_temporal.ipynb #7f90dd72
+# %% ../../nbs/36_temporal.ipynb #cd700802
 def train_frame_detector(data: VideoSet, name: str = 'meso4', steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                          seed: int = 0, device='auto', verbose=None) -> nn.Module:
     "A course image detector (`DETECTORS[name]`) trained on single frames of the training videos (BCE, logit adjustment)."
@@ -824,7 +531,7 @@ def frame_video_logits(model: nn.Module, device='cpu', batch_size: int = 512):
         return torch.cat(out).reshape(len(data), -1).numpy()
     return f
 
-# %% ../../nbs/36_temporal.ipynb #249c8de8
+# %% ../../nbs/36_temporal.ipynb #33a9591b
 VISUAL_TYPES = ('faceswap', 'mouth', 'flicker')   # the fake types whose frames differ from the real clip's
 
 def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
@@ -835,13 +542,13 @@ def people_fraction(data: VideoSet, fraction: float, seed: int = 0) -> VideoSet:
     keep = np.random.default_rng(seed).choice(people, size=min(k, len(people)), replace=False)
     return data.subset(np.isin(data.person, keep))
 
-# %% ../../nbs/36_temporal.ipynb #2ea82310
+# %% ../../nbs/36_temporal.ipynb #7f90dd72
 def ssl_name(w: float) -> str:
     "How a weight is written in the recorded names: 0, 0.3, 1.0."
     s = f'{w:g}'
     return s if w == 0 or '.' in s else s + '.0'
 
-# %% ../../nbs/36_temporal.ipynb #c637007c
+# %% ../../nbs/36_temporal.ipynb #3e74b67b
 def degrade_videos(data: VideoSet, kind: str, level: float, seed: int = 0) -> VideoSet:
     "The videos with every frame degraded (`detect.core.perturb` kinds: jpeg, blur, noise, ...) or ('drop') a fraction of frames frozen."
     from deepfake_course.detect.core import perturb
