@@ -5,8 +5,6 @@
 # %% ../../nbs/36_temporal.ipynb #e3f538e7
 from __future__ import annotations
 import copy, math, time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
