@@ -51,7 +51,10 @@ def test_df_liae_structure():
 
 
 def test_architecture_errors():
-    with pytest.raises(ValueError, match="Unknown face-swap architecture 'vae'"): fs.build_model('vae')
+    with pytest.raises(ValueError, match="archi 'vae' is not valid"): fs.build_model('vae')
+    with pytest.raises(ValueError, match="u \\(pixel-normalised code\\)"): fs.build_model('liae-x')
+    with pytest.raises(ValueError, match="divisible by 32"): fs.build_model('liae-ud', 48, **TINY)
+    with pytest.raises(ValueError, match="no options"): fs.build_model('iae-u')
     with pytest.raises(ValueError, match='multiple of 16'): fs.build_model('df', 40)
     with pytest.raises(ValueError, match='expects N x 3 x 64 x 64'): fs.build_model('df', 64, **TINY).swap(torch.rand(1, 3, 32, 32))
 

@@ -24,78 +24,127 @@ from .color import COLOR_TRANSFERS, color_transfer
 from ..quality import predict_identity, predict_landmarks, landmark_nme_iod, masked_ssim, _frames_tensor
 
 # %% auto #0
-__all__ = ['ARCHIS', 'Downscale', 'Upscale', 'ResidualBlock', 'Encoder', 'Inter', 'Decoder', 'FaceSwapModel', 'DF', 'LIAE',
+__all__ = ['ARCHI_TYPES', 'ARCHI_OPTS', 'ARCHIS', 'FAITHFUL_DIMS', 'Downscale', 'Upscale', 'ResidualBlock', 'parse_archi',
+           'Encoder', 'Inter', 'DoubleOut', 'Decoder', 'FSDecoder', 'FaceSwapModel', 'DF', 'Original', 'LIAE', 'IAE',
            'build_model', 'warp_affine', 'align_swap_faces', 'eyes_mouth_mask', 'SwapFaceSet', 'make_swap_faceset',
            'blurred_mask', 'ssim_window', 'swap_loss', 'warp_grid', 'gen_warp_params', 'apply_warp', 'load_swap_model',
            'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'reconstruct', 'recon_ssim',
-           'swap_crops', 'evaluate_swap', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames',
+           'swap_crops', 'evaluate_swap', 'swap_judges', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames',
            'detect_landmarks5', 'swap_clip', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
-def _lrelu(x, a=0.1): return F.leaky_relu(x, a)
+def _act(x, a=0.1, cos=False): return x * torch.cos(x) if cos else F.leaky_relu(x, a)   # DFL '-c': x*cos(x)
 
 class Downscale(nn.Module):
     "DFL `Downscale`: 5x5 conv with stride 2 ('same' padding) then LeakyReLU(0.1): halves H and W."
-    def __init__(self, cin, cout, k=5):
-        super().__init__(); self.conv = nn.Conv2d(cin, cout, k, 2, k // 2)
-    def forward(self, x): return _lrelu(self.conv(x))
+    def __init__(self, cin, cout, k=5, cos=False):
+        super().__init__(); self.conv, self.cos = nn.Conv2d(cin, cout, k, 2, k // 2), cos
+    def forward(self, x): return _act(self.conv(x), 0.1, self.cos)
 
 class Upscale(nn.Module):
     "DFL `Upscale`: 3x3 conv to 4*cout channels, LeakyReLU(0.1), pixel shuffle (depth-to-space) x2."
-    def __init__(self, cin, cout, k=3):
-        super().__init__(); self.conv = nn.Conv2d(cin, cout * 4, k, 1, k // 2)
-    def forward(self, x): return F.pixel_shuffle(_lrelu(self.conv(x)), 2)
+    def __init__(self, cin, cout, k=3, cos=False):
+        super().__init__(); self.conv, self.cos = nn.Conv2d(cin, cout * 4, k, 1, k // 2), cos
+    def forward(self, x): return F.pixel_shuffle(_act(self.conv(x), 0.1, self.cos), 2)
 
 class ResidualBlock(nn.Module):
     "DFL residual block: lrelu(x + conv2(lrelu(conv1(x), 0.2)), 0.2)."
-    def __init__(self, ch, k=3):
-        super().__init__(); self.conv1, self.conv2 = nn.Conv2d(ch, ch, k, 1, k // 2), nn.Conv2d(ch, ch, k, 1, k // 2)
-    def forward(self, x): return _lrelu(x + self.conv2(_lrelu(self.conv1(x), 0.2)), 0.2)
+    def __init__(self, ch, k=3, cos=False):
+        super().__init__(); self.conv1, self.conv2, self.cos = nn.Conv2d(ch, ch, k, 1, k // 2), nn.Conv2d(ch, ch, k, 1, k // 2), cos
+    def forward(self, x): return _act(x + self.conv2(_act(self.conv1(x), 0.2, self.cos)), 0.2, self.cos)
 
 # %% ../../nbs/20_faceswap.ipynb #cell-11
+ARCHI_TYPES = ('df', 'liae', 'original', 'iae')
+ARCHI_OPTS = {'u': 'pixel-normalised code', 'd': 'double output resolution (needs res % 32 == 0)',
+              't': 'one more down/up stage with residual blocks (needs res % 32 == 0)', 'c': 'x*cos(x) activations'}
+ARCHIS = ARCHI_TYPES   # the architecture names build_model accepts, before options
+
+def parse_archi(archi) -> tuple[str, str]:
+    "Split an archi string as DeepFaceLab does ('liae-udt' -> ('liae', 'udt')); one DFL would refuse is an error naming the valid parts."
+    s = str(archi).strip().lower(); parts = s.split('-')
+    typ, opts = parts[0], (parts[1] if len(parts) == 2 else '')
+    bad = len(parts) > 2 or typ not in ARCHI_TYPES or (len(parts) == 2 and not opts) or any(o not in ARCHI_OPTS for o in opts)
+    if bad or (opts and typ not in ('df', 'liae')):
+        raise ValueError(f"archi {archi!r} is not valid: write TYPE or TYPE-OPTIONS, TYPE one of df, liae (DeepFaceLab) or original, iae "
+                         f"(faceswap, no options), OPTIONS letters from " + ', '.join(f"{k} ({v})" for k, v in ARCHI_OPTS.items()) +
+                         ", e.g. 'df', 'liae-ud', 'liae-udt'")
+    return typ, opts
+
 class Encoder(nn.Module):
-    "Four Downscales (e, 2e, 4e, 8e channels), flattened: a res x res face becomes (res/16)^2 * 8e numbers."
-    def __init__(self, e_dims):
+    "DFL encoder: Downscales e, 2e, 4e, 8e, flattened (res/16); '-t': e, res, 2e, 4e, 8e, 8e, res (res/32); '-u': pixel norm of the code."
+    def __init__(self, e_dims, opts=''):
         super().__init__()
-        chs = [3] + [e_dims * min(2 ** i, 8) for i in range(4)]
-        self.down = nn.Sequential(*[Downscale(chs[i], chs[i + 1]) for i in range(4)])
-    def forward(self, x): return self.down(x).flatten(1)
+        e, c = e_dims, 'c' in opts; self.pixel_norm = 'u' in opts
+        if 't' in opts:
+            self.down = nn.Sequential(Downscale(3, e, cos=c), ResidualBlock(e, cos=c), Downscale(e, 2 * e, cos=c), Downscale(2 * e, 4 * e, cos=c),
+                                      Downscale(4 * e, 8 * e, cos=c), Downscale(8 * e, 8 * e, cos=c), ResidualBlock(8 * e, cos=c))
+        else:
+            chs = [3] + [e * min(2 ** i, 8) for i in range(4)]
+            self.down = nn.Sequential(*[Downscale(chs[i], chs[i + 1], cos=c) for i in range(4)])
+    def forward(self, x):
+        z = self.down(x).flatten(1)
+        return z * torch.rsqrt(z.float().pow(2).mean(1, keepdim=True) + 1e-6).to(z.dtype) if self.pixel_norm else z
 
 class Inter(nn.Module):
-    "Dense bottleneck: Dense(in->ae) -> Dense(ae->L*L*out) -> reshape L x L -> Upscale: the code at 2L x 2L."
-    def __init__(self, in_dims, ae_dims, out_ch, lowest):
+    "Dense bottleneck: Dense(in->ae) -> Dense(ae->L*L*out) -> reshape L x L -> Upscale to `up_ch` channels (0: no Upscale, as '-t' and IAE)."
+    def __init__(self, in_dims, ae_dims, out_ch, lowest, up_ch=None, cos=False):
         super().__init__()
         self.L, self.out_ch = lowest, out_ch
         self.fc1, self.fc2 = nn.Linear(in_dims, ae_dims), nn.Linear(ae_dims, lowest * lowest * out_ch)
-        self.up = Upscale(out_ch, out_ch)
+        up_ch = out_ch if up_ch is None else up_ch
+        self.up = Upscale(out_ch, up_ch, cos=cos) if up_ch else nn.Identity()
     def forward(self, z):
         return self.up(self.fc2(self.fc1(z)).view(-1, self.out_ch, self.L, self.L))
 
+class DoubleOut(nn.Module):
+    "DFL '-d' output: a 1x1 and three 3x3 convolutions to 3 channels each, pixel-shuffled: the image at twice the last stage's size."
+    def __init__(self, ch):
+        super().__init__(); self.convs = nn.ModuleList([nn.Conv2d(ch, 3, 1)] + [nn.Conv2d(ch, 3, 3, 1, 1) for _ in range(3)])
+    def forward(self, x): return F.pixel_shuffle(torch.cat([c(x) for c in self.convs], 1), 2)
+
 class Decoder(nn.Module):
-    "Image path (Upscale + Residual) x3 -> 1x1 conv -> sigmoid; mask path Upscale x3 -> 1x1 conv -> sigmoid."
-    def __init__(self, in_ch, d_dims, m_dims):
+    "DFL decoder: image path (Upscale + Residual) x3 (x4 with '-t') -> 1x1 conv (DoubleOut with '-d') -> sigmoid; mask path Upscales only."
+    def __init__(self, in_ch, d_dims, m_dims, opts=''):
         super().__init__()
-        d, m = d_dims, m_dims
-        self.img = nn.Sequential(Upscale(in_ch, 8 * d), ResidualBlock(8 * d), Upscale(8 * d, 4 * d), ResidualBlock(4 * d),
-                                 Upscale(4 * d, 2 * d), ResidualBlock(2 * d), nn.Conv2d(2 * d, 3, 1))
-        self.mask = nn.Sequential(Upscale(in_ch, 8 * m), Upscale(8 * m, 4 * m), Upscale(4 * m, 2 * m), nn.Conv2d(2 * m, 1, 1))
+        d, m, c = d_dims, m_dims, 'c' in opts
+        chs = [in_ch, 8 * d, 8 * d, 4 * d, 2 * d] if 't' in opts else [in_ch, 8 * d, 4 * d, 2 * d]
+        mchs = [in_ch, 8 * m, 8 * m, 4 * m, 2 * m] if 't' in opts else [in_ch, 8 * m, 4 * m, 2 * m]
+        img = [b for i in range(len(chs) - 1) for b in (Upscale(chs[i], chs[i + 1], cos=c), ResidualBlock(chs[i + 1], cos=c))]
+        self.img = nn.Sequential(*img, DoubleOut(2 * d) if 'd' in opts else nn.Conv2d(2 * d, 3, 1))
+        msk = [Upscale(mchs[i], mchs[i + 1], cos=c) for i in range(len(mchs) - 1)]
+        self.mask = nn.Sequential(*msk, Upscale(2 * m, m, cos=c), nn.Conv2d(m, 1, 1)) if 'd' in opts else nn.Sequential(*msk, nn.Conv2d(2 * m, 1, 1))
+    def forward(self, code): return torch.sigmoid(self.img(code)), torch.sigmoid(self.mask(code))
+
+class FSDecoder(nn.Module):
+    "faceswap decoder (Original, IAE): Upscales through `chs`, a 5x5 conv and a sigmoid; the mask head (faceswap's learn_mask) the same with `mask_chs`."
+    def __init__(self, in_ch, chs, mask_chs):
+        super().__init__()
+        up = lambda cs: [Upscale(a, b) for a, b in zip([in_ch] + cs[:-1], cs)]
+        self.img = nn.Sequential(*up(chs), nn.Conv2d(chs[-1], 3, 5, 1, 2))
+        self.mask = nn.Sequential(*up(mask_chs), nn.Conv2d(mask_chs[-1], 1, 5, 1, 2))
     def forward(self, code): return torch.sigmoid(self.img(code)), torch.sigmoid(self.mask(code))
 
 # %% ../../nbs/20_faceswap.ipynb #cell-12
-ARCHIS = ('df', 'liae')
-
 class FaceSwapModel(nn.Module):
-    "Base of DF and LIAE: `autoencode(x, side)` for training, `swap(x_dst)` to draw dst faces as src; `config` names it."
-    archi = None
-    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8):
+    "Base of every face-swap autoencoder: `autoencode(x, side)` for training, `swap(x_dst)` to draw dst faces as src; `config` names it."
+    archi_type = None
+    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8, opts=''):
         super().__init__()
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 32 or resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16 and at least 32, got {resolution!r}")
         for k, v in dict(e_dims=e_dims, ae_dims=ae_dims, d_dims=d_dims, d_mask_dims=d_mask_dims).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        self.archi = self.archi_type + (f'-{opts}' if opts else '')
+        parse_archi(self.archi)
+        if resolution % 32 and ('d' in opts or 't' in opts):
+            raise ValueError(f"archi {self.archi!r} needs a resolution divisible by 32 ('-d' and '-t' work at res/32), got {resolution} "
+                             f"(use {resolution // 32 * 32 or 32} or {resolution // 32 * 32 + 32})")
+        self.opts, self.cos = opts, 'c' in opts
         self.config = dict(archi=self.archi, resolution=resolution, e_dims=e_dims, ae_dims=ae_dims, d_dims=d_dims, d_mask_dims=d_mask_dims)
-        self.resolution, self.lowest = resolution, resolution // 16
-        self.enc_dims = self.lowest ** 2 * e_dims * 8
+        self.resolution = resolution
+        self.lowest = resolution // (32 if 'd' in opts else 16)                   # the dense layers' L x L
+        self.enc_dims = (resolution // (32 if 't' in opts else 16)) ** 2 * e_dims * 8
+        self.code_res = self.lowest * (1 if 't' in opts else 2)                   # the inter's output (the decoders' input)
     def _check(self, x):
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             raise ValueError(f"{type(self).__name__} expects N x 3 x {self.resolution} x {self.resolution} faces, got {tuple(x.shape)}")
@@ -105,19 +154,13 @@ class FaceSwapModel(nn.Module):
         return side
     @property
     def checkpoint_name(self) -> str:
-        "The name its checkpoints carry (`train`'s one format): 'faceswap-df' or 'faceswap-liae', as its fake sets' method."
+        "The name its checkpoints carry (`train`'s one format), e.g. 'faceswap-df' or 'faceswap-liae-udt', as its fake sets' method."
         return f'faceswap-{self.archi}'
     @property
     def checkpoint_config(self) -> dict: return dict(self.config)
 
-class DF(FaceSwapModel):
-    "DeepFaceLab DF: shared encoder + shared inter, one decoder per identity (decoder_src, decoder_dst)."
-    archi = 'df'
-    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8):
-        super().__init__(resolution, e_dims, ae_dims, d_dims, d_mask_dims)
-        self.encoder = Encoder(e_dims)
-        self.inter = Inter(self.enc_dims, ae_dims, ae_dims, self.lowest)
-        self.decoder_src, self.decoder_dst = Decoder(ae_dims, d_dims, d_mask_dims), Decoder(ae_dims, d_dims, d_mask_dims)
+class _TwoDecoders(FaceSwapModel):
+    "A shared code (`code`), one decoder per identity: DF and faceswap's Original."
     def code(self, x): return self.inter(self.encoder(self._check(x)))
     def autoencode(self, x, side):
         "Reconstruct faces of identity `side` ('src' or 'dst') with that identity's decoder: (image, mask)."
@@ -130,15 +173,39 @@ class DF(FaceSwapModel):
         _, m_dst = self.decoder_dst(c)
         return img, m_src * m_dst
 
-class LIAE(FaceSwapModel):
-    "DeepFaceLab LIAE: shared encoder, inter_AB (both people) and inter_B (dst only), one shared decoder."
-    archi = 'liae'
+class DF(_TwoDecoders):
+    "DeepFaceLab DF: shared encoder + shared inter, one decoder per identity (decoder_src, decoder_dst); `opts` from 'udtc'."
+    archi_type = 'df'
+    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8, opts=''):
+        super().__init__(resolution, e_dims, ae_dims, d_dims, d_mask_dims, opts)
+        self.encoder = Encoder(e_dims, opts)
+        self.inter = Inter(self.enc_dims, ae_dims, ae_dims, self.lowest, 0 if 't' in opts else None, self.cos)
+        self.decoder_src, self.decoder_dst = (Decoder(ae_dims, d_dims, d_mask_dims, opts) for _ in range(2))
+
+class Original(_TwoDecoders):
+    "faceswap Original: encoder (4 Downscales, Dense, Dense, Upscale to ae/2) shared; decoders of 3 Upscales (4d, 2d, d) and a 5x5 conv."
+    archi_type = 'original'
     def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8):
         super().__init__(resolution, e_dims, ae_dims, d_dims, d_mask_dims)
+        if ae_dims % 2: raise ValueError(f"original needs an even ae_dims (its Upscale halves it), got {ae_dims}")
         self.encoder = Encoder(e_dims)
-        self.inter_AB = Inter(self.enc_dims, ae_dims, 2 * ae_dims, self.lowest)
-        self.inter_B = Inter(self.enc_dims, ae_dims, 2 * ae_dims, self.lowest)
-        self.decoder = Decoder(4 * ae_dims, d_dims, d_mask_dims)
+        self.inter = Inter(self.enc_dims, ae_dims, ae_dims, self.lowest, ae_dims // 2)
+        d, m = d_dims, d_mask_dims
+        self.decoder_src, self.decoder_dst = (FSDecoder(ae_dims // 2, [4 * d, 2 * d, d], [4 * m, 2 * m, m]) for _ in range(2))
+
+class LIAE(FaceSwapModel):
+    "DeepFaceLab LIAE: shared encoder, inter_AB (both people) and inter_B (dst only), one shared decoder; `opts` from 'udtc'."
+    archi_type = 'liae'
+    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8, opts=''):
+        super().__init__(resolution, e_dims, ae_dims, d_dims, d_mask_dims, opts)
+        self.encoder = Encoder(e_dims, opts)
+        up = 0 if 't' in opts else None
+        self.inter_AB = Inter(self.enc_dims, ae_dims, 2 * ae_dims, self.lowest, up, self.cos)
+        self.inter_B = Inter(self.enc_dims, ae_dims, 2 * ae_dims, self.lowest, up, self.cos)
+        self.decoder = Decoder(4 * ae_dims, d_dims, d_mask_dims, opts)
+    def shared_parts(self):
+        "The parts DFL freezes when random warp is off: inter_AB (it must keep explaining both people)."
+        return [self.inter_AB]
     def autoencode(self, x, side):
         "src: decoder(cat(AB, AB)); dst: decoder(cat(B, AB))."
         self._side(side)
@@ -151,11 +218,38 @@ class LIAE(FaceSwapModel):
         _, m_dst = self.decoder(torch.cat([self.inter_B(z), ab], 1))
         return img, m_src * m_dst
 
+class IAE(FaceSwapModel):
+    "faceswap IAE: convolutional encoder, inter_src, inter_dst and inter_both (no Upscale), one decoder of 4 Upscales fed cat(side, both)."
+    archi_type = 'iae'
+    def __init__(self, resolution=64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8):
+        super().__init__(resolution, e_dims, ae_dims, d_dims, d_mask_dims)
+        if ae_dims % 2: raise ValueError(f"iae needs an even ae_dims (each inter gives ae/2 channels), got {ae_dims}")
+        self.code_res = self.lowest
+        self.encoder = Encoder(e_dims)
+        self.inter_src, self.inter_dst, self.inter_both = (Inter(self.enc_dims, ae_dims, ae_dims // 2, self.lowest, 0) for _ in range(3))
+        d, m = d_dims, d_mask_dims
+        self.decoder = FSDecoder(ae_dims, [8 * d, 4 * d, 2 * d, d], [8 * m, 4 * m, 2 * m, m])
+    def _decode(self, z, side):
+        own = self.inter_src if side == 'src' else self.inter_dst
+        return self.decoder(torch.cat([own(z), self.inter_both(z)], 1))
+    def autoencode(self, x, side):
+        "Faces of `side` through that side's inter and the shared one: decoder(cat(inter_side, inter_both))."
+        return self._decode(self.encoder(self._check(x)), self._side(side))
+    def swap(self, x):
+        "dst faces with inter_src in place of inter_dst: decoder(cat(inter_src, inter_both)); mask x dst mask."
+        z = self.encoder(self._check(x))
+        img, m_src = self._decode(z, 'src')
+        _, m_dst = self._decode(z, 'dst')
+        return img, m_src * m_dst
+
+FAITHFUL_DIMS = {'df': dict(e_dims=64, ae_dims=256, d_dims=64, d_mask_dims=22), 'liae': dict(e_dims=64, ae_dims=256, d_dims=64, d_mask_dims=22),
+                 'original': dict(e_dims=128, ae_dims=1024, d_dims=64, d_mask_dims=64), 'iae': dict(e_dims=128, ae_dims=1024, d_dims=64, d_mask_dims=64)}
+
 def build_model(archi='df', resolution=64, **dims) -> FaceSwapModel:
-    "A DF or LIAE model by name: `build_model('liae', 128, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8)`."
-    a = str(archi).lower()
-    if a not in ARCHIS: raise ValueError(f"Unknown face-swap architecture {archi!r}: use one of {', '.join(ARCHIS)}")
-    return (DF if a == 'df' else LIAE)(resolution, **dims)
+    "A face-swap model by archi string: `build_model('liae-udt', 64, e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8)`; also original, iae."
+    typ, opts = parse_archi(archi)
+    if typ in ('df', 'liae'): return (DF if typ == 'df' else LIAE)(resolution, **dims, opts=opts)
+    return (Original if typ == 'original' else IAE)(resolution, **dims)
 
 # %% ../../nbs/20_faceswap.ipynb #cell-15
 def warp_affine(x, M, size, padding='zeros'):
@@ -306,15 +400,19 @@ def apply_warp(x, params, warp=True, padding='border', mode='bilinear'):
 
 # %% ../../nbs/20_faceswap.ipynb #cell-31
 def load_swap_model(path, device='cpu', archi: str | None = None) -> FaceSwapModel:
-    "Rebuild the face-swap model a `train_faceswap` checkpoint holds and load its weights (eval mode); `archi` refuses the other one."
+    "Rebuild the face-swap model a `train_faceswap` checkpoint holds and load its weights (eval mode); `archi` refuses any other one."
     from deepfake_course.train import load_checkpoint, load_model_state, CheckpointError
     ck = load_checkpoint(path, expect=None if archi is None else f'faceswap-{str(archi).lower()}')
     name, cfg = ck.get('name'), dict(ck.get('config') or {})
-    if name not in [f'faceswap-{a}' for a in ARCHIS] or cfg.get('archi') not in ARCHIS:
+    try: parse_archi(cfg.get('archi')); ok = name == f"faceswap-{str(cfg.get('archi')).lower()}"
+    except ValueError: ok = False
+    if not ok:
         raise CheckpointError(f"Checkpoint {str(path)!r} holds {'a ' + repr(name) if name else 'an unnamed'} model, "
-                              f"not a face swap ({', '.join('faceswap-' + a for a in ARCHIS)})")
-    m = build_model(cfg.pop('archi'), cfg.pop('resolution'), **cfg)
-    load_model_state(m, ck['model'], f"Checkpoint {str(path)!r}")
+                              f"not a face swap (faceswap-TYPE[-OPTIONS], TYPE one of {', '.join(ARCHI_TYPES)})")
+    sd = ck['model']
+    if isinstance(sd, dict) and isinstance(sd.get('swap'), dict): sd = sd['swap']   # SAEHD checkpoints hold discriminators too
+    m = build_model(cfg['archi'], cfg['resolution'], **{k: cfg[k] for k in ('e_dims', 'ae_dims', 'd_dims', 'd_mask_dims') if k in cfg})
+    load_model_state(m, sd, f"Checkpoint {str(path)!r}")
     return m.to(get_device(device)).eval()
 
 # %% ../../nbs/20_faceswap.ipynb #cell-33
@@ -456,6 +554,27 @@ def evaluate_swap(model, src_ho, dst_ho, id_net, lm_net):
                 identity_transfer=(ids == src_ho.identity).float().mean().item(),
                 identity_kept_dst=(ids == dst_ho.identity).float().mean().item(), landmark_nme=nme.mean().item(),
                 landmark_nme_other_face=landmark_nme_iod(other, drive).mean().item())
+
+def swap_judges(identities, n=160, epochs=15, seed=0, render_size=128, resolution=64, face_type='full', ckpt_dir=None, device='auto'):
+    """The two judges of a swap (notebook 19), trained on `n` fresh renders of each identity (seed + 2000): an identity
+    classifier on the inner face and a landmark regressor (68 points). Cached as `identity-judge-<hash>.pt` and
+    `landmark-judge-<hash>.pt` in `ckpt_dir`, so every notebook that asks for the same judges gets them back.
+    Returns (id_net, lm_net, faces) with faces = dict(images, masks, landmarks, identity, lm_key) of the aligned renders."""
+    from deepfake_course.core import cfg_hash
+    from deepfake_course.data import synth
+    from deepfake_course.quality import train_identity_classifier, train_landmark_regressor, face_ellipse
+    ids = sorted({int(i) for i in identities})
+    cfg = dict(ids=ids, n=n, epochs=epochs, seed=seed, render_size=render_size, resolution=resolution, face_type=face_type)
+    r = synth.render_faces(ids, n, size=render_size, seed=seed + 2000)
+    crops, M, _ = align_swap_faces(r['images'], r['landmarks5'], resolution, face_type)
+    masks = warp_affine(r['mask'].float().reshape(-1, 1, render_size, render_size), M, (resolution, resolution))
+    lm_key = 'landmarks68' if r.get('landmarks68') is not None else 'landmarks5'   # 68 points see the expression
+    lm = transform_points(np.asarray(r[lm_key], np.float64), M)
+    ck = (lambda k: Path(ckpt_dir) / f'{k}-judge-{cfg_hash(cfg)}.pt') if ckpt_dir is not None else (lambda k: None)
+    id_net = train_identity_classifier(crops, masks, r['identity'], epochs=epochs, seed=seed, device=device,
+                                       region=face_ellipse(resolution, face_type), ckpt_path=ck('identity'))
+    lm_net = train_landmark_regressor(crops, lm, epochs=epochs, seed=seed, device=device, ckpt_path=ck('landmark'))
+    return id_net, lm_net, dict(images=crops, masks=masks, landmarks=lm, identity=r['identity'], lm_key=lm_key)
 
 # %% ../../nbs/20_faceswap.ipynb #cell-52
 def refine_mask(mask, erode=0, blur=0):
