@@ -24,7 +24,7 @@ def _faceset(identity, n=20, size=32, seed=0):
 
 
 # ---------------------------------------------------------------- architectures
-@pytest.mark.parametrize('archi', ['df', 'liae'])
+@pytest.mark.parametrize('archi', ['df', 'liae', 'original', 'iae', 'liae-udt', 'df-ud'])
 @pytest.mark.parametrize('res', [64, 128])
 def test_architectures_shapes(archi, res):
     m = fs.build_model(archi, res, **TINY)
