@@ -135,6 +135,11 @@ def test_resume_false_starts_afresh(tmp_path):
     assert r.resumed_from == 0 and r.history['step'].tolist() == [1, 2, 3]
     r = fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=4, **kw)     # longer: resumes at 3
     assert r.resumed_from == 3 and r.step == 4 and len(r.history) == 4
+    # a schedule that depends on the run's length (warp then sharpen, a falling rate) cannot be extended: that would mix two schedules
+    kw2 = dict(kw, ckpt_path=tmp_path / 's.pt', warp_fraction=0.5, lr_final=1e-5)
+    fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=2, **kw2)
+    with pytest.raises(CheckpointError, match='steps: checkpoint 2 vs now 4'): fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=4, **kw2)
+    with pytest.raises(CheckpointError, match='lr: checkpoint'): fs.train_faceswap(fs.build_model('df', 32, **TINY), a, b, steps=2, **dict(kw2, lr=1e-3))
 
 
 def test_too_few_images():

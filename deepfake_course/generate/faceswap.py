@@ -460,7 +460,7 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     checkpoint every `ckpt_every` steps (and at the end) and exact resume. The first `warp_fraction` of the steps use
     random warp, the rest sharpen without it; with `lr_final` the learning rate falls from `lr` to `lr_final` by a
     cosine over those sharpening steps. `on_step(step, row)` runs after each step, before its checkpoint."""
-    from deepfake_course.train import StepLoop
+    from deepfake_course.train import StepLoop, CheckpointError
     for fs, name in ((src, 'src'), (dst, 'dst')):
         if not isinstance(fs, SwapFaceSet): raise TypeError(f"{name} must be a SwapFaceSet (see make_swap_faceset), got {type(fs).__name__}")
         if len(fs) < max(min_images, 2):
@@ -481,6 +481,14 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
                     config=model.checkpoint_config, generators=[rng], resume=resume, device=device, progress=verbose,
                     desc=f'{model.archi} training')
     st = loop.state
+    sched = dict(batch_size=batch_size, lr=lr, lr_final=lr_final, betas=list(betas), random_warp=random_warp, warp_fraction=warp_fraction,
+                 random_flip=random_flip, ct_mode=ct_mode, eyes_mouth_prio=eyes_mouth_prio, masked=masked, seed=seed)
+    if (random_warp and warp_fraction < 1) or lr_final is not None: sched['steps'] = steps   # the schedule depends on the length
+    if st.get('schedule') not in (None, sched):   # another schedule: its steps so far are not the first steps of this run
+        bad = {k: (st['schedule'].get(k), v) for k, v in sched.items() if st['schedule'].get(k) != v}
+        raise CheckpointError(f"Checkpoint {str(ckpt_path)!r} was trained with another schedule (" + ', '.join(f"{k}: checkpoint {a!r} vs now {b!r}"
+                              for k, (a, b) in bad.items()) + "); resuming would mix the two. Use another ckpt_path, or resume=False.")
+    st['schedule'] = sched
     st.setdefault('previews', []); st.setdefault('timelapse', []); st.setdefault('seconds', 0.0)
     dev = loop.device; model.train()
     ct = None
