@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20a_faceset.ipynb #769e49c6
 from __future__ import annotations
-import hashlib, json, math
+import hashlib, json, math, time
 from enum import IntEnum
 from pathlib import Path
 
@@ -455,7 +455,8 @@ def train_xseg(images, masks, steps: int = 800, batch_size: int = 8, lr: float =
                on_step=None, net: XSegNet | None = None):
     """Train an `XSegNet` on a handful of labelled faces (images N x 3 x S x S, masks N x 1 x S x S from `rasterize_polys`)
     with `xseg_augment`, BCE + Dice, Adam with a cosine decay, on `train.StepLoop`: a checkpoint every `ckpt_every` steps
-    and exact resume (a checkpoint of other faces or another net is refused). Returns (net in eval mode, history DataFrame)."""
+    and exact resume (a checkpoint of other faces or another net is refused). Returns (net in eval mode, history DataFrame
+    with the loss, learning rate and the training seconds so far)."""
     from deepfake_course.train import StepLoop
     x = torch.as_tensor(images).float().cpu(); m = torch.as_tensor(masks).float().cpu()
     if m.ndim == 3: m = m[:, None]
@@ -467,15 +468,17 @@ def train_xseg(images, masks, steps: int = 800, batch_size: int = 8, lr: float =
     rng = np.random.default_rng(seed)
     loop = StepLoop(net, opt, steps=steps, ckpt_path=ckpt_path, every=ckpt_every, name='xseg', config=dict(**net.config, size=x.shape[-1],
                     n_faces=len(x), faces=_fingerprint(x, m)), generators=[rng], resume=resume, device=device, progress=verbose, desc='xseg')
-    dev = loop.device; net.train()
+    dev = loop.device; net.train(); loop.state.setdefault('seconds', 0.0)
     for i in loop:
+        t0 = time.perf_counter()
         for g in opt.param_groups: g['lr'] = lr * 0.5 * (1 + math.cos(math.pi * i / max(1, steps)))
         idx = rng.integers(0, len(x), batch_size)
         xb, mb = xseg_augment(x[idx].to(dev), m[idx].to(dev), rng)
         with loop.autocast(): logits = net(xb)
         loss = _dice_bce(logits.float(), mb)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        row = loop.log(loss=loss.item(), lr=opt.param_groups[0]['lr'])
+        loop.state['seconds'] += time.perf_counter() - t0
+        row = loop.log(loss=loss.item(), lr=opt.param_groups[0]['lr'], seconds=loop.state['seconds'])
         if on_step is not None: on_step(i + 1, row)
     return net.eval(), pd.DataFrame(loop.history)
 
