@@ -443,14 +443,14 @@ def _check_sets(src, dst, model, min_images):
         if len(fs) < max(min_images, 2): raise ValueError(f"{name} identity {fs.identity}: only {len(fs)} faces; training needs at least {max(min_images, 2)}")
         if fs.size != model.resolution: raise ValueError(f"{name} faces are {fs.size} px but the model is {model.resolution} px")
 
-def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=5e-4, warp_fraction=0.5, lr_final=5e-5, preview_every=100,
+def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_fraction=0.5, lr_final=5e-5, preview_every=100,
                 preview_n=4, ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, min_images=16,
                 disc_ch=64, on_step=None) -> SwapTrainResult:
     """Train a DF or LIAE model (`cfg.build()`) with SAEHD's options, on `train.StepLoop` (a checkpoint every `ckpt_every`
     steps holding the model, the discriminators and every optimizer; exact resume). The schedule is a DFL user's: the
     first `warp_fraction` of the steps run with random warp and without lr_dropout, GAN or style losses, the rest with
     `cfg` as given, the learning rate falling by a cosine to `lr_final` (DFL: a constant 5e-5, which CPU runs cannot
-    afford). With `cfg.pretrain`, DFL's pretraining overrides apply throughout (`SAEHDConfig.effective`). `disc_ch`: the
+    afford; at 5e-4 AdaBelief made liae-udt collapse in 2 of 3 seeds). With `cfg.pretrain`, DFL's pretraining overrides apply throughout (`SAEHDConfig.effective`). `disc_ch`: the
     code discriminator's width (DFL 256). `on_step(step, row)` runs after each step, before its checkpoint."""
     from deepfake_course.train import StepLoop
     if not isinstance(cfg, SAEHDConfig): raise TypeError(f"cfg must be an SAEHDConfig, got {type(cfg).__name__}")
