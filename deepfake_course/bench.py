@@ -18,10 +18,11 @@ from .report import calibrate, results_table, bootstrap_unit, fake_examples_figu
 
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED', 'REENACT_SEED',
-           'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES', 'main_config', 'conditions', 'Stages', 'build_real',
-           'identity_split', 'render_identity', 'Judges', 'train_judges', 'swap_pairs', 'swap_quality',
-           'pretrained_swap_model', 'build_faceswap_fakes', 'build_gan_fakes', 'mtcnn_quality', 'build_reenact_fakes',
+__all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION', 'SWAP_TRAIN_SEED', 'JUDGE_SEED',
+           'HARMONISER_KEYS', 'HARM_SEED', 'REENACT_SEED', 'COURSE_GANS', 'OTHER_FAMILIES', 'FAKE_SOURCES',
+           'main_config', 'conditions', 'Stages', 'build_real', 'identity_split', 'render_identity', 'Judges',
+           'train_judges', 'swap_pairs', 'swap_quality', 'pretrained_swap_model', 'job_swap_models',
+           'build_faceswap_fakes', 'job_harmoniser', 'build_gan_fakes', 'mtcnn_quality', 'build_reenact_fakes',
            'build_idswap_fakes', 'match_real', 'source_data', 'course_sources', 'load_sources', 'train_main_detectors',
            'evaluation_sets', 'score_all', 'user_data', 'main_job']
 
@@ -33,6 +34,7 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION',
 # 1200 steps 0.70; neither reaches report.QUALITY_TARGETS, which the report says. `fs_pretrain_steps` > 0 adds DFL's pretraining.
 # `extra_sources`: more fake sources of `FAKE_SOURCES` the job trains and tests detectors on, beside the face swap and the GAN
 # (e.g. `--set extra_sources=[reenact]`; each is built, or found in the data root, by `course_sources`).
+# `hq_*` and `harm_*`: the 'faceswap-hq' source (20c_harmonise): longer-trained swaps, the fixed merge, a harmonisation network.
 QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              fs_size=32, fs_train_faces=96, fs_steps=440, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
              fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge_erode=1, merge_blur=3, merge_color='rct',
@@ -40,11 +42,14 @@ QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              judge_faces=48, judge_epochs=12,
              gan='dcgan', gan_size=32, gan_steps=600, gan_width=32, n_gan=288, det_epochs=4, det_batch=32, det_lr=1e-3,
              detectors=('shallownet_v3', 'meso4', 'fdftnet'), jpeg=(90, 70, 50), blur=(1.0, 2.0), resize=(0.5, 0.25),
-             noise=(5.0, 10.0), n_boot=300, n_examples=8, extra_sources=())
+             noise=(5.0, 10.0), n_boot=300, n_examples=8, extra_sources=(),
+             hq_steps=400, hq_lr=3e-4, hq_erode=1, hq_blur=3, hq_color='rct',
+             harm_faces=96, harm_per=2, harm_width=16, harm_epochs=6, harm_batch=16, harm_lr=2e-3)
 FULL = dict(QUICK, n_identities=40, images_per_identity=48, fs_size=64, fs_train_faces=384, fs_steps=4000, fs_batch=16,
             fs_warp_fraction=0.5, fs_lr=5e-4, fs_pretrain_people=64, fs_pretrain_faces=24,
             fs_dims=dict(e_dims=32, ae_dims=128, d_dims=32, d_mask_dims=16), merge_erode=2, merge_blur=5, judge_faces=96,
-            judge_epochs=15, gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000)
+            judge_epochs=15, gan_steps=4000, n_gan=1024, det_epochs=15, n_boot=1000, hq_steps=2000, hq_erode=2, hq_blur=5,
+            harm_faces=256, harm_width=32, harm_epochs=10)
 MIN_IDENTITIES = 9  # SynthFaces' 70/15/15 identity split gives every split two identities from 9 on: a swap needs two people
 DETECTOR_CHOICES = ('shallownet_v3', 'meso4', 'fdftnet')
 
@@ -96,7 +101,6 @@ def conditions(cfg: dict) -> dict:
     for kind in ('jpeg', 'blur', 'resize', 'noise'):
         for v in cfg[kind]: out[f'{kind}{v:g}'] = (kind, v)
     return out
-
 
 # %% ../nbs/60_benchmark.ipynb #cell-11
 JOB_VERSION = 4  # 4: the quality-judged face swaps, validation calibration and robustness rows; bump when a stage's saved result changes meaning
@@ -244,36 +248,22 @@ def pretrained_swap_model(cfg: dict, data_root: Path, device='auto', verbose=Non
     atomic_write_json(ck.parent/'card.json', dict(config=pcfg, people=[ids[0], ids[-1]], seconds=round(res.seconds, 1)))
     return {k: v.detach().cpu() for k, v in res.model.state_dict().items()}, res.seconds
 
-def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges: Judges | Callable[[], Judges], device='auto', run_dir=None,
-                         verbose=None) -> dict:
-    """Train one DF model per split on that split's people (`swap_pairs`), on `fs_train_faces` other renders of them, with
-    20_faceswap's recipe (random warp, then sharpening as the learning rate falls); swap the job's faces, merge them back
-    into their frames, judge them (`swap_quality`) and write them into one named fake set whose card keeps the quality.
-    `judges` may be a function that trains them: it is called only when the set must be built (a set already in the data
-    root keeps its quality on its card). Returns the set's name, the pairs, the quality per split and pooled."""
-    from deepfake_course.data.fakes import FakeSetWriter, read_card
+def job_swap_models(cfg: dict, pairs: pd.DataFrame, data_root: Path, device='auto', verbose=None, hq: bool = False) -> dict:
+    """The job's face-swap models, one DF model per split (`swap_pairs`), each trained on `fs_train_faces` other renders of
+    that split's people with 20_faceswap's recipe (random warp, then sharpening as the learning rate falls). With `hq`,
+    each model then trains `hq_steps` more sharpening steps (no warp; `hq_lr` falling by a cosine to `fs_lr_final`), as a
+    DeepFaceLab user keeps training a model that already swaps. Cached under `<data_root>/models/faceswap-job/<hash>/`
+    (checkpoints of the course's one format: an interrupted run resumes, a finished one is read back).
+    Returns {split: dict(model, src, dst, seconds)}."""
     from deepfake_course.generate import faceswap as fsw
-    pairs = swap_pairs(identity_split(real))
-    real_set = f"synthfaces/{Path(real.attrs['real_dir']).name}"
-    recipe = {k: cfg[k] for k in ('fs_size', 'fs_train_faces', 'fs_steps', 'fs_batch', 'fs_warp_fraction', 'fs_lr', 'fs_lr_final',
-                                  'fs_dims', 'merge_erode', 'merge_blur', 'merge_color', 'fs_pretrain_steps', 'fs_pretrain_people',
-                                  'fs_pretrain_faces', 'size', 'seed')}
+    res = cfg['fs_size']
+    keys = ('fs_size', 'fs_train_faces', 'fs_steps', 'fs_batch', 'fs_warp_fraction', 'fs_lr', 'fs_lr_final', 'fs_dims',
+            'fs_pretrain_steps', 'fs_pretrain_people', 'fs_pretrain_faces', 'size', 'seed')
     models = {s: dict(src=int(p.src.iloc[0]), dst=[int(d) for d in p.dst]) for s, p in pairs.groupby('split', sort=False)}
-    w = FakeSetWriter('faceswap-df', dict(real=real_set, pairs=pairs.values.tolist(), judge_faces=cfg['judge_faces'],
-                                          judge_epochs=cfg['judge_epochs'], **recipe), data_root,
-                      description='main job (60_benchmark): one DF model per split; in each split its first identity is '
-                                  'swapped into the faces of the others',
-                      sources=dict(real=real_set, trained_on="each split's model learnt only that split's identities",
-                                   models=models, recipe=recipe))
-    out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
-    if w.exists: return {**out, **read_card(w.path)['sources']['job']}
-    if callable(judges): judges = judges()  # only now: training the judges costs a minute that a cached set does not need
-    res, job = cfg['fs_size'], dict(quality={}, train_seconds={})
-    pre, job['pretrain_seconds'] = pretrained_swap_model(cfg, data_root, device, verbose)
-    swapped = {}
+    base = Path(data_root)/'models'/'faceswap-job'/cfg_hash(dict({k: cfg[k] for k in keys}, models=models))
+    pre, pre_s = None, 0.0
+    out = {}
     for s, m in models.items():
-        src = render_identity(cfg, m['src'])
-        dsts = {d: render_identity(cfg, d) for d in m['dst']}
         tr_src = render_identity(cfg, m['src'], cfg['fs_train_faces'], SWAP_TRAIN_SEED)
         per = max(cfg['fs_train_faces'] // len(m['dst']), 1)
         tr_dst = [render_identity(cfg, d, per, SWAP_TRAIN_SEED) for d in m['dst']]
@@ -281,18 +271,74 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
         fs_src = fsw.make_swap_faceset(tr_src['images'], tr_src['mask'], tr_src['landmarks5'], identity=m['src'], size=res)
         fs_dst = fsw.make_swap_faceset(cat(tr_dst, 'images'), cat(tr_dst, 'mask'), cat(tr_dst, 'landmarks5'), identity=-1, size=res)
         model = fsw.build_model('df', res, **cfg['fs_dims'])
-        if pre is not None: model.load_state_dict(pre)  # DFL's pretrained model: faces in general, nobody of this job
-        ck = Path(run_dir)/'faceswap'/w.hash/f'df_{s}.pt' if run_dir is not None else None  # resumes only this set's models
+        ck = base/f'df_{s}.pt'
+        if cfg['fs_pretrain_steps'] and not ck.exists():
+            if pre is None: pre, pre_s = pretrained_swap_model(cfg, data_root, device, verbose)
+            model.load_state_dict(pre)  # DFL's pretrained model: faces in general, nobody of this job
         r = fsw.train_faceswap(model, fs_src, fs_dst, steps=cfg['fs_steps'], batch_size=cfg['fs_batch'], lr=cfg['fs_lr'],
                                lr_final=cfg['fs_lr_final'], warp_fraction=cfg['fs_warp_fraction'], seed=cfg['seed'],
                                device=device, ckpt_path=ck, preview_every=0, verbose=verbose)
-        model = r.model.cpu().eval()
-        merge = dict(erode=cfg['merge_erode'], blur=cfg['merge_blur'], color=cfg['merge_color'])
-        for d, f in dsts.items(): swapped[d] = fsw.swap_frames(model, f['images'], list(f['landmarks5'].double().numpy()), **merge)
+        seconds = r.seconds
+        if hq:
+            more = fsw.build_model('df', res, **cfg['fs_dims']); more.load_state_dict(r.model.state_dict())
+            r = fsw.train_faceswap(more, fs_src, fs_dst, steps=cfg['hq_steps'], batch_size=cfg['fs_batch'], lr=cfg['hq_lr'],
+                                   lr_final=cfg['fs_lr_final'], warp_fraction=0.0, seed=cfg['seed'] + 1, device=device,
+                                   ckpt_path=base/f"df_{s}_more{cfg['hq_steps']}_{cfg['hq_lr']:g}.pt", preview_every=0, verbose=verbose)
+            seconds += r.seconds
+        out[s] = dict(model=r.model.cpu().eval(), src=m['src'], dst=m['dst'], seconds=round(seconds, 1))
+    if pre is not None: out[next(iter(out))]['pretrain_seconds'] = pre_s
+    return out
+
+def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges: Judges | Callable[[], Judges], device='auto',
+                         verbose=None, hq: bool = False) -> dict:
+    """The job's face swaps as one named fake set: the models of `job_swap_models` swap the job's own faces (which they
+    never trained on), the swaps are merged back into their frames, judged (`swap_quality`) and written with their
+    quality on the set's card. `judges` may be a function that trains them: it is called only when the set must be built.
+    `hq=False`: 'faceswap-df', merged as the job merges (`merge_erode`, `merge_blur`, `merge_color`).
+    `hq=True`: 'faceswap-hq', SR-DF's recipe at CPU size: the same models trained `hq_steps` longer, merged with
+    `hq_erode`/`hq_blur`/`hq_color`, then harmonised by the network of `generate.harmonise` (`job_harmoniser`).
+    Returns the set's name, the pairs, the quality per split and pooled."""
+    from deepfake_course.data.fakes import FakeSetWriter, read_card
+    from deepfake_course.generate import faceswap as fsw
+    pairs = swap_pairs(identity_split(real))
+    real_set = f"synthfaces/{Path(real.attrs['real_dir']).name}"
+    recipe = {k: cfg[k] for k in ('fs_size', 'fs_train_faces', 'fs_steps', 'fs_batch', 'fs_warp_fraction', 'fs_lr', 'fs_lr_final',
+                                  'fs_dims', 'merge_erode', 'merge_blur', 'merge_color', 'fs_pretrain_steps', 'fs_pretrain_people',
+                                  'fs_pretrain_faces', 'size', 'seed')}
+    merge = dict(erode=cfg['merge_erode'], blur=cfg['merge_blur'], color=cfg['merge_color'])
+    method, what = 'faceswap-df', 'main job (60_benchmark): one DF model per split; in each split its first identity is swapped into the faces of the others'
+    if hq:
+        recipe.update({k: cfg[k] for k in ('hq_steps', 'hq_lr', 'hq_erode', 'hq_blur', 'hq_color', *HARMONISER_KEYS)})
+        merge = dict(erode=cfg['hq_erode'], blur=cfg['hq_blur'], color=cfg['hq_color'])
+        method, what = 'faceswap-hq', ("high-quality swaps as SR-DF makes them (20c_harmonise): the main job's models trained "
+                                       "longer, merged with the fixed merge, then harmonised by a network trained on real faces")
+    models = {s: dict(src=int(p.src.iloc[0]), dst=[int(d) for d in p.dst]) for s, p in pairs.groupby('split', sort=False)}
+    w = FakeSetWriter(method, dict(real=real_set, pairs=pairs.values.tolist(), judge_faces=cfg['judge_faces'],
+                                   judge_epochs=cfg['judge_epochs'], **recipe), data_root, description=what,
+                      sources=dict(real=real_set, trained_on="each split's model learnt only that split's identities",
+                                   models=models, recipe=recipe))
+    out = dict(fake_set=w.name, pairs=pairs.to_dict(orient='records'))
+    if w.exists: return {**out, **read_card(w.path)['sources']['job']}
+    if callable(judges): judges = judges()  # only now: training the judges costs a minute that a cached set does not need
+    res, job = cfg['fs_size'], dict(quality={}, train_seconds={})
+    trained = job_swap_models(cfg, pairs, data_root, device, verbose, hq=hq)
+    job['pretrain_seconds'] = next(iter(trained.values())).get('pretrain_seconds', 0.0)
+    harm = None
+    if hq:
+        from deepfake_course.generate.harmonise import harmonise
+        harm, job['harmoniser'] = job_harmoniser(cfg, real, data_root, device, verbose)
+    swapped = {}
+    for s, m in trained.items():
+        model = m['model']
+        src = render_identity(cfg, m['src'])
+        dsts = {d: render_identity(cfg, d) for d in m['dst']}
+        for d, f in dsts.items():
+            swapped[d] = fsw.swap_frames(model, f['images'], list(f['landmarks5'].double().numpy()), **merge)
+            if harm is not None: swapped[d]['frames'] = harmonise(harm, swapped[d]['frames'], swapped[d]['alphas'])
         dst_all = {k: torch.cat([f[k] for f in dsts.values()]) for k in ('images', 'mask', 'landmarks5', 'identity')}
         sw_all = {k: torch.cat([swapped[d][k] for d in dsts]) for k in ('frames', 'swapped')}
         job['quality'][s] = swap_quality(model, src, dst_all, sw_all, judges, res)
-        job['train_seconds'][s] = round(r.seconds, 1)
+        job['train_seconds'][s] = m['seconds']
         job['n_params'] = n_params(model)
     job['quality']['all'] = _pooled({s: q for s, q in job['quality'].items()})
     job['quality']['judges'] = dict(identity_acc_real=judges.real_acc, landmark_nme_real=judges.nme_floor)
@@ -305,6 +351,32 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
                 w.add_image(img, split=r.split, identity=r.src, target_identity=r.dst, name=f'{r.dst:04d}_{k:04d}', swapped=bool(sw['swapped'][k]))
     return {**out, **job}
 
+HARMONISER_KEYS = ('harm_faces', 'harm_per', 'harm_width', 'harm_epochs', 'harm_batch', 'harm_lr')
+HARM_SEED = 65537  # the harmoniser's renders: other pictures of the training people than any the job or its swaps use
+
+def job_harmoniser(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', verbose=None) -> tuple:
+    """The harmonisation network of 'faceswap-hq' (`generate.harmonise.HarmonyNet`): trained on iHarmony-style composites
+    (`make_composites`) of `harm_faces` fresh renders of each *training* person, selected on composites of the validation
+    people, so no test person is ever seen. Cached under `<data_root>/models/harmoniser/<hash>/` (the course's checkpoint
+    format: interrupted training resumes, a finished one is read back). Returns (model in eval mode, info dict)."""
+    from deepfake_course.data.synth import render_faces
+    from deepfake_course.generate.harmonise import make_composites, train_harmoniser
+    split = identity_split(real)
+    ids = {s: sorted(int(i) for i, t in split.items() if t == s) for s in ('train', 'val')}
+    hcfg = dict({k: cfg[k] for k in HARMONISER_KEYS}, size=cfg['size'], seed=cfg['seed'], ids=ids)
+    ck = Path(data_root)/'models'/'harmoniser'/cfg_hash(hcfg)
+    pairs = {}
+    for k, (s, n) in enumerate((('train', cfg['harm_faces']), ('val', max(cfg['harm_faces'] // 4, 2)))):
+        r = render_faces(ids[s], n, size=cfg['size'], seed=cfg['seed'] + HARM_SEED + k)
+        pairs[s] = make_composites(r['images'], r['mask'], n_per=cfg['harm_per'], seed=cfg['seed'] + k)
+    t0 = time.time()
+    res = train_harmoniser(pairs['train'], pairs['val'], width=cfg['harm_width'], epochs=cfg['harm_epochs'],
+                           batch_size=cfg['harm_batch'], lr=cfg['harm_lr'], device=device, seed=cfg['seed'], ckpt_dir=ck,
+                           progress=verbose)
+    atomic_write_json(ck/'card.json', dict(config=hcfg, n_train=len(pairs['train'][0]), n_val=len(pairs['val'][0])))
+    info = dict(ckpt_dir=str(ck), n_train=len(pairs['train'][0]), best_epoch=res.best_epoch, val_loss=res.best_score,
+                seconds=round(time.time() - t0, 1))
+    return res.model.cpu().eval(), info
 
 # %% ../nbs/60_benchmark.ipynb #cell-19
 def build_gan_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, device='auto', run_dir=None, verbose=None) -> dict:
@@ -398,12 +470,13 @@ def source_data(cfg: dict, fake_set: str, data_root: Path):
 # %% ../nbs/60_benchmark.ipynb #cell-42
 COURSE_GANS = ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm', 'ldm')  # the lecture generators (21-21d, 25)
 OTHER_FAMILIES = ('reenact', 'idswap')  # reenactment (23) and identity injection (24)
-FAKE_SOURCES = ('blend-swap', 'faceswap-df', *COURSE_GANS, *OTHER_FAMILIES)  # the fake sources a detector lecture can test on
+FAKE_SOURCES = ('blend-swap', 'faceswap-df', 'faceswap-hq', *COURSE_GANS, *OTHER_FAMILIES)  # the fake sources a detector lecture can test on
 
 def course_sources(names, job: dict, data_root=None, *, device='auto', gan_params: dict | None = None, verbose=None) -> dict:
     """Build, or reuse from the data root, the fake set of every source in `names` (see `FAKE_SOURCES`) for the
     SynthFaces faces of `job` (a `main_config`). 'blend-swap' is cheap; 'faceswap-df' and 'dcgan' follow the main job's
-    recipe (minutes on a CPU); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
+    recipe (minutes on a CPU); 'faceswap-hq' is SR-DF's recipe on the job's swaps (20c_harmonise: the same models trained
+    `hq_steps` longer, the fixed merge, a harmonisation network; a few more minutes); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
     when the data root does not hold it (30-45 CPU minutes each); 'reenact' reenacts the job's people
     (`build_reenact_fakes`, 10-20 CPU minutes the first time), 'idswap' swaps identities among them (`build_idswap_fakes`,
@@ -424,9 +497,11 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
         if src == 'blend-swap':
             name, how = blendswap_set(root, job['n_identities'], job['images_per_identity'], job['size'], job['seed'],
                                       verbose=verbose is not False), 'built or reused (blendswap_set)'
-        elif src == 'faceswap-df':
+        elif src in ('faceswap-df', 'faceswap-hq'):
             judges = lambda: train_judges(job, sorted(split_of), device=device, verbose=verbose)  # trained only if the set is not cached
-            name, how = build_faceswap_fakes(job, real, root, judges, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
+            hq = src == 'faceswap-hq'
+            name = build_faceswap_fakes(job, real, root, judges, device=device, verbose=verbose, hq=hq)['fake_set']
+            how = 'SR-DF recipe on the main job swaps (bench, 20c_harmonise)' if hq else 'main job recipe (bench)'
         elif src == 'dcgan':
             name, how = build_gan_fakes(dict(job, gan='dcgan'), real, root, device=device, verbose=verbose)['fake_set'], 'main job recipe (bench)'
         elif src == 'reenact':
@@ -463,7 +538,6 @@ def load_sources(sources: dict, job: dict, data_root=None) -> tuple[dict, dict]:
             d = match_real(d, fake_px); verdict += f'; {fake_px} px fakes, real faces resampled through {fake_px} px'
         data[src], verdicts[src] = d, verdict
     return data, verdicts
-
 
 # %% ../nbs/60_benchmark.ipynb #cell-23
 def _val_auroc(scores, labels):
@@ -577,7 +651,7 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
         real = build_real(cfg, root); ids = identity_split(real)
         def faceswap():
             judges = lambda: train_judges(cfg, ids, run_dir, dev, verbose)  # trained only if the fake set is not cached
-            return build_faceswap_fakes(cfg, real, root, judges, dev, run_dir, verbose)
+            return build_faceswap_fakes(cfg, real, root, judges, dev, verbose)
         fs = st.run('faceswap', faceswap, log)
         gn = st.run('gan', lambda: build_gan_fakes(cfg, real, root, dev, run_dir, verbose), log)
         stages = ['faceswap', 'gan']
@@ -632,4 +706,3 @@ def main_job(quick: bool = True, data_root=None, device='auto', seed: int = 0, n
     paths = write_report(run_dir, table, calib, figs, cfg, fake_sets, quality, json.loads(json.dumps(info, default=str)), note)
     log(f"report: {paths['markdown']} and {paths['html']}")
     return paths['markdown']
-

@@ -20,7 +20,7 @@ __all__ = ['FAMILIES', 'REAL_ONLY_ROWS', 'FEATURE_ROWS', 'MSE_ROWS', 'NOT_ROWS',
            'generalisation_table', 'wide', 'plot_generalisation', 'pool_sources', 'choose_rows']
 
 # %% ../nbs/60c_generalisation.ipynb #cell-8
-FAMILIES = {'autoencoder-swap': ('faceswap-df',), 'blend-swap': ('blend-swap',),
+FAMILIES = {'autoencoder-swap': ('faceswap-df', 'faceswap-hq'), 'blend-swap': ('blend-swap',),
             'gan': ('dcgan', 'pggan', 'stylegan', 'stylegan2', 'stargan'), 'diffusion': ('ddpm', 'ldm'),
             'tampering': ('self-blend',), 'reenactment': ('reenact',),
             'identity-injection': ('idswap',)}

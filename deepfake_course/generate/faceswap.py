@@ -635,12 +635,13 @@ def merge_face(frame, face, mask, M_inv, mode='alpha', erode=0, blur=0, color=No
 
 @torch.no_grad()
 def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode=0, blur=0, color=None, batch_size=32):
-    "Swap the face of every frame (align, model.swap, merge back); frames whose landmarks are None/NaN pass through, counted."
+    "Swap the face of every frame (align, model.swap, merge back; `alphas`: each frame's merge alpha); frames whose landmarks are None/NaN pass through, counted."
     dev = next(model.parameters()).device; S_ = model.resolution
     frames = torch.as_tensor(frames).float()
     if len(landmarks5) != len(frames): raise ValueError(f"{len(landmarks5)} landmark sets for {len(frames)} frames")
     ok = np.array([lm is not None and np.isfinite(np.asarray(lm, float)).all() for lm in landmarks5], bool)
     out = frames.clone(); faces_out = torch.zeros(len(frames), 3, S_, S_); masks_out = torch.zeros(len(frames), 1, S_, S_)
+    alphas = torch.zeros(len(frames), 1, *frames.shape[-2:])
     crops_out = torch.zeros(len(frames), 3, S_, S_)
     idx = np.flatnonzero(ok)
     for s in range(0, len(idx), batch_size):
@@ -649,9 +650,9 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
         faces, masks = model.swap(crops.to(dev))
         faces, masks = faces.cpu(), masks.cpu()
         for j, i in enumerate(b):
-            out[i], _ = merge_face(frames[i], faces[j], masks[j], M_inv[j], mode, erode, blur, color, crops[j])
+            out[i], alphas[i] = merge_face(frames[i], faces[j], masks[j], M_inv[j], mode, erode, blur, color, crops[j])
         faces_out[b], masks_out[b], crops_out[b] = faces, masks, crops
-    return dict(frames=out, swapped=torch.as_tensor(ok), faces=faces_out, masks=masks_out, crops=crops_out,
+    return dict(frames=out, swapped=torch.as_tensor(ok), faces=faces_out, masks=masks_out, crops=crops_out, alphas=alphas,
                 n_swapped=int(ok.sum()), n_passed=int((~ok).sum()))
 
 # %% ../../nbs/20_faceswap.ipynb #cell-60
