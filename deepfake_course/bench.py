@@ -34,7 +34,7 @@ __all__ = ['QUICK', 'FULL', 'MIN_IDENTITIES', 'DETECTOR_CHOICES', 'JOB_VERSION',
 # 1200 steps 0.70; neither reaches report.QUALITY_TARGETS, which the report says. `fs_pretrain_steps` > 0 adds DFL's pretraining.
 # `extra_sources`: more fake sources of `FAKE_SOURCES` the job trains and tests detectors on, beside the face swap and the GAN
 # (e.g. `--set extra_sources=[reenact]`; each is built, or found in the data root, by `course_sources`).
-# `hq_*` and `harm_*`: the 'faceswap-hq' source (20c_harmonise): longer-trained swaps, the fixed merge, a harmonisation network.
+# `hq_*` and `harm_*`: the 'faceswap-hq' source (20c_harmonise): longer-trained swaps, their merge, a harmonisation network.
 QUICK = dict(n_identities=24, images_per_identity=16, size=64,
              fs_size=32, fs_train_faces=96, fs_steps=440, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
              fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge_erode=1, merge_blur=3, merge_color='rct',
@@ -296,7 +296,8 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
     quality on the set's card. `judges` may be a function that trains them: it is called only when the set must be built.
     `hq=False`: 'faceswap-df', merged as the job merges (`merge_erode`, `merge_blur`, `merge_color`).
     `hq=True`: 'faceswap-hq', SR-DF's recipe at CPU size: the same models trained `hq_steps` longer, merged with
-    `hq_erode`/`hq_blur`/`hq_color`, then harmonised by the network of `generate.harmonise` (`job_harmoniser`).
+    `hq_erode`/`hq_blur`/`hq_color` (the job's merge by default), then harmonised by the network of
+    `generate.harmonise` (`job_harmoniser`), which reads each merged frame and its merge alpha.
     Returns the set's name, the pairs, the quality per split and pooled."""
     from deepfake_course.data.fakes import FakeSetWriter, read_card
     from deepfake_course.generate import faceswap as fsw
@@ -311,7 +312,7 @@ def build_faceswap_fakes(cfg: dict, real: pd.DataFrame, data_root: Path, judges:
         recipe.update({k: cfg[k] for k in ('hq_steps', 'hq_lr', 'hq_erode', 'hq_blur', 'hq_color', *HARMONISER_KEYS)})
         merge = dict(erode=cfg['hq_erode'], blur=cfg['hq_blur'], color=cfg['hq_color'])
         method, what = 'faceswap-hq', ("high-quality swaps as SR-DF makes them (20c_harmonise): the main job's models trained "
-                                       "longer, merged with the fixed merge, then harmonised by a network trained on real faces")
+                                       "longer, merged, then harmonised by a network trained on real faces")
     models = {s: dict(src=int(p.src.iloc[0]), dst=[int(d) for d in p.dst]) for s, p in pairs.groupby('split', sort=False)}
     w = FakeSetWriter(method, dict(real=real_set, pairs=pairs.values.tolist(), judge_faces=cfg['judge_faces'],
                                    judge_epochs=cfg['judge_epochs'], **recipe), data_root, description=what,
@@ -476,7 +477,7 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
     """Build, or reuse from the data root, the fake set of every source in `names` (see `FAKE_SOURCES`) for the
     SynthFaces faces of `job` (a `main_config`). 'blend-swap' is cheap; 'faceswap-df' and 'dcgan' follow the main job's
     recipe (minutes on a CPU); 'faceswap-hq' is SR-DF's recipe on the job's swaps (20c_harmonise: the same models trained
-    `hq_steps` longer, the fixed merge, a harmonisation network; a few more minutes); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
+    `hq_steps` longer, merged, then a harmonisation network; a few more minutes); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
     when the data root does not hold it (30-45 CPU minutes each); 'reenact' reenacts the job's people
     (`build_reenact_fakes`, 10-20 CPU minutes the first time), 'idswap' swaps identities among them (`build_idswap_fakes`,
