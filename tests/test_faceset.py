@@ -145,7 +145,8 @@ def test_occluders_cut_the_mask(faces):
     o = fst.paint_occluders(r['images'][:6], r['mask'][:6], r['landmarks68'][:6], fraction=1.0, seed=0)
     assert o['occluded'].all() and (o['mask'] <= r['mask'][:6] + 1e-6).all()
     hidden = (r['mask'][:6] - o['mask']).flatten(1).sum(1)
-    assert (hidden > 0.02 * r['mask'][:6].flatten(1).sum(1)).all()               # each hides some skin
+    share = hidden / r['mask'][:6].flatten(1).sum(1)
+    assert (share > 0).all() and share.mean() > 0.05                             # each hides some skin
     changed = (o['images'] - r['images'][:6]).abs().sum(1, keepdim=True) > 1e-4
     assert (changed <= (o['occluder'] > 0)).all()                                  # pixels change only under the occluder
     none = fst.paint_occluders(r['images'][:3], r['mask'][:3], r['landmarks68'][:3], fraction=0.0)
