@@ -58,7 +58,7 @@ def auroc_drop(y, score_a, score_b, units, n_boot: int = 1000, seed: int = 0) ->
     return dict(drop=float(point), low=float(lo), high=float(hi), auroc_a=float(roc_auc_score(y, a)),
                 auroc_b=float(roc_auc_score(y, b)), n_units=len(groups), n_boot=len(boots))
 
-# %% ../../nbs/20c_harmonise.ipynb #5933edd4
+# %% ../../nbs/20c_harmonise.ipynb #8047386b
 def soft_alpha(mask, erode: int = 0, blur: int = 0):
     """A merge-like alpha from binary masks (N x 1 x H x W): eroded by `erode` px (a square max-pool on the inverse)
     and feathered by a Gaussian of kernel `blur` (odd; 0 none). Vectorised, so a batch of composites costs little."""
@@ -117,7 +117,7 @@ def make_composites(images, masks, n_per: int = 2, erode=(0, 3), blur=(1, 7), st
         comps.append(images * (1 - a) + rec * a); alphas.append(a); targets.append(images)
     return torch.cat(comps).clamp(0, 1), torch.cat(alphas), torch.cat(targets)
 
-# %% ../../nbs/20c_harmonise.ipynb #31b7aa39
+# %% ../../nbs/20c_harmonise.ipynb #51518a04
 def _block(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True),
                          nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True))
