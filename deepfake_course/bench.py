@@ -499,7 +499,10 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
             name, how = blendswap_set(root, job['n_identities'], job['images_per_identity'], job['size'], job['seed'],
                                       verbose=verbose is not False), 'built or reused (blendswap_set)'
         elif src in ('faceswap-df', 'faceswap-hq'):
-            judges = lambda: train_judges(job, sorted(split_of), device=device, verbose=verbose)  # trained only if the set is not cached
+            # trained only if a set is not cached; kept in the data root, so the two face-swap sources share them
+            jdir = root/'models'/'judges'/cfg_hash(dict({k: job[k] for k in ('fs_size', 'judge_faces', 'judge_epochs', 'size', 'seed')},
+                                                        ids=sorted(int(i) for i in split_of)))
+            judges = lambda: train_judges(job, sorted(split_of), run_dir=jdir, device=device, verbose=verbose)
             hq = src == 'faceswap-hq'
             name = build_faceswap_fakes(job, real, root, judges, device=device, verbose=verbose, hq=hq)['fake_set']
             how = 'SR-DF recipe on the main job swaps (bench, 20c_harmonise)' if hq else 'main job recipe (bench)'

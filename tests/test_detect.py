@@ -575,6 +575,9 @@ def test_blend_swap_changes_only_the_face():
     small = dict(images=torch.full((n, 3, 16, 16), 0.9), landmarks5=lm / 2, mask=mask[..., ::2, ::2])
     out2 = blend_swap(tgt, small, colour=False)                       # a low-resolution donor is warped up
     assert out2.shape == out.shape and out2[0, 0, 16, 16] > 0.8
+    out3, alpha = blend_swap(tgt, don, colour=False, return_mask=True)   # the alpha it pasted with: out = a*donor + (1-a)*target
+    assert torch.equal(out3, out) and alpha.shape == (n, 1, s, s)
+    assert torch.allclose(out, alpha * 0.9 + (1 - alpha) * 0.2, atol=1e-5)
 
 
 def test_detect_errors_and_crop_mode(tmp_path):

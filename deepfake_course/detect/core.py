@@ -303,10 +303,11 @@ def similarity_from_landmarks(src: torch.Tensor, dst: torch.Tensor) -> torch.Ten
     from deepfake_course.faces import umeyama
     return umeyama(src, dst)[..., :2, :].float()
 
-def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.05, colour: bool = True) -> torch.Tensor:
+def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.05, colour: bool = True, return_mask: bool = False):
     """Blend donor faces onto target faces (dicts with images N×3×H×W, landmarks5 N×5×2, mask N×1×H×W).
     The donor may be smaller (a low-resolution face generator); `erode`, `blur`: mask erosion and blur as fractions of
-    the size; `colour`: match the donor's colour to the target's (`deepfake_course.generate.color.rct`)."""
+    the size; `colour`: match the donor's colour to the target's (`deepfake_course.generate.color.rct`). Returns the fakes, or
+    with `return_mask` (fakes, blend mask N×1×H×W): the alpha each fake was pasted with."""
     import kornia
     xa, xb = target['images'].float(), donor['images'].float()
     ma, mb = target['mask'].float(), donor['mask'].float()
@@ -325,7 +326,8 @@ def blend_swap(target: dict, donor: dict, erode: float = 0.06, blur: float = 0.0
         from deepfake_course.generate.color import rct
         w = (m > 0.5).float()
         wb = rct(wb, xa, x_mask=w, ref_mask=w)
-    return (m * wb + (1 - m) * xa).clamp(0, 1)
+    out = (m * wb + (1 - m) * xa).clamp(0, 1)
+    return (out, m.clamp(0, 1)) if return_mask else out
 
 # %% ../../nbs/29_detect_core.ipynb #cell-21
 BLENDSWAP_VERSION = 5   # bump when the blend swap changes what it draws or records: sets are keyed by it (5: identity = the donor's face shown)
