@@ -55,6 +55,31 @@ def test_ifgsm_is_deterministic_and_pgd_start_is_seeded():
     assert torch.equal(p1, p2) and not torch.equal(p1, p3)
 
 
+def test_restarts_keep_the_most_distorting_start_per_image():
+    G, x = _tiny_gen(), _faces()
+    one = dd.disrupt(G, x, 0.05, steps=3, seed=2)
+    torch.testing.assert_close(dd.disrupt(G, x, 0.05, steps=3, seed=2, restarts=1), one)   # one start is plain PGD
+    many = dd.disrupt(G, x, 0.05, steps=3, seed=2, restarts=4)
+    assert (many - x).abs().max() <= 0.05 + 1e-6
+    m1, m4 = dd.distortion(G, x, one)['mse'].to_numpy(), dd.distortion(G, x, many)['mse'].to_numpy()
+    assert (m4 >= m1 - 1e-9).all() and m4.mean() > m1.mean()   # the first start is among the four; some face gains
+    with pytest.raises(ValueError, match='needs random_start=True'): dd.disrupt(G, x, 0.05, restarts=2, random_start=False)
+    with pytest.raises(ValueError, match='restarts must be a positive integer'): dd.disrupt(G, x, 0.05, restarts=0)
+
+
+def test_idswap_target_draws_with_a_fixed_identity():
+    from deepfake_course.generate.idswap import SimSwapGenerator
+    torch.manual_seed(0)
+    G = SimSwapGenerator(16, id_dim=8, base=4, max_ch=8, n_down=2, n_blocks=1).eval()
+    v = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    T = dd.IdSwapTarget(G, v)
+    x = _faces(3, 16)
+    with torch.no_grad(): torch.testing.assert_close(T(x), G(dd.to_01(x), v)[0] * 2 - 1)
+    adv = dd.disrupt(T, x, 0.05, steps=3, seed=0)
+    assert (dd.distortion(T, x, adv)['mse'] > dd.distortion(T, x, dd.random_perturbation(x, 0.05, 0))['mse']).all()
+    with pytest.raises(ValueError, match='identity vector'): dd.IdSwapTarget(G, torch.randn(5))
+
+
 def test_nullify_objective_brings_output_toward_input():
     G, x = _tiny_gen(), _faces()
     before = dd.distortion(G, x, x)['mse_to_input']

@@ -15,10 +15,10 @@ from ..core import progress
 
 # %% auto #0
 __all__ = ['DISTORTION_THRESHOLD', 'OBJECTIVES', 'NoGradientError', 'check_eps', 'check_images', 'to_pm1', 'to_01', 'quantize',
-           'pgd', 'random_perturbation', 'FaceSwapTarget', 'StarGANTarget', 'disrupt', 'distortion', 'disruption_rate',
-           'GaussianBlur', 'BoxBlur', 'blur_bank', 'jpeg', 'blur', 'adversarial_finetune_swap', 'pyramid_scales',
-           'mtcnn_scores', 'mtcnn_boxes', 'hide_faces', 'mtcnn_rate', 'fake_logit', 'evade', 'detector_scores',
-           'evasion_rate', 'balanced_threshold', 'adversarial_finetune_detector']
+           'pgd', 'random_perturbation', 'FaceSwapTarget', 'IdSwapTarget', 'StarGANTarget', 'disrupt', 'distortion',
+           'disruption_rate', 'GaussianBlur', 'BoxBlur', 'blur_bank', 'jpeg', 'blur', 'adversarial_finetune_swap',
+           'pyramid_scales', 'mtcnn_scores', 'mtcnn_boxes', 'hide_faces', 'mtcnn_rate', 'fake_logit', 'evade',
+           'detector_scores', 'evasion_rate', 'balanced_threshold', 'adversarial_finetune_detector']
 
 # %% ../../nbs/50b_disruption.ipynb #10_checks
 DISTORTION_THRESHOLD = 0.05  # Ruiz et al.: an attack succeeds when MSE(G(x_adv), G(x)) > 0.05, images in [-1, 1]
@@ -71,16 +71,36 @@ def _check_steps(steps, alpha, eps):
     return int(steps), float(alpha)
 
 def pgd(loss_fn: Callable, x: torch.Tensor, eps: float, steps: int = 10, alpha: float | None = None, random_start: bool = True,
-        seed: int = 0, verbose: bool | None = None, desc: str = 'PGD') -> torch.Tensor:
+        seed: int = 0, verbose: bool | None = None, desc: str = 'PGD', restarts: int = 1) -> torch.Tensor:
     """L-inf projected gradient *ascent* of `loss_fn(x_adv)` (a scalar or one loss per image) from images `x` in [-1, 1]:
     x_adv stays within `eps` of `x` and inside [-1, 1]. `random_start=True`: PGD (Madry et al. 2018, a uniform start in
     the eps-box, drawn with `seed`); `False`: I-FGSM (Kurakin et al. 2017), deterministic for a given `seed`. Where an
     image's whole gradient is exactly zero (a distance from G(x) has its minimum at x, so I-FGSM's first step has none),
     that image steps by a random sign drawn with `seed`. Step `alpha` (default 2.5·eps/steps, Madry's rule; Ruiz et al.
-    use 0.01 at eps 0.05 and 10 steps)."""
+    use 0.01 at eps 0.05 and 10 steps). `restarts` > 1 (PGD only): that many random starts, one after the other from
+    the same generator, keeping for each image the run whose final loss is highest (Madry et al.'s restarts; the loss
+    must then be one value per image)."""
     x = check_images(x, 'pgd: x').detach()
     eps = check_eps(eps); steps, alpha = _check_steps(steps, alpha, eps)
+    if isinstance(restarts, bool) or not isinstance(restarts, numbers.Integral) or restarts < 1:
+        raise ValueError(f"pgd: restarts must be a positive integer, got {restarts!r}")
+    if restarts > 1 and not random_start:
+        raise ValueError("pgd: restarts > 1 needs random_start=True (I-FGSM starts at x: every restart would be the same run)")
     g = torch.Generator().manual_seed(int(seed))
+    best, best_loss = None, None
+    for r in range(int(restarts)):
+        X = _pgd_run(loss_fn, x, eps, steps, alpha, random_start, g, verbose, desc if restarts == 1 else f'{desc} (start {r + 1}/{restarts})')
+        if restarts == 1: return X
+        with torch.no_grad(): loss = torch.as_tensor(loss_fn(X)).detach().flatten()
+        if loss.numel() != len(x): raise ValueError(f"pgd: restarts need one loss per image, got {loss.numel()} values for {len(x)} images")
+        if best is None: best, best_loss = X, loss
+        else:
+            better = loss > best_loss
+            best = torch.where(better.view(-1, *[1] * (x.ndim - 1)).to(X.device), X, best); best_loss = torch.maximum(loss, best_loss)
+    return best
+
+def _pgd_run(loss_fn, x, eps, steps, alpha, random_start, g, verbose, desc):
+    "One PGD / I-FGSM run of `pgd` from the generator `g`'s state."
     if random_start: X = (x + (torch.rand(x.shape, generator=g) * 2 - 1).to(x) * eps).clamp(-1, 1)
     else: X = x.clone()
     for _ in progress(range(steps), verbose=verbose, desc=desc, leave=False):
@@ -111,6 +131,14 @@ class FaceSwapTarget(nn.Module):
         super().__init__(); self.model = model
     def forward(self, x): return to_pm1(self.model.swap(to_01(x))[0])
 
+class IdSwapTarget(nn.Module):
+    """An identity-injection generator (`generate.idswap.SimSwapGenerator`) with one fixed source identity, seen as the
+    paper's generator: a target face in [-1, 1] -> the face it draws (the raw output, before its mask), in [-1, 1]."""
+    def __init__(self, generator: nn.Module, id_vector):
+        super().__init__(); self.generator = generator
+        self.register_buffer('id_vector', generator.check_identity(id_vector, 1)[0].detach().float().clone())
+    def forward(self, x): return to_pm1(self.generator(to_01(x), self.id_vector)[0])
+
 class StarGANTarget(nn.Module):
     """A StarGAN generator (`generate.stargan.StarGenerator`, images in [-1, 1]) with fixed target attributes `c`
     (c_dim 0/1 values for every image, or N×c_dim): x → G(x, c). `output='mask'`: the attention mask m of a masked
@@ -139,13 +167,14 @@ class _EvalMode:
 OBJECTIVES = ('distort', 'nullify')
 
 def disrupt(generator, x: torch.Tensor, eps: float = 0.05, steps: int = 10, alpha: float | None = None, objective: str = 'distort',
-            random_start: bool = True, through=None, seed: int = 0, verbose: bool | None = None) -> torch.Tensor:
+            random_start: bool = True, through=None, seed: int = 0, verbose: bool | None = None, restarts: int = 1) -> torch.Tensor:
     """Protect faces `x` (N×3×H×W in [-1, 1]) against image-translation `generator`(s) (x → image in [-1, 1]) with PGD
     (`pgd`). 'distort' (Ruiz et al. 2020; Yeh et al.'s distorting attack): ascend MSE(G(x_adv), G(x)), the output's change
     from the clean output. 'nullify' (Yeh et al. 2020): descend MSE(G(x_adv), x), so the edit comes out as the input.
     A list of generators sums their losses (the joint class-transferable attack, or an ensemble for transfer).
     `through`: a differentiable transform, or a list of them, applied before the generator (the blur evasion; a list is
-    an expectation over transformations, EoT); the clean reference passes through the same transform."""
+    an expectation over transformations, EoT); the clean reference passes through the same transform. `restarts`: PGD's
+    random restarts (`pgd`), the most distorting kept per image."""
     if objective not in OBJECTIVES: raise ValueError(f"disrupt: objective must be one of {OBJECTIVES}, got {objective!r}")
     gens, ts = _as_list(generator), (_as_list(through) if through is not None else [nn.Identity()])
     if not gens or not all(callable(g) for g in gens): raise TypeError("disrupt: generator must be a callable module (or a list of them)")
@@ -159,7 +188,7 @@ def disrupt(generator, x: torch.Tensor, eps: float = 0.05, steps: int = 10, alph
                     mse = (g(t(X)) - r).pow(2).flatten(1).mean(1)
                     tot = tot + (mse if objective == 'distort' else -mse)
             return tot / (len(gens) * len(ts))
-        return pgd(loss_fn, x, eps, steps, alpha, random_start, seed, verbose, desc=f'disrupt ({objective})')
+        return pgd(loss_fn, x, eps, steps, alpha, random_start, seed, verbose, desc=f'disrupt ({objective})', restarts=restarts)
 
 @torch.no_grad()
 def distortion(generator, x: torch.Tensor, x_adv: torch.Tensor, batch_size: int | None = None) -> pd.DataFrame:
