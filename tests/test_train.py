@@ -477,7 +477,8 @@ r = fit(model, DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True),
 assert type(r.model[1]) is torch.nn.BatchNorm2d, type(r.model[1])  # the model's own layers come back after fit
 if int(os.environ.get('RANK', '0')) == 0:
     torch.save({'state': r.model.state_dict(), 'history': r.history.drop(columns='time')}, os.path.join(out, 'result.pt'))
-print('rank', os.environ.get('RANK'), 'world', os.environ.get('WORLD_SIZE'), 'done')
+# one write per rank (print writes each argument apart, and two ranks share one pipe: their words interleaved in CI)
+sys.stdout.write(f"rank {os.environ.get('RANK')} world {os.environ.get('WORLD_SIZE')} done\\n"); sys.stdout.flush()
 '''
 
 
@@ -494,7 +495,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           str(script), str(tmp_path / 'two'), '8'], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-4000:]
-    assert 'world 2 done' in ddp.stdout
+    assert ddp.stdout.count('world 2 done') == 2, ddp.stdout
     a = torch.load(tmp_path / 'one' / 'result.pt', weights_only=False)
     b = torch.load(tmp_path / 'two' / 'result.pt', weights_only=False)
     for k in a['state']:
