@@ -234,7 +234,7 @@ from .gan import (CourseGAN, GANJudge, course_recipe, final_quality, gan_model_d
 @course_recipe('pggan', '21a_pggan')
 def pggan_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None = None, n_identities: int = 250,
                  per_identity: int = 12, pg_resolution: int = 32, pg_start: int = 8, pg_stab: int = 400, pg_fade: int = 300,
-                 pg_final: int = 1500, pg_lr: float = 3e-3, pg_batch: int = 32, pg_fmap_base: int = 256, pg_fmap_max: int = 64,
+                 pg_final: int = 2000, pg_lr: float = 3e-3, pg_batch: int = 32, pg_fmap_base: int = 256, pg_fmap_max: int = 64,
                  pg_ema: float = 0.99, feat_epochs: int = 6, n_eval: int = 400, n_curve: int = 4, n_fakes: int = 300) -> CourseGAN:
     "Lecture 21a's progressive GAN: SynthFaces grown from `pg_start` to `pg_resolution` px on its schedule."
     synth = synth_attribute_faces(n_identities, per_identity, size=pg_resolution, seed=seed)
