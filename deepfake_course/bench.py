@@ -479,7 +479,7 @@ def course_sources(names, job: dict, data_root=None, *, device='auto', gan_param
     recipe (minutes on a CPU); 'faceswap-hq' is SR-DF's recipe on the job's swaps (20c_harmonise: the same models trained
     `hq_steps` longer, merged, then a harmonisation network; a few more minutes); 'pggan', 'stylegan', 'stylegan2', 'stargan', 'ddpm' and 'ldm' follow their lecture's recipe
     (`generate.gan.course_gan_fake_set`, with `gan_params[name]` overriding its parameters), which trains the GAN
-    when the data root does not hold it (30-45 CPU minutes each); 'reenact' reenacts the job's people
+    when the data root does not hold it (4-12 minutes each on 2 idle cores); 'reenact' reenacts the job's people
     (`build_reenact_fakes`, 10-20 CPU minutes the first time), 'idswap' swaps identities among them (`build_idswap_fakes`,
     about 15 CPU minutes the first time). Returns {source: dict(fake_set, how, seconds)}."""
     from deepfake_course.detect.core import blendswap_set
