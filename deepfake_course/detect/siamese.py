@@ -209,8 +209,8 @@ def frames_of_clips(clips: pd.DataFrame, every: int = 1) -> FaceTensorSet:
     return FaceTensorSet(torch.cat(xs), df)
 
 # %% ../../nbs/33_faketalkerdetect.ipynb #cell-24
-TALK_SWAP = dict(train_sources=3, fs_size=32, fs_train_faces=48, fs_steps=100, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
-                 fs_dims=dict(e_dims=8, ae_dims=32, d_dims=8, d_mask_dims=4), merge=dict(erode=1, blur=3, color='rct'))
+TALK_SWAP = dict(train_sources=3, fs_size=32, fs_train_faces=96, fs_steps=1000, fs_batch=8, fs_warp_fraction=0.3, fs_lr=1e-3, fs_lr_final=5e-5,
+                 fs_dims=dict(e_dims=16, ae_dims=64, d_dims=16, d_mask_dims=8), merge=dict(erode=1, blur=3, color='rct'))
 
 def talk_swap_pairs(id_split: dict, train_sources: int = 1) -> pd.DataFrame:
     """Who is swapped into whom, one DF model per (split, src): in each split its first identities are the sources

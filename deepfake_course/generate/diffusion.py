@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from ..core import cfg_hash, get_data_root, get_device, progress
 
 # %% auto #0
-__all__ = ['CAPTION_ATTRS', 'DARK_HAIR', 'LIGHT_HAIR', 'CAPTION_PREFIX', 'CAPTION_MIRROR', 'REGIONS', 'REGION_PAD',
+__all__ = ['CAPTION_ATTRS', 'DARK_HAIR', 'LIGHT_HAIR', 'CAPTION_PREFIX', 'SPACINGS', 'CAPTION_MIRROR', 'REGIONS', 'REGION_PAD',
            'CaptionError', 'caption_faces', 'caption_text', 'parse_caption', 'alpha_bar_schedule', 'q_sample',
-           'timestep_embedding', 'ResBlock', 'SelfAttention', 'UNet', 'sample_loop', 'guided_eps', 'DiffusionTrainer',
-           'diffusion_trained_on', 'diffusion_judge', 'judge_sampler', 'ddpm_recipe', 'LatentAutoencoder',
-           'train_autoencoder', 'LatentDiffusionTrainer', 'ldm_recipe', 'InpaintError', 'region_masks', 'check_inpaint',
-           'inpaint', 'make_inpaint_fake_set', 'make_diffusion_fake_set']
+           'timestep_embedding', 'ResBlock', 'SelfAttention', 'UNet', 'sampler_levels', 'sample_loop', 'guided_eps',
+           'DiffusionTrainer', 'diffusion_trained_on', 'diffusion_judge', 'judge_sampler', 'ddpm_recipe',
+           'LatentAutoencoder', 'train_autoencoder', 'LatentDiffusionTrainer', 'ldm_recipe', 'InpaintError',
+           'region_masks', 'check_inpaint', 'inpaint', 'make_inpaint_fake_set', 'make_diffusion_fake_set']
 
 # %% ../../nbs/25_diffusion.ipynb #561f8e64
 CAPTION_ATTRS = {'glasses': ('without glasses', 'with glasses'),
@@ -212,18 +212,28 @@ def _check_steps(steps, T: int, what: str = 'steps') -> int:
     if steps > T: raise ValueError(f"{what}={steps}: the model was trained with T={T} noise levels; a sampler can take at most {T} steps")
     return int(steps)
 
+SPACINGS = ('leading', 'trailing')
+
+def sampler_levels(T: int, steps: int, spacing: str = 'trailing') -> list:
+    """The noise levels a sampler of `steps` steps visits, from the first to 0. 'trailing' (the default; Lin et al. 2024):
+    evenly from T itself, where the image holds no signal. 'leading' (the DDIM paper's code, `skip_type='uniform'`):
+    every (T/steps)-th level counted up from 1, so the chain starts one stride below T, at T − T/steps + 1. With
+    steps = T both are the whole chain T, T−1, …, 0."""
+    steps = _check_steps(steps, T)
+    if spacing == 'leading': return [int(v) for v in (np.arange(steps) * T // steps + 1)[::-1]] + [0]
+    if spacing == 'trailing': return torch.linspace(T, 0, steps + 1).round().long().tolist()
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+
 def sample_loop(eps_fn: Callable, x: torch.Tensor, alpha_bar: torch.Tensor, steps: int, eta: float = 0.0,
                 known: torch.Tensor | None = None, mask: torch.Tensor | None = None, resample: int = 1,
-                chain_every: int = 0, clip: bool | float = True):
+                chain_every: int = 0, clip: bool | float = True, spacing: str = 'trailing'):
     """Run the reverse process from x_T = `x` in `steps` steps (DDIM, Song et al. 2021; η = 1 on every step is DDPM's
     ancestral sampler). With `known` (images in [-1, 1]) and `mask` (1 = to fill), the known pixels are put back,
     noised to the current level, after every step, and each step is repeated `resample` times after re-noising
-    (RePaint, Lugmayr et al. 2022). `clip`: the bound of the predicted x_0 (True: ±1). Returns x_0, and the list of
-    (t, x_t, predicted x_0) every `chain_every` steps."""
-    T = len(alpha_bar) - 1
-    steps = _check_steps(steps, T)
+    (RePaint, Lugmayr et al. 2022). `clip`: the bound of the predicted x_0 (True: ±1). `spacing`: which noise levels
+    the steps visit (`sampler_levels`). Returns x_0, and the list of (t, x_t, predicted x_0) every `chain_every` steps."""
+    ts = sampler_levels(len(alpha_bar) - 1, steps, spacing)
     ab = alpha_bar.to(x.device)
-    ts = torch.linspace(T, 0, steps + 1).round().long().tolist()
     chain = []
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         a_t, a_s = ab[t], ab[s]
@@ -332,13 +342,14 @@ class DiffusionTrainer(GANTrainer):
         if v.shape[-1] != self.n_attrs: raise CaptionError(f"a condition needs {self.n_attrs} attribute values, got shape {tuple(v.shape)}")
         return v.expand(n, -1).clone() if v.ndim == 1 else v
     def denoise(self, z, steps: int | None = None, eta: float = 0.0, cond=None, guidance: float = 1.0, known=None, mask=None,
-                resample: int = 1, chain_every: int = 0):
-        "The reverse process from noise `z` on the device, in the data space ([-1, 1] images, or latents)."
+                resample: int = 1, chain_every: int = 0, spacing: str = 'trailing'):
+        "The reverse process from noise `z` on the device, in the data space ([-1, 1] images, or latents); `spacing`: see `sampler_levels`."
         self.E.eval()
         if isinstance(cond, str) or (cond is not None and torch.as_tensor(cond).ndim == 1): cond = self.cond_of(cond, len(z))
         cond = None if cond is None else cond.to(self.device)
         return sample_loop(guided_eps(self.E, cond, guidance), z, self.alpha_bar, steps or self.cfg['sample_steps'], eta,
-                           known=known, mask=mask, resample=resample, chain_every=chain_every, clip=self.clip_x0)
+                           known=known, mask=mask, resample=resample, chain_every=chain_every, clip=self.clip_x0,
+                           spacing=spacing)
     def generate(self, z, known=None, mask=None, **kw):
         "Images in [-1, 1] from noise z (see `denoise` for the sampler's settings); `known` images and `mask` (1 = fill) in image space."
         if known is not None:
