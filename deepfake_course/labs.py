@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument('paths', nargs='+', metavar='PATH', help='image or video files')
     v.add_argument('--json', action='store_true', help='print one JSON list: one object per file')
     v.add_argument('--trust', metavar='CA_PEM', default=None, help="PEM certificates to trust as anchors (e.g. <data root>/keys/ca.pem)")
+    st = sub.add_parser('site', help='execute the lectures and build the course site (static HTML, notebook 62_site)')
+    st.add_argument('--out', required=True, metavar='DIR', help='build folder: executed lectures (cached), MkDocs sources, site/')
+    st.add_argument('--quick', action='store_true', help="the lectures' smoke sizes (tests/smoke_params.yaml): minutes, not hours")
+    st.add_argument('--only', nargs='+', metavar='NOTEBOOK', default=None, help='these lectures only (names or paths)')
+    st.add_argument('--timeout', type=_positive_int, default=None, metavar='S', help='seconds allowed per cell')
+    st.add_argument('--data-root', default=None, help=root_help + ' (--quick: <out>/data unless given)')
     return ap
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == 'detect': return detect_command(args)
         if args.command == 'verify': return verify_command(args)
+        if args.command == 'site':
+            from deepfake_course.site import build_site
+            res = build_site(args.out, quick=args.quick, only=args.only, data_root=args.data_root, timeout=args.timeout, verbose=True)
+            print(f"site: {res['index']} ({len(res['lectures'])} lectures, {res['seconds']:.0f} s)")
+            for e in res['lectures']:
+                if e['status'] != 'ok': print(f"failed: {e['name']}: {e.get('error_line') or e['error']}", file=sys.stderr)
+            return 1 if res['failed'] else 0
         if args.command == 'run':
             from deepfake_course.bench import main_config, main_job
             overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
@@ -288,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report: {report}"); return 0
     except LabError as e:
         print(f"deepfake-course {args.command}: {e}", file=sys.stderr); return 1
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError) as e:
         print(f"deepfake-course {args.command}: error: {e}", file=sys.stderr); return 2
     return 1
 
