@@ -12,8 +12,9 @@ import pytest
 CHROMIUM = next((p for p in map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome')) if p), None)
 LECTURES = ['02_metrics', '03_media', '19_quality']   # quick lectures with figures
 
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason='no Chromium on PATH (apt-get install chromium) for the browser test'),
-              pytest.mark.timeout(900)]
+if CHROMIUM is None: pytest.skip('no Chromium on PATH (apt-get install chromium) for the browser test', allow_module_level=True)
+sync_api = pytest.importorskip('playwright.sync_api', reason='no Playwright (pip install playwright) to drive Chromium')
+pytestmark = pytest.mark.timeout(900)
 
 PIXELS = """() => [...document.querySelectorAll('.jp-RenderedImage img')].map(i => {
     const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
@@ -40,7 +41,6 @@ def served_site(tmp_path_factory):
 
 
 def test_site_in_chromium(served_site):
-    sync_api = pytest.importorskip('playwright.sync_api', reason='no Playwright (pip install playwright) to drive Chromium')
     base, problems, checked = served_site, [], set()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
