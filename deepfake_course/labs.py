@@ -15,8 +15,8 @@ from .core import get_data_root, course_checkout, load_metrics, progress, atomic
 
 # %% auto #0
 __all__ = ['RUN_DETECTOR_COLUMNS', 'FACE_COLUMNS', 'course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError',
-           'run_lab', 'run_grid', 'build_parser', 'main', 'run_detectors', 'latest_run', 'choose_detector',
-           'expand_paths', 'iter_detect', 'detect_files', 'detect_command', 'verify_command']
+           'run_lab', 'run_grid', 'run_detectors', 'latest_run', 'choose_detector', 'expand_paths', 'iter_detect',
+           'detect_files', 'detect_command', 'verify_command']
 
 # %% ../nbs/61_labs.ipynb #cell-8
 def course_notebooks_dir() -> Path | None:
@@ -199,111 +199,6 @@ def _positive_int(text: str) -> int:
     except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
     return v
-
-def build_parser() -> argparse.ArgumentParser:
-    "The `deepfake-course` argument parser."
-    ap = argparse.ArgumentParser(prog='deepfake-course', description='Make and catch deepfakes: the course toolkit.')
-    sub = ap.add_subparsers(dest='command', required=True)
-    root_help = 'data root (default: $DFC_DATA, else <course checkout>/data, else ./data)'
-    r = sub.add_parser('run', help='the main job: build data, make fakes, train detectors, write a report')
-    r.add_argument('--quick', action='store_true', help='the small configuration (about 15 minutes on 2 CPU cores); default: the full one')
-    r.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                   help='override one setting of the configuration (repeatable), e.g. --set n_boot=500 --set detectors=[shallownet_v3,meso4]')
-    r.add_argument('--data-root', default=None, help=root_help)
-    r.add_argument('--device', default='auto', help='auto, cpu, cuda or mps')
-    r.add_argument('--seed', type=int, default=0)
-    r.add_argument('--name', default=None, help='run folder <data root>/runs/main/NAME (default: a hash of the configuration, '
-                                                'so the same configuration resumes in the same folder)')
-    yours = r.add_argument_group('your own data (instead of SynthFaces and the course\'s fakes)')
-    yours.add_argument('--real-dir', default=None, metavar='DIR', help='real images or videos; one subfolder per identity or '
-                                                                         'video keeps its files in one split')
-    yours.add_argument('--fake-dir', default=None, metavar='DIR', help='fake images or videos, laid out like --real-dir (a '
-                                                                         'subfolder named as a real one is the same person)')
-    yours.add_argument('--dataset', default=None, choices=('ff++', 'ff++-dfd', 'celeb-df', 'dfdc', 'folder'),
-                       help="a published dataset's layout under --dataset-root")
-    yours.add_argument('--dataset-root', default=None, metavar='DIR', help='where that dataset is unpacked')
-    yours.add_argument('--compression', default=None, choices=('raw', 'c23', 'c40'), help='FaceForensics++ quality (default c23)')
-    l = sub.add_parser('lab', help='run a notebook as a parameterized lab (papermill)')
-    l.add_argument('notebook'); l.add_argument('-p', '--param', nargs=2, action='append', metavar=('NAME', 'VALUE'), default=[])
-    l.add_argument('--data-root', default=None, help=root_help)
-    l.add_argument('--out', default=None, help='output folder (default: <data root>/runs/labs/<notebook>)')
-    l.add_argument('--grid', nargs='*', default=[], metavar='NAME=V1,V2',
-                   help='run every combination; commas outside brackets separate values (sizes=[32,64],[64] is two values)')
-    l.add_argument('--timeout', type=int, default=1800, help='seconds per cell')
-    p = sub.add_parser('params', help="list a notebook's parameters"); p.add_argument('notebook')
-    d = sub.add_parser('detect', help="score images and videos with a trained detector (default: the latest run's best on validation)")
-    d.add_argument('paths', nargs='+', metavar='PATH', help='image or video files, or folders (their image and video files)')
-    which = d.add_mutually_exclusive_group()
-    which.add_argument('--model', metavar='CKPT', help='a detector checkpoint (save_detector / fit)')
-    which.add_argument('--run', metavar='RUN_DIR', help='a main-job run folder, or its name under <data root>/runs/main/ '
-                                                        '(default: the newest finished run); its best detector on validation')
-    d.add_argument('--json', action='store_true', help='print one JSON object: faces, per-file summaries, errors')
-    d.add_argument('--every', type=_positive_int, default=1, metavar='N', help='score every N-th video frame')
-    d.add_argument('--max-frames', type=_positive_int, default=None, metavar='N', help='at most N frames per video')
-    d.add_argument('--faces', choices=('auto', 'none'), default='auto',
-                   help='auto: find and align faces with MTCNN; none: the files are already face crops')
-    d.add_argument('--device', default='auto', help='auto, cpu, cuda or mps')
-    d.add_argument('--data-root', default=None, help=root_help)
-    v = sub.add_parser('verify', help='read and validate the C2PA manifest, provenance tag and course watermark of files')
-    v.add_argument('paths', nargs='+', metavar='PATH', help='image or video files')
-    v.add_argument('--json', action='store_true', help='print one JSON list: one object per file')
-    v.add_argument('--trust', metavar='CA_PEM', default=None, help="PEM certificates to trust as anchors (e.g. <data root>/keys/ca.pem)")
-    st = sub.add_parser('site', help='execute the lectures and build the course site (static HTML, notebook 62_site)')
-    st.add_argument('--out', required=True, metavar='DIR', help='build folder: executed lectures (cached), MkDocs sources, site/')
-    st.add_argument('--quick', action='store_true', help="the lectures' smoke sizes (tests/smoke_params.yaml): minutes, not hours")
-    st.add_argument('--only', nargs='+', metavar='NOTEBOOK', default=None, help='these lectures only (names or paths)')
-    st.add_argument('--timeout', type=_positive_int, default=None, metavar='S', help='seconds allowed per cell')
-    st.add_argument('--data-root', default=None, help=root_help + ' (--quick: <out>/data unless given)')
-    return ap
-
-def main(argv: Sequence[str] | None = None) -> int:
-    "Entry point of the `deepfake-course` console script."
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == 'params':
-            print(lab_parameters(args.notebook).to_string(index=False)); return 0
-        if args.command == 'lab':
-            nb = notebook_path(args.notebook)
-            params = {k: _coerce(v) for k, v in args.param}
-            given = params.pop('data_root', None)
-            if given not in (None, '') and args.data_root and Path(given).expanduser().resolve() != Path(args.data_root).expanduser().resolve():
-                raise ValueError(f"two data roots: --data-root {args.data_root} and -p data_root {given}")
-            root = get_data_root(args.data_root or given)
-            out = Path(args.out) if args.out else root/'runs'/'labs'/nb.stem
-            if args.grid:
-                df = run_grid(nb, out, _parse_grid(args.grid), fixed=params, data_root=root, timeout=args.timeout)
-                atomic_write_text(out/'grid.csv', df.to_csv(index=False)); print(df.to_string(index=False))
-                print(f"\ngrid table: {out/'grid.csv'}")
-            else:
-                m = run_lab(nb, out, params, data_root=root, timeout=args.timeout)
-                print(json.dumps(m, indent=2)); print(f"\nexecuted notebook and metrics.json in {out}")
-            return 0
-        if args.command == 'detect': return detect_command(args)
-        if args.command == 'verify': return verify_command(args)
-        if args.command == 'site':
-            from deepfake_course.site import build_site
-            res = build_site(args.out, quick=args.quick, only=args.only, data_root=args.data_root, timeout=args.timeout, verbose=True)
-            print(f"site: {res['index']} ({len(res['lectures'])} lectures, {res['seconds']:.0f} s)")
-            for e in res['lectures']:
-                if e['status'] != 'ok': print(f"failed: {e['name']}: {e.get('error_line') or e['error']}", file=sys.stderr)
-            return 1 if res['failed'] else 0
-        if args.command == 'run':
-            from deepfake_course.bench import main_config, main_job
-            overrides = _parse_settings(args.set, set(main_config(args.quick, args.seed)) - {'seed', 'quick'})
-            main_config(args.quick, args.seed, **overrides)  # a bad value stops here, before any work
-            root = get_data_root(args.data_root)
-            from deepfake_course.bench import _data_spec
-            yours = dict(real_dir=args.real_dir, fake_dir=args.fake_dir, dataset=args.dataset, dataset_root=args.dataset_root,
-                         compression=args.compression)
-            _data_spec(**yours)  # a bad combination of these flags stops here, before any work
-            report = main_job(quick=args.quick, data_root=root, device=args.device, seed=args.seed, name=args.name,
-                              **{k: v for k, v in yours.items() if v is not None}, **overrides)
-            print(f"report: {report}"); return 0
-    except LabError as e:
-        print(f"deepfake-course {args.command}: {e}", file=sys.stderr); return 1
-    except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, ImportError) as e:
-        print(f"deepfake-course {args.command}: error: {e}", file=sys.stderr); return 2
-    return 1
 
 
 # %% ../nbs/61_labs.ipynb #cell-24

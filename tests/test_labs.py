@@ -1,4 +1,4 @@
-"""The `deepfake-course` command line (deepfake_course.labs.main, called in-process) and the main job's configuration
+"""The `deepfake-course` command line (deepfake_course.cli.main, called in-process) and the main job's configuration
 as the notebook and the CLI build it (deepfake_course.bench.main_config; no job is run here)."""
 import json, os, pathlib
 
@@ -10,7 +10,8 @@ import pytest
 from deepfake_course import bench, labs, report
 from deepfake_course.bench import FULL, QUICK, main_config
 from deepfake_course.data.manifest import check_no_leak, make_manifest
-from deepfake_course.labs import LabError, _coerce, _parse_grid, _split_values, main, run_lab
+from deepfake_course.labs import LabError, _coerce, _parse_grid, _split_values, run_lab
+from deepfake_course.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH_NB = ROOT / 'nbs' / '60_benchmark.ipynb'

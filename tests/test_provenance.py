@@ -128,7 +128,7 @@ def test_verify_outcomes_and_exit_codes(signed, root):
 
 
 def test_cli_verify(signed, root):
-    from deepfake_course.labs import main
+    from deepfake_course.cli import main
     plain = write_png(root / 'plain2.png', _img(4))
     with contextlib.redirect_stdout(io.StringIO()) as buf: assert main(['verify', str(signed), '--json']) == 0
     r = json.loads(buf.getvalue())

@@ -263,7 +263,7 @@ def test_a_split_without_fake_faces_is_an_error(tmp_path):
 
 def test_main_job_runs_on_your_folders_and_detect_uses_its_calibration(tmp_path, capsys):
     from deepfake_course import bench
-    from deepfake_course.labs import main as cli
+    from deepfake_course.cli import main as cli
     from deepfake_course.yourdata import demo_folder_pair
     real, fake = demo_folder_pair(tmp_path / 'mine', n_groups=10, images_per_group=2, videos_per_group=1, n_frames=2, size=PX)
     kw = dict(quick=True, data_root=tmp_path / 'd', device='cpu', verbose=False, log=lambda *a: None, real_dir=real, fake_dir=fake,
