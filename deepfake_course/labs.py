@@ -109,8 +109,9 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data
     parameters['data_root'] = str(get_data_root(given if given not in (None, '') else data_root))
     out = Path(out_dir).expanduser().resolve(); out.mkdir(parents=True, exist_ok=True)
     parameters['out_dir'] = str(out)
-    old = os.environ.get('DFC_QUIET')
+    old, old_mpl = os.environ.get('DFC_QUIET'), os.environ.get('MPLBACKEND')
     if quiet: os.environ['DFC_QUIET'] = '1'
+    os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'   # the executed copy keeps its figures, whatever the caller's backend
     try:
         with Timer() as t:
             pm.execute_notebook(str(nb), str(out/nb.name), parameters=parameters, kernel_name=kernel_name,
@@ -119,9 +120,9 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data
     except (pm.PapermillExecutionError, CellTimeoutError) as e:
         raise _lab_error(e, nb, out/nb.name, timeout) from None
     finally:
-        if quiet:
-            if old is None: os.environ.pop('DFC_QUIET', None)
-            else: os.environ['DFC_QUIET'] = old
+        for k, v in (('DFC_QUIET', old if quiet else os.environ.get('DFC_QUIET')), ('MPLBACKEND', old_mpl)):
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     m = load_metrics(out)
     atomic_write_text(out/'lab.json', json.dumps({'notebook': nb.name, 'parameters': parameters,
                                                  'seconds': t.seconds, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S')}, indent=2))
