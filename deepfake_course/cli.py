@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument('paths', nargs='+', metavar='PATH', help='image or video files')
     v.add_argument('--json', action='store_true', help='print one JSON list: one object per file')
     v.add_argument('--trust', metavar='CA_PEM', default=None, help="PEM certificates to trust as anchors (e.g. <data root>/keys/ca.pem)")
+    h = sub.add_parser('handout', help="a lecture's student version: its exercises without their solutions (nbgrader)")
+    h.add_argument('notebooks', nargs='+', metavar='NOTEBOOK', help='lecture names (30_shallownet) or paths')
+    h.add_argument('--out', required=True, metavar='DIR', help='where the handouts are written, <DIR>/<lecture>.ipynb')
+    h.add_argument('--quick', action='store_true', help="bake the lectures' smoke sizes into the handouts (fast to run and to grade)")
+    h.add_argument('-p', '--param', nargs=2, action='append', metavar=('NAME', 'VALUE'), default=[], help='bake in one parameter (repeatable)')
+    h.add_argument('--course', metavar='DIR', default=None,
+                   help='keep an nbgrader course folder here (source/, release/, gradebook.db) to grade the submissions later')
+    g = sub.add_parser('grade', help="autograde a lecture's submissions in an nbgrader course folder (nbgrader autograde)")
+    g.add_argument('notebook', help='the lecture handed out (name)')
+    g.add_argument('--course', required=True, metavar='DIR', help='the course folder given to handout --course; submissions in '
+                                                                  'DIR/submitted/<student>/<lecture>/<lecture>.ipynb')
+    g.add_argument('--student', nargs='+', default=None, metavar='NAME', help='these students only (default: every submission)')
+    g.add_argument('--timeout', type=_positive_int, default=1800, metavar='S', help='seconds allowed per cell')
     st = sub.add_parser('site', help='execute the lectures and build the course site (static HTML, notebook 62_site)')
     st.add_argument('--out', required=True, metavar='DIR', help='build folder: executed lectures (cached), MkDocs sources, site/')
     st.add_argument('--quick', action='store_true', help="the lectures' smoke sizes (tests/smoke_params.yaml): minutes, not hours")
@@ -96,6 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == 'detect': return detect_command(args)
         if args.command == 'verify': return verify_command(args)
+        if args.command == 'handout':
+            from deepfake_course.handout import handout, find_exercises
+            params = {k: _coerce(v) for k, v in args.param}
+            for nb in args.notebooks:
+                path = handout(nb, args.out, params=params, quick=args.quick, course=args.course)
+                ex = find_exercises(notebook_path(nb))
+                print(f"{path}: {len(ex)} exercises, {ex.points.sum():g} points")
+            return 0
+        if args.command == 'grade':
+            from deepfake_course.handout import grade
+            df = grade(args.course, args.notebook, students=args.student, timeout=args.timeout)
+            table = df.pivot_table(index='student', columns='exercise', values='score', aggfunc='sum')
+            table['total'] = table.sum(axis=1); print(table.to_string())
+            for who, err in df.groupby('student').error.first().items():
+                if err: print(f"{who}: the notebook did not run through: {err.strip().splitlines()[-1] if err.strip() else err}", file=sys.stderr)
+            print(f"\ngrades: {Path(args.course) / 'grades' / (Path(args.notebook).stem + '.csv')}"); return 0
         if args.command == 'site':
             from deepfake_course.site import build_site
             res = build_site(args.out, quick=args.quick, only=args.only, data_root=args.data_root, timeout=args.timeout, verbose=True)

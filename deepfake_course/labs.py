@@ -14,9 +14,9 @@ import pandas as pd
 from .core import get_data_root, course_checkout, load_metrics, progress, atomic_write_text, Timer
 
 # %% auto #0
-__all__ = ['RUN_DETECTOR_COLUMNS', 'FACE_COLUMNS', 'course_notebooks_dir', 'notebook_path', 'lab_parameters', 'LabError',
-           'run_lab', 'run_grid', 'run_detectors', 'latest_run', 'choose_detector', 'expand_paths', 'iter_detect',
-           'detect_files', 'detect_command', 'verify_command']
+__all__ = ['RUN_DETECTOR_COLUMNS', 'FACE_COLUMNS', 'course_notebooks_dir', 'notebook_path', 'smoke_parameters', 'lab_parameters',
+           'LabError', 'run_lab', 'run_grid', 'run_detectors', 'latest_run', 'choose_detector', 'expand_paths',
+           'iter_detect', 'detect_files', 'detect_command', 'verify_command']
 
 # %% ../nbs/61_labs.ipynb #cell-8
 def course_notebooks_dir() -> Path | None:
@@ -35,6 +35,14 @@ def notebook_path(nb: str | os.PathLike) -> Path:
     if d is not None and (d/p.name).exists(): return (d/p.name).resolve()
     known = sorted(q.stem for q in d.glob('*.ipynb')) if d else []
     raise FileNotFoundError(f"No notebook {str(nb)!r}" + (f"; the course has: {', '.join(known)}" if known else ''))
+
+def smoke_parameters(nb) -> dict:
+    "The lecture's quick (smoke) parameters from its checkout's `tests/smoke_params.yaml` ({} where none are given)."
+    import yaml
+    top = course_checkout(Path(nb).resolve().parent)
+    f = top / 'tests' / 'smoke_params.yaml' if top is not None else None
+    if f is None or not f.exists(): return {}
+    return dict((yaml.safe_load(f.read_text()) or {}).get(Path(nb).stem) or {})
 
 def lab_parameters(nb) -> pd.DataFrame:
     "The parameters a notebook declares: name, type, default, help."

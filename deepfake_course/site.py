@@ -11,8 +11,8 @@ from typing import Sequence
 from .core import course_checkout, cfg_hash, load_metrics, progress, atomic_write_text
 
 # %% auto #0
-__all__ = ['SITE_THEME', 'site_notebooks', 'lecture_summary', 'smoke_parameters', 'execute_lecture', 'api_modules',
-           'api_markdown', 'index_markdown', 'write_site_sources', 'build_site']
+__all__ = ['SITE_THEME', 'site_notebooks', 'lecture_summary', 'execute_lecture', 'api_modules', 'api_markdown', 'index_markdown',
+           'write_site_sources', 'build_site']
 
 # %% ../nbs/62_site.ipynb #efc62d71
 def site_notebooks(nbs_dir=None) -> list[Path]:
@@ -53,18 +53,11 @@ def lecture_summary(nb) -> dict:
     return out
 
 # %% ../nbs/62_site.ipynb #d4e5b7bf
-def smoke_parameters(nb) -> dict:
-    "The lecture's quick (smoke) parameters from its checkout's `tests/smoke_params.yaml` ({} where none are given)."
-    import yaml
-    top = course_checkout(Path(nb).resolve().parent)
-    f = top / 'tests' / 'smoke_params.yaml' if top is not None else None
-    if f is None or not f.exists(): return {}
-    return dict((yaml.safe_load(f.read_text()) or {}).get(Path(nb).stem) or {})
-
 def execute_lecture(nb, work_dir, quick: bool = False, data_root=None, timeout: int | None = None) -> dict:
     """Execute lecture `nb` (at its defaults, or its smoke parameters when `quick`) into `<work_dir>/<name>/<hash>/`,
     or read that run back. Returns dict(status 'ok' or 'failed', executed (path or None), metrics, seconds, error, cached)."""
     from deepfake_course.labs import run_lab, LabError
+    from deepfake_course.labs import smoke_parameters
     nb = Path(nb).resolve()
     params = smoke_parameters(nb) if quick else {}
     key = cfg_hash(dict(source=hashlib.sha1(nb.read_bytes()).hexdigest(), params=params, quick=bool(quick)))

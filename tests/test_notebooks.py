@@ -62,19 +62,30 @@ def ipc_kernel_manager(folder):
 
 def without_export(nb_path, tmp_path):
     """A copy of the notebook without its closing `nbdev.nbdev_export()` cell: a test must not rewrite the library
-    while another worker imports it (a module caught half-written fails that import); `.ci/run` checks the export."""
+    while another worker imports it (a module caught half-written fails that import); `.ci/run` checks the export.
+    A lecture with exercises gets one cell more at its end: `check_exercises` proves each exercise's tests fail on the
+    handout's stub (the run itself proves the solutions pass them)."""
     d = json.loads(nb_path.read_text())
     d['cells'] = [c for c in d['cells'] if not (c['cell_type'] == 'code' and 'nbdev_export()' in ''.join(c['source']))]
+    if has_exercises(d):   # at the end of the solved run: every exercise's tests must fail on the handout's stub
+        d['cells'].append({'cell_type': 'code', 'execution_count': None, 'id': 'dfc-check-exercises', 'metadata': {}, 'outputs': [],
+                           'source': f"from deepfake_course.handout import check_exercises\ncheck_exercises(r'{nb_path}', globals())"})
     out = tmp_path / f'in-{nb_path.name}'
     out.write_text(json.dumps(d))
     return out
+
+
+def has_exercises(d) -> bool:
+    return any((c.get('metadata', {}).get('nbgrader') or {}).get('solution') for c in d['cells'])
 
 
 def test_without_export_drops_only_the_export_cell(tmp_path):
     nb = NBS / '41_cues.ipynb'
     cells = json.loads(nb.read_text())['cells']
     kept = json.loads(without_export(nb, tmp_path).read_text())['cells']
-    assert len(kept) == len(cells) - 1 and not any('nbdev_export()' in ''.join(c['source']) for c in kept)
+    assert not any('nbdev_export()' in ''.join(c['source']) for c in kept)
+    assert [c['source'] for c in kept[:len(cells) - 1]] == [c['source'] for c in cells if 'nbdev_export()' not in ''.join(c['source'])]
+    assert len(kept) == len(cells) - 1 + has_exercises({'cells': cells})
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=key)
