@@ -6,6 +6,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault('DFC_QUIET', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
+os.environ.setdefault('DFC_STATIC', '1')  # widgets draw their static fallback only (deepfake_course.widgets)
 if os.environ.get('PYTEST_XDIST_WORKER'):  # two workers on two cores: one thread each (kernels inherit it)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     os.environ.setdefault('MKL_NUM_THREADS', '1')
