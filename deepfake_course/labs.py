@@ -117,9 +117,10 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data
     parameters['data_root'] = str(get_data_root(given if given not in (None, '') else data_root))
     out = Path(out_dir).expanduser().resolve(); out.mkdir(parents=True, exist_ok=True)
     parameters['out_dir'] = str(out)
-    old, old_mpl = os.environ.get('DFC_QUIET'), os.environ.get('MPLBACKEND')
+    old, old_mpl, old_static = os.environ.get('DFC_QUIET'), os.environ.get('MPLBACKEND'), os.environ.get('DFC_STATIC')
     if quiet: os.environ['DFC_QUIET'] = '1'
     os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'   # the executed copy keeps its figures, whatever the caller's backend
+    os.environ['DFC_STATIC'] = '1'   # widgets draw their static figures only: no one moves a slider in a lab run
     try:
         with Timer() as t:
             pm.execute_notebook(str(nb), str(out/nb.name), parameters=parameters, kernel_name=kernel_name,
@@ -128,7 +129,7 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data
     except (pm.PapermillExecutionError, CellTimeoutError) as e:
         raise _lab_error(e, nb, out/nb.name, timeout) from None
     finally:
-        for k, v in (('DFC_QUIET', old if quiet else os.environ.get('DFC_QUIET')), ('MPLBACKEND', old_mpl)):
+        for k, v in (('DFC_QUIET', old if quiet else os.environ.get('DFC_QUIET')), ('MPLBACKEND', old_mpl), ('DFC_STATIC', old_static)):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
     m = load_metrics(out)
