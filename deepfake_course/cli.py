@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument('--only', nargs='+', metavar='NOTEBOOK', default=None, help='these lectures only (names or paths)')
     st.add_argument('--timeout', type=_positive_int, default=None, metavar='S', help='seconds allowed per cell')
     st.add_argument('--data-root', default=None, help=root_help + ' (--quick: <out>/data unless given)')
+    st.add_argument('--leaderboard', default=None, metavar='RUN_DIR', help="the leaderboard from this run of lecture 60c (its "
+                    "generalisation.csv and rows.csv, e.g. a GPU run); default: the build's own run of 60c")
     return ap
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\ngrades: {Path(args.course) / 'grades' / (Path(args.notebook).stem + '.csv')}"); return 0
         if args.command == 'site':
             from deepfake_course.site import build_site
-            res = build_site(args.out, quick=args.quick, only=args.only, data_root=args.data_root, timeout=args.timeout, verbose=True)
-            print(f"site: {res['index']} ({len(res['lectures'])} lectures, {res['seconds']:.0f} s)")
+            res = build_site(args.out, quick=args.quick, only=args.only, data_root=args.data_root, timeout=args.timeout, verbose=True,
+                             leaderboard=args.leaderboard)
+            print(f"site: {res['index']} ({len(res['lectures'])} lectures, {res['seconds']:.0f} s; "
+                  + (f"leaderboard from {res['leaderboard']})" if res['leaderboard'] else "no leaderboard: lecture 60c was not in this build)"))
             for e in res['lectures']:
                 if e['status'] != 'ok': print(f"failed: {e['name']}: {e.get('error_line') or e['error']}", file=sys.stderr)
             return 1 if res['failed'] else 0

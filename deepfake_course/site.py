@@ -11,8 +11,8 @@ from typing import Sequence
 from .core import course_checkout, cfg_hash, load_metrics, progress, atomic_write_text
 
 # %% auto #0
-__all__ = ['SITE_THEME', 'site_notebooks', 'lecture_summary', 'execute_lecture', 'api_modules', 'api_markdown', 'index_markdown',
-           'write_site_sources', 'build_site']
+__all__ = ['SITE_THEME', 'LEADERBOARD_LECTURE', 'QUICK_RUN', 'site_notebooks', 'lecture_summary', 'execute_lecture',
+           'api_modules', 'api_markdown', 'index_markdown', 'write_site_sources', 'leaderboard_markdown', 'build_site']
 
 # %% ../nbs/62_site.ipynb #efc62d71
 def site_notebooks(nbs_dir=None) -> list[Path]:
@@ -127,7 +127,7 @@ def _figures(metrics: dict, n: int = 4) -> str:
 
 def _cell(s) -> str: return _md_text(str(s or '')).replace('|', '\\|').replace('\n', ' ')
 
-def index_markdown(entries: Sequence[dict], quick: bool) -> str:
+def index_markdown(entries: Sequence[dict], quick: bool, leaderboard: bool = False) -> str:
     "The site's index: the lecture table (status, run time here and at the defaults, headline figures), then each lecture's objectives."
     ok = sum(e['status'] == 'ok' for e in entries)
     how = ('at their smoke sizes (`--quick`): the figures show that the code runs, not what the lectures measure at their defaults'
@@ -145,12 +145,16 @@ def index_markdown(entries: Sequence[dict], quick: bool) -> str:
         out += [f"### [{e['name']}]({e['page']}): {_md_text(e['title'])}", '']
         if e.get('subtitle'): out += [_md_text(e['subtitle']), '']
         if e.get('objectives'): out += [_md_text(e['objectives']), '']
+    if leaderboard:
+        out += ['## The leaderboard', '', 'The [leaderboard](leaderboard.md): every image detector of the course against every fake source it',
+                'was tested on, clean and after JPEG, blur, resizing and H.264, AUROC with intervals by person, sortable.', '']
     out += ['## The library', '', 'The [API reference](api/index.md) lists every module of `deepfake_course`, generated from its docstrings.', '']
     return '\n'.join(out)
 
-def write_site_sources(entries: Sequence[dict], src_dir, quick: bool = False) -> Path:
+def write_site_sources(entries: Sequence[dict], src_dir, quick: bool = False, leaderboard: str | None = None) -> Path:
     """The MkDocs project of the site in `src_dir`: docs/index.md, docs/lectures/ (executed notebooks, or an error page),
-    docs/api/ (one page per module) and mkdocs.yml. Sets each entry's `page`. Returns the path of mkdocs.yml."""
+    docs/api/ (one page per module), docs/leaderboard.md (the Markdown `leaderboard`, when given) and mkdocs.yml. Sets each
+    entry's `page`. Returns the path of mkdocs.yml."""
     import yaml
     src = Path(src_dir); docs = src / 'docs'
     if docs.exists(): shutil.rmtree(docs)
@@ -165,15 +169,114 @@ def write_site_sources(entries: Sequence[dict], src_dir, quick: bool = False) ->
     mods = api_modules()
     for m in mods: atomic_write_text(docs / 'api' / f'{m}.md', api_markdown(m))
     atomic_write_text(docs / 'api' / 'index.md', '# API reference\n\n' + '\n'.join(f'- [`{m}`]({m}.md)' for m in mods) + '\n')
-    atomic_write_text(docs / 'index.md', index_markdown(entries, quick))
+    atomic_write_text(docs / 'index.md', index_markdown(entries, quick, leaderboard=leaderboard is not None))
+    if leaderboard is not None: atomic_write_text(docs / 'leaderboard.md', leaderboard)
     cfg = dict(site_name='deepfake-course', docs_dir='docs', use_directory_urls=False, theme=SITE_THEME,
                plugins=['search', {'mkdocs-jupyter': {'include_source': True, 'execute': False, 'ignore_h1_titles': True}}],
                markdown_extensions=['tables', 'admonition', {'pymdownx.arithmatex': {'generic': True}}],
-               nav=[{'Home': 'index.md'}, {'Lectures': [{f"{e['name'].split('_')[0]} {e['title'].replace('`', '')}": e['page']} for e in entries]},
+               nav=[{'Home': 'index.md'}, *([{'Leaderboard': 'leaderboard.md'}] if leaderboard is not None else []), {'Lectures': [{f"{e['name'].split('_')[0]} {e['title'].replace('`', '')}": e['page']} for e in entries]},
                     {'API': ['api/index.md'] + [{m.removeprefix('deepfake_course.') or m: f'api/{m}.md'} for m in mods]}])
     f = src / 'mkdocs.yml'
     atomic_write_text(f, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return f
+
+# %% ../nbs/62_site.ipynb #5736dd68
+LEADERBOARD_LECTURE = '60c_generalisation'   # the lecture whose generalisation.csv and rows.csv the leaderboard shows
+
+_SORT_JS = """<script>
+document.querySelectorAll('table.dfc-sortable').forEach(function (t) {
+  t.querySelectorAll('thead th').forEach(function (th, k) {
+    th.style.cursor = 'pointer'; th.title = 'sort by this column';
+    th.addEventListener('click', function () {
+      var body = t.tBodies[0], rows = Array.prototype.slice.call(body.rows), up = th.getAttribute('data-order') !== 'asc';
+      var key = function (r) { var c = r.cells[k], v = c.getAttribute('data-v'); v = v === null ? c.textContent.trim() : v;
+                               var x = parseFloat(v); return isNaN(x) ? v : x; };
+      rows.sort(function (a, b) { var x = key(a), y = key(b);
+        var d = (typeof x === 'number' && typeof y === 'number') ? x - y : String(x).localeCompare(String(y));
+        return up ? d : -d; });
+      t.querySelectorAll('thead th').forEach(function (h) { h.removeAttribute('data-order'); });
+      th.setAttribute('data-order', up ? 'asc' : 'desc');
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
+</script>"""
+
+def _pct(v) -> str: return '' if v is None or v != v else f'{100 * float(v):.1f}'
+
+def leaderboard_markdown(table, rows=None, how_run: str | None = None, lecture_page: str | None = None) -> str:
+    """The leaderboard page (Markdown with one sortable HTML table) from 60c's `generalisation.csv` (`table`: detector,
+    source, perturbation, auroc, low, high, n_real, n_fake) and `rows.csv` (`rows`: detector, how, params, seconds,
+    val_auroc; optional), with what it does not cover. `how_run`: how 60c was run, in words (its sizes)."""
+    import pandas as pd
+    t = pd.DataFrame(table)
+    need = {'detector', 'source', 'perturbation', 'auroc', 'low', 'high'}
+    if miss := need - set(t.columns): raise ValueError(f"leaderboard: the table lacks column(s) {sorted(miss)}")
+    if not len(t): raise ValueError("leaderboard: the table is empty")
+    info = pd.DataFrame(rows).set_index('detector') if rows is not None and len(rows) else pd.DataFrame()
+    srcs, conds = list(dict.fromkeys(t.source)), list(dict.fromkeys(t.perturbation))
+    clean = t[t.perturbation == 'clean']
+    wide = clean.pivot(index='detector', columns='source', values='auroc').reindex(columns=srcs)
+    order = wide.mean(axis=1).sort_values(ascending=False).index if len(wide) else sorted(t.detector.unique())
+    get = lambda d, k, default='': info.at[d, k] if k in info.columns and d in info.index else default
+    src_link = f'[lecture 60c]({lecture_page})' if lecture_page else 'lecture 60c'
+    out = ['# Leaderboard', '',
+           f"Every two-class image detector that {src_link} trained, against every fake source it was tested on, clean and under "
+           f"{', '.join(c for c in conds if c != 'clean')}" + (f"; 60c ran {how_run}" if how_run else '') + ". AUROC in %, with the 95% bootstrap interval over test "
+           "people (a GAN face, which shows no one, counts alone). The faces are SynthFaces renders: the table ranks methods on this "
+           "rendered world, not on real video.", '',
+           '## Clean faces, ranked by mean AUROC over the sources', '',
+           '| rank | detector | how trained | mean | ' + ' | '.join(srcs) + ' |', '|---|---|---|---|' + '---|' * len(srcs)]
+    for r, d in enumerate(order, 1):
+        cells = []
+        for s in srcs:
+            m = clean[(clean.detector == d) & (clean.source == s)]
+            cells.append(f'{_pct(m.auroc.iloc[0])} [{_pct(m.low.iloc[0])}, {_pct(m.high.iloc[0])}]' if len(m) else '')
+        out.append(f"| {r} | `{d}` | {_cell(get(d, 'how'))} | {_pct(wide.loc[d].mean()) if d in wide.index else ''} | " + ' | '.join(cells) + ' |')
+    out += ['', '## Every detector, source and condition', '',
+            'Click a column\'s header to sort by it (again to reverse).', '',
+            '<table class="dfc-sortable"><thead><tr><th>detector</th><th>trained</th><th>parameters</th><th>training s</th>'
+            '<th>val AUROC</th><th>fake source</th><th>condition</th><th>AUROC</th><th>95% interval</th><th>test faces (real/fake)</th></tr></thead><tbody>']
+    for x in t.itertuples():
+        p_, s_, v_ = get(x.detector, 'params', None), get(x.detector, 'seconds', None), get(x.detector, 'val_auroc', None)
+        nr, nf = getattr(x, 'n_real', ''), getattr(x, 'n_fake', '')
+        out.append(f'<tr><td>{html.escape(x.detector)}</td><td>{html.escape(str(get(x.detector, "how")))}</td>'
+                   f'<td data-v="{p_ if p_ is not None else ""}">{f"{int(p_):,}" if p_ is not None and p_ == p_ else ""}</td>'
+                   f'<td>{f"{float(s_):.0f}" if s_ is not None and s_ == s_ else ""}</td><td>{_pct(v_)}</td>'
+                   f'<td>{html.escape(x.source)}</td><td>{html.escape(x.perturbation)}</td><td>{_pct(x.auroc)}</td>'
+                   f'<td data-v="{x.low}">{_pct(x.low)} to {_pct(x.high)}</td><td data-v="{nr}">{nr}/{nf}</td></tr>')
+    out += ['</tbody></table>', '', _SORT_JS, '', '## What the table does not cover', '']
+    from deepfake_course.detect.core import list_detectors
+    from deepfake_course.generalise import NOT_ROWS
+    from deepfake_course.bench import FAKE_SOURCES
+    registered = list(list_detectors()['name'])
+    own = [d for d in registered if d in NOT_ROWS]
+    left = [d for d in registered if d not in NOT_ROWS and d not in set(t.detector)]
+    out.append(f"- **{len(registered)} detectors are registered** (`DETECTORS`); the table holds {t.detector.nunique()}.")
+    if own: out.append(f"- Not two-class image detectors trained from labelled faces, each measured in its own lecture: {', '.join(f'`{d}`' for d in own)}.")
+    if left: out.append(f"- Image detectors this run did not train (60c's `rows` parameter; the large ones cost CPU-hours): {', '.join(f'`{d}`' for d in left)}.")
+    out.append("- The video and audio-visual detectors of lectures 36 and 41 score clips, not faces: their tables are in those lectures.")
+    untested = [s for s in FAKE_SOURCES if s not in srcs]
+    if untested: out.append(f"- Fake sources of the course this run did not test (60c's `fake_sources`): {', '.join(f'`{s}`' for s in untested)}.")
+    return '\n'.join(out) + '\n'
+
+QUICK_RUN = ("at its smoke sizes (`--quick`): a few training steps on tiny sets, so these numbers show the table's shape, "
+             "not what the detectors can do")
+
+def _how_run(folder, quick: bool) -> str:
+    "How the 60c run in `folder` was run, from its lab.json (the parameters it was given)."
+    f = Path(folder) / 'lab.json'
+    given = {k: v for k, v in (json.loads(f.read_text()).get('parameters', {}) if f.exists() else {}).items()
+             if k not in ('data_root', 'out_dir', 'device')}
+    if quick: return QUICK_RUN
+    return 'at its student defaults (CPU sizes)' if not given else 'with ' + ', '.join(f'`{k}={v}`' for k, v in given.items())
+
+def _leaderboard_tables(folder):
+    "generalisation.csv and rows.csv (or None) from a 60c run folder; None when it holds no generalisation.csv."
+    import pandas as pd
+    f = Path(folder)
+    if not (f / 'generalisation.csv').exists(): return None
+    return pd.read_csv(f / 'generalisation.csv'), (pd.read_csv(f / 'rows.csv') if (f / 'rows.csv').exists() else None)
 
 # %% ../nbs/62_site.ipynb #532404c3
 def _writable(out: Path) -> Path:
@@ -186,17 +289,21 @@ def _writable(out: Path) -> Path:
     return out
 
 def build_site(out, quick: bool = False, only: Sequence | None = None, data_root=None, timeout: int | None = None,
-               verbose: bool | None = None) -> dict:
+               verbose: bool | None = None, leaderboard=None) -> dict:
     """Execute the lectures (all of `site_notebooks()`, or `only`: names or paths), write the MkDocs sources in
     `<out>/src` and build the static site in `<out>/site`. Executed notebooks are cached in `<out>/executed` (an
     interrupted build resumes). `quick`: smoke parameters, and unless `data_root` is given the lectures' data goes to
-    `<out>/data`, not the course's data root. Returns dict(index, lectures (a list of dicts), failed (names), seconds)."""
+    `<out>/data`, not the course's data root. The leaderboard page comes from this build's run of 60c, or from the run
+    folder `leaderboard` (its generalisation.csv and rows.csv) when given. Returns dict(index, lectures (a list of dicts),
+    failed (names), leaderboard (the folder it came from, or None), seconds)."""
     from deepfake_course.labs import notebook_path
     try: import mkdocs, material, mkdocs_jupyter  # noqa: F401
     except ImportError as e:
         raise ImportError(f"site: {e.name} is missing; install the site builder with pip install mkdocs mkdocs-material mkdocs-jupyter "
                           "(or pip install -e '.[dev]')") from None
     t0 = time.perf_counter()
+    if leaderboard is not None and _leaderboard_tables(leaderboard) is None:
+        raise FileNotFoundError(f"site: no generalisation.csv in {leaderboard} (the leaderboard folder is a run of lecture 60c)")
     out = _writable(Path(out).expanduser().resolve())
     nbs = [notebook_path(n) for n in only] if only else site_notebooks()
     root = data_root if data_root is not None else (out / 'data' if quick else None)
@@ -204,12 +311,17 @@ def build_site(out, quick: bool = False, only: Sequence | None = None, data_root
     for nb in progress(nbs, desc='executing lectures', verbose=verbose):
         r = execute_lecture(nb, out / 'executed', quick, root, timeout)
         entries.append({**lecture_summary(nb), **r})
-    cfg = write_site_sources(entries, out / 'src', quick)
+    lb_dir = Path(leaderboard) if leaderboard is not None else next(
+        (Path(e['executed']).parent for e in entries if e['name'] == LEADERBOARD_LECTURE and e['status'] == 'ok' and e.get('executed')), None)
+    tables = _leaderboard_tables(lb_dir) if lb_dir is not None else None
+    lb = leaderboard_markdown(*tables, how_run=_how_run(lb_dir, quick and leaderboard is None),
+                              lecture_page=f'lectures/{LEADERBOARD_LECTURE}.ipynb' if any(e['name'] == LEADERBOARD_LECTURE for e in entries) else None) if tables else None
+    cfg = write_site_sources(entries, out / 'src', quick, leaderboard=lb)
     p = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '-q', '-f', str(cfg), '-d', str(out / 'site')],
                        capture_output=True, text=True, cwd=str(cfg.parent))   # mkdocs-jupyter caches under <cwd>/.cache
     if p.returncode:
         raise RuntimeError(f"site: mkdocs build failed ({cfg}):\n" + '\n'.join((p.stderr or p.stdout).strip().splitlines()[-15:]))
     res = dict(index=out / 'site' / 'index.html', lectures=[{k: (str(v) if isinstance(v, Path) else v) for k, v in e.items()} for e in entries],
-               failed=[e['name'] for e in entries if e['status'] != 'ok'], seconds=round(time.perf_counter() - t0, 1))
+               failed=[e['name'] for e in entries if e['status'] != 'ok'], leaderboard=str(lb_dir) if tables else None, seconds=round(time.perf_counter() - t0, 1))
     atomic_write_text(out / 'site.json', json.dumps({**res, 'index': str(res['index'])}, indent=2, default=str))
     return res

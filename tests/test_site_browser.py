@@ -29,9 +29,15 @@ PIXELS = """() => [...document.querySelectorAll('.jp-RenderedImage img')].map(i 
 @pytest.fixture(scope='module')
 def served_site(tmp_path_factory):
     from deepfake_course.site import build_site
+    import pandas as pd
     out = tmp_path_factory.mktemp('course-site')
-    res = build_site(out, quick=True, only=LECTURES, verbose=False)
+    runs = tmp_path_factory.mktemp('run-60c')   # a leaderboard from a given run folder (60c itself is too slow for this test)
+    pd.DataFrame([dict(detector=d, source=s, perturbation=p, auroc=a, low=a - 0.04, high=a + 0.04, n_real=32, n_fake=32)
+                  for d, a0 in (('meso4', 0.62), ('xray', 0.81), ('f3net', 0.74)) for s, ds in (('blend-swap', 0.1), ('dcgan', 0.0))
+                  for p, dp in (('clean', 0.0), ('blur1', -0.05)) for a in [a0 + ds + dp]]).to_csv(runs / 'generalisation.csv', index=False)
+    res = build_site(out, quick=True, only=LECTURES, verbose=False, leaderboard=runs)
     assert not res['failed'], res['failed']
+    assert res['leaderboard'] == str(runs)
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *a): pass
     srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(out / 'site')))
@@ -48,13 +54,18 @@ def test_site_in_chromium(served_site):
         page.on('console', lambda m: problems.append(f'console {m.type}: {m.text}') if m.type == 'error' else None)
         page.on('pageerror', lambda e: problems.append(f'page error: {e}'))
         page.on('requestfailed', lambda r: problems.append(f'request failed: {r.url} ({r.failure})'))
-        for url in ['index.html'] + [f'lectures/{n}.html' for n in LECTURES]:
+        for url in ['index.html', 'leaderboard.html'] + [f'lectures/{n}.html' for n in LECTURES]:
             page.goto(base + url, wait_until='load')
             assert page.title(), f'{url}: no title'
             if url.startswith('lectures/'):
                 figs = page.evaluate(PIXELS)
                 assert figs, f"{url}: no figure ({page.evaluate('() => [document.images.length, document.title, location.href]')})"
                 assert all(f['w'] > 0 and f['std'] > 1 for f in figs), f'{url}: a figure did not render or is blank: {figs}'
+            if url == 'leaderboard.html':   # the table sorts: AUROC (column 8) descending after two clicks
+                head = page.locator('table.dfc-sortable thead th').nth(7)
+                head.click(); head.click()
+                col = [float(v) for v in page.evaluate("() => [...document.querySelectorAll('table.dfc-sortable tbody tr')].map(r => r.cells[7].textContent)")]
+                assert len(col) == 12 and col == sorted(col, reverse=True), col
             for href in page.evaluate("() => [...document.querySelectorAll('a[href]')].map(a => a.href.split('#')[0])"):
                 if not href.startswith(base) or href in checked: continue
                 checked.add(href)
