@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest='command', required=True)
     root_help = 'data root (default: $DFC_DATA, else <course checkout>/data, else ./data)'
     r = sub.add_parser('run', help='the main job: build data, make fakes, train detectors, write a report')
-    r.add_argument('--quick', action='store_true', help='the small configuration (about 15 minutes on 2 CPU cores); default: the full one')
+    size = r.add_mutually_exclusive_group()
+    size.add_argument('--quick', action='store_true', help='the small configuration (about 15 minutes on 2 CPU cores); default: the full one')
+    size.add_argument('--full', action='store_true', help='the full configuration (the default, GPU-sized: hours on a CPU)')
     r.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='override one setting of the configuration (repeatable), e.g. --set n_boot=500 --set detectors=[shallownet_v3,meso4]')
     r.add_argument('--data-root', default=None, help=root_help)

@@ -15,10 +15,10 @@ from .labs import notebook_path, smoke_parameters
 
 # %% auto #0
 __all__ = ['BEGIN_SOLUTION', 'END_SOLUTION', 'ExerciseError', 'exercise_cells', 'read_notebook', 'find_exercises',
-           'stub_notebook', 'unsolved_passes', 'check_exercises', 'handout', 'grade']
+           'stub_notebook', 'unsolved_passes', 'check_exercises', 'is_export_cell', 'handout', 'grade']
 
 # %% ../nbs/61c_handout.ipynb #007f44ff
-BEGIN_SOLUTION, END_SOLUTION = '### BEGIN SOLUTION', '### END SOLUTION'
+BEGIN_SOLUTION, END_SOLUTION = '### BEGIN' + ' SOLUTION', '### END' + ' SOLUTION'   # nbgrader's markers, in two pieces: it clears any cell that holds one whole
 _GRADE_ID = re.compile(r'^[A-Za-z0-9_-]+$')
 
 class ExerciseError(ValueError):
@@ -28,8 +28,8 @@ def _nbgrader_meta(**kw) -> dict:
     d = dict(grade=False, solution=False, locked=False, task=False, schema_version=3); d.update(kw); return {'nbgrader': d}
 
 def exercise_cells(grade_id: str, task: str, solution: str, test: str, points: float = 1) -> list:
-    """The cells of one exercise: `task` (markdown, locked), `solution` (code; the answer between `### BEGIN SOLUTION`
-    and `### END SOLUTION`, which the handout replaces by a stub) and `test` (code, locked, worth `points`)."""
+    """The cells of one exercise: `task` (markdown, locked), `solution` (code; the answer between the marker lines
+    `BEGIN_SOLUTION` and `END_SOLUTION`, which the handout replaces by a stub) and `test` (code, locked, worth `points`)."""
     import nbformat
     if not _GRADE_ID.match(grade_id or ''): raise ExerciseError(f"grade id {grade_id!r}: use letters, digits, '-' and '_' only")
     b, e = solution.find(BEGIN_SOLUTION), solution.find(END_SOLUTION)
@@ -156,6 +156,12 @@ def _nbgrader_api(course: Path, timeout: int | None = 1800):
     c.Execute.timeout = timeout
     return NbGraderAPI(config=c)
 
+_EXPORT_CELL = re.compile(r'(\s*#\|[^\n]*\n)*\s*(import nbdev\s*[;\n]\s*)?nbdev\.nbdev_export\(\)\s*')
+
+def is_export_cell(cell) -> bool:
+    "True for a lecture's closing `import nbdev; nbdev.nbdev_export()` cell (a student's run must not rewrite the library)."
+    return cell.get('cell_type') == 'code' and bool(_EXPORT_CELL.fullmatch(''.join(cell.get('source', ''))))
+
 def _writable_dir(d, what: str) -> Path:
     d = Path(d).expanduser()
     try: d.mkdir(parents=True, exist_ok=True)
@@ -175,7 +181,7 @@ def handout(nb, out_dir, params: dict | None = None, quick: bool = False, course
     ex = find_exercises(d)
     if not len(ex): raise ExerciseError(f"{path.name} has no exercises (no cell marked as an nbgrader solution): there is nothing to hand out")
     out = _writable_dir(out_dir, 'handout folder')
-    d.cells = [c for c in d.cells if not (c.cell_type == 'code' and 'nbdev_export()' in c.source)]
+    d.cells = [c for c in d.cells if not is_export_cell(c)]
     p = {**(smoke_parameters(path) if quick else {}), **(params or {})}
     if p:   # papermill's own injection (it expects every cell to have a tags list)
         for c in d.cells: c.metadata.setdefault('tags', [])

@@ -66,7 +66,8 @@ def without_export(nb_path, tmp_path):
     A lecture with exercises gets one cell more at its end: `check_exercises` proves each exercise's tests fail on the
     handout's stub (the run itself proves the solutions pass them)."""
     d = json.loads(nb_path.read_text())
-    d['cells'] = [c for c in d['cells'] if not (c['cell_type'] == 'code' and 'nbdev_export()' in ''.join(c['source']))]
+    from deepfake_course.handout import is_export_cell
+    d['cells'] = [c for c in d['cells'] if not is_export_cell(c)]
     if has_exercises(d):   # at the end of the solved run: every exercise's tests must fail on the handout's stub
         d['cells'].append({'cell_type': 'code', 'execution_count': None, 'id': 'dfc-check-exercises', 'metadata': {}, 'outputs': [],
                            'source': f"from deepfake_course.handout import check_exercises\ncheck_exercises(r'{nb_path}', globals())"})
@@ -83,8 +84,9 @@ def test_without_export_drops_only_the_export_cell(tmp_path):
     nb = NBS / '41_cues.ipynb'
     cells = json.loads(nb.read_text())['cells']
     kept = json.loads(without_export(nb, tmp_path).read_text())['cells']
-    assert not any('nbdev_export()' in ''.join(c['source']) for c in kept)
-    assert [c['source'] for c in kept[:len(cells) - 1]] == [c['source'] for c in cells if 'nbdev_export()' not in ''.join(c['source'])]
+    from deepfake_course.handout import is_export_cell
+    assert not any(is_export_cell(c) for c in kept) and sum(map(is_export_cell, cells)) == 1
+    assert [c['source'] for c in kept[:len(cells) - 1]] == [c['source'] for c in cells if not is_export_cell(c)]
     assert len(kept) == len(cells) - 1 + has_exercises({'cells': cells})
 
 
