@@ -14,8 +14,8 @@ from .core import atomic_write_text
 from .labs import notebook_path, smoke_parameters
 
 # %% auto #0
-__all__ = ['BEGIN_SOLUTION', 'END_SOLUTION', 'ExerciseError', 'exercise_cells', 'read_notebook', 'find_exercises',
-           'stub_notebook', 'unsolved_passes', 'check_exercises', 'is_export_cell', 'handout', 'grade']
+__all__ = ['BEGIN_SOLUTION', 'END_SOLUTION', 'STUB', 'ExerciseError', 'exercise_cells', 'read_notebook', 'find_exercises',
+           'stub_source', 'stub_notebook', 'unsolved_passes', 'check_exercises', 'is_export_cell', 'handout', 'grade']
 
 # %% ../nbs/61c_handout.ipynb #007f44ff
 BEGIN_SOLUTION, END_SOLUTION = '### BEGIN' + ' SOLUTION', '### END' + ' SOLUTION'   # nbgrader's markers, in two pieces: it clears any cell that holds one whole
@@ -108,11 +108,32 @@ def _defined_names(source: str) -> set:
                 if it.optional_vars is not None: targets(it.optional_vars)
     return out
 
+_MARK_BEGIN, _MARK_END = BEGIN_SOLUTION.removeprefix('### '), END_SOLUTION.removeprefix('### ')   # what nbgrader looks for in a line
+STUB = '# YOUR CODE HERE\nraise NotImplementedError()'   # nbgrader's Python stub
+
+def stub_source(source: str) -> str:
+    """A cell's source as nbgrader's `ClearSolutions` leaves it: each marked region replaced by `STUB`, indented as its
+    first marker line. Written out here so that checking a lecture does not import nbgrader (seconds a notebook); the
+    test suite compares it with nbgrader's own on every lecture."""
+    out, inside = [], False
+    for line in source.split('\n'):
+        if _MARK_BEGIN in line:
+            if inside: raise ExerciseError(f"a solution region opens inside another: {source[:200]!r}")
+            inside, pad = True, line[:len(line) - len(line.lstrip())]
+            out += [pad + s for s in STUB.split('\n')]
+        elif _MARK_END in line: inside = False
+        elif not inside: out.append(line)
+    if inside: raise ExerciseError(f"a solution region does not close: {source[:200]!r}")
+    return '\n'.join(out)
+
 def stub_notebook(nb):
-    "A copy of notebook `nb` with every solution replaced by the handout's stub (nbgrader's `ClearSolutions`)."
-    from nbgrader.preprocessors import ClearSolutions
+    "A copy of notebook `nb` with every solution replaced by the handout's stub (as nbgrader's `ClearSolutions` does it)."
     d = copy.deepcopy(read_notebook(nb))
-    ClearSolutions().preprocess(d, {'language': 'python'})
+    for i, c in enumerate(d.cells):
+        if _MARK_BEGIN not in c.source: continue
+        if not (c.get('metadata', {}).get('nbgrader') or {}).get('solution'):
+            raise ExerciseError(f"cell {i}: a solution region in a cell that is not marked as a solution (nbgrader refuses it)")
+        c.source = stub_source(c.source)
     return d
 
 def unsolved_passes(nb, namespace: dict) -> list:

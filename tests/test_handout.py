@@ -59,6 +59,17 @@ def test_stubs_hide_the_solutions(nb):
         assert 'raise NotImplementedError()' in stub.cells[i].source
 
 
+@pytest.mark.parametrize('nb', WITH_EXERCISES, ids=lambda p: p.stem)
+def test_stubs_are_nbgraders(nb):
+    "The course's `stub_notebook` (no nbgrader import, fast enough to run after every lecture) writes what nbgrader's `ClearSolutions` writes."
+    import copy
+    from nbgrader.preprocessors import ClearSolutions
+    from deepfake_course.handout import read_notebook, stub_notebook
+    src = read_notebook(nb); theirs = copy.deepcopy(src)
+    ClearSolutions().preprocess(theirs, {'language': 'python'})
+    assert [c.source for c in stub_notebook(src).cells] == [c.source for c in theirs.cells]
+
+
 def test_handout_runs_up_to_the_exercises(tmp_path, session_data_root):
     "A real handout (nbgrader's generate_assignment, smoke sizes baked in) runs until the first stub, which raises."
     import nbformat, papermill as pm
