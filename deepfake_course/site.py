@@ -184,7 +184,7 @@ def write_site_sources(entries: Sequence[dict], src_dir, quick: bool = False, le
 LEADERBOARD_LECTURE = '60c_generalisation'   # the lecture whose generalisation.csv and rows.csv the leaderboard shows
 
 _SORT_JS = """<script>
-document.querySelectorAll('table.dfc-sortable').forEach(function (t) {
+document.querySelectorAll('table[data-sortable]').forEach(function (t) {
   t.querySelectorAll('thead th').forEach(function (th, k) {
     th.style.cursor = 'pointer'; th.title = 'sort by this column';
     th.addEventListener('click', function () {
@@ -234,17 +234,17 @@ def leaderboard_markdown(table, rows=None, how_run: str | None = None, lecture_p
             cells.append(f'{_pct(m.auroc.iloc[0])} [{_pct(m.low.iloc[0])}, {_pct(m.high.iloc[0])}]' if len(m) else '')
         out.append(f"| {r} | `{d}` | {_cell(get(d, 'how'))} | {_pct(wide.loc[d].mean()) if d in wide.index else ''} | " + ' | '.join(cells) + ' |')
     out += ['', '## Every detector, source and condition', '',
-            'Click a column\'s header to sort by it (again to reverse).', '',
-            '<table class="dfc-sortable"><thead><tr><th>detector</th><th>trained</th><th>parameters</th><th>training s</th>'
-            '<th>val AUROC</th><th>fake source</th><th>condition</th><th>AUROC</th><th>95% interval</th><th>test faces (real/fake)</th></tr></thead><tbody>']
+            'Click a column\'s header to sort by it (again to reverse). How each detector was trained is in the ranking above.', '',
+            '<table data-sortable><thead><tr><th>detector</th><th>parameters</th><th>training s</th>'
+            '<th>val AUROC</th><th>fake source</th><th>condition</th><th>AUROC [95% interval]</th><th>test faces (real/fake)</th></tr></thead><tbody>']
     for x in t.itertuples():
         p_, s_, v_ = get(x.detector, 'params', None), get(x.detector, 'seconds', None), get(x.detector, 'val_auroc', None)
         nr, nf = getattr(x, 'n_real', ''), getattr(x, 'n_fake', '')
-        out.append(f'<tr><td>{html.escape(x.detector)}</td><td>{html.escape(str(get(x.detector, "how")))}</td>'
+        out.append(f'<tr><td>{html.escape(x.detector)}</td>'
                    f'<td data-v="{p_ if p_ is not None else ""}">{f"{int(p_):,}" if p_ is not None and p_ == p_ else ""}</td>'
                    f'<td>{f"{float(s_):.0f}" if s_ is not None and s_ == s_ else ""}</td><td>{_pct(v_)}</td>'
-                   f'<td>{html.escape(x.source)}</td><td>{html.escape(x.perturbation)}</td><td>{_pct(x.auroc)}</td>'
-                   f'<td data-v="{x.low}">{_pct(x.low)} to {_pct(x.high)}</td><td data-v="{nr}">{nr}/{nf}</td></tr>')
+                   f'<td>{html.escape(x.source)}</td><td>{html.escape(x.perturbation)}</td><td data-v="{x.auroc}">{_pct(x.auroc)} [{_pct(x.low)}, {_pct(x.high)}]</td>'
+                   f'<td data-v="{nr}">{nr}/{nf}</td></tr>')
     out += ['</tbody></table>', '', _SORT_JS, '', '## What the table does not cover', '']
     from deepfake_course.detect.core import list_detectors
     from deepfake_course.generalise import NOT_ROWS
@@ -264,11 +264,11 @@ QUICK_RUN = ("at its smoke sizes (`--quick`): a few training steps on tiny sets,
              "not what the detectors can do")
 
 def _how_run(folder, quick: bool) -> str:
-    "How the 60c run in `folder` was run, from its lab.json (the parameters it was given)."
-    f = Path(folder) / 'lab.json'
-    given = {k: v for k, v in (json.loads(f.read_text()).get('parameters', {}) if f.exists() else {}).items()
-             if k not in ('data_root', 'out_dir', 'device')}
+    "How the 60c run in `folder` was run, from its lab.json (the parameters it was given); None without one."
     if quick: return QUICK_RUN
+    f = Path(folder) / 'lab.json'
+    if not f.exists(): return None   # a folder from elsewhere: its sizes are not known here
+    given = {k: v for k, v in json.loads(f.read_text()).get('parameters', {}).items() if k not in ('data_root', 'out_dir', 'device')}
     return 'at its student defaults (CPU sizes)' if not given else 'with ' + ', '.join(f'`{k}={v}`' for k, v in given.items())
 
 def _leaderboard_tables(folder):

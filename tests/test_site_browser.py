@@ -61,10 +61,10 @@ def test_site_in_chromium(served_site):
                 figs = page.evaluate(PIXELS)
                 assert figs, f"{url}: no figure ({page.evaluate('() => [document.images.length, document.title, location.href]')})"
                 assert all(f['w'] > 0 and f['std'] > 1 for f in figs), f'{url}: a figure did not render or is blank: {figs}'
-            if url == 'leaderboard.html':   # the table sorts: AUROC (column 8) descending after two clicks
-                head = page.locator('table.dfc-sortable thead th').nth(7)
+            if url == 'leaderboard.html':   # the table sorts: AUROC (column 7) descending after two clicks
+                head = page.locator('table[data-sortable] thead th').nth(6)
                 head.click(); head.click()
-                col = [float(v) for v in page.evaluate("() => [...document.querySelectorAll('table.dfc-sortable tbody tr')].map(r => r.cells[7].textContent)")]
+                col = [float(v) for v in page.evaluate("() => [...document.querySelectorAll('table[data-sortable] tbody tr')].map(r => r.cells[6].getAttribute('data-v'))")]
                 assert len(col) == 12 and col == sorted(col, reverse=True), col
             for href in page.evaluate("() => [...document.querySelectorAll('a[href]')].map(a => a.href.split('#')[0])"):
                 if not href.startswith(base) or href in checked: continue
