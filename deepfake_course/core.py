@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEVICES', 'available_devices', 'get_device', 'seed_everything', 'rng_state', 'set_rng_state', 'course_checkout',
-           'get_data_root', 'cfg_hash', 'n_params', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_dir', 'set_out_dir', 'record', 'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer',
-           'is_quiet', 'progress', 'autocast', 'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
+__all__ = ['DEVICES', 'MALLOC_TUNED', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything', 'rng_state',
+           'set_rng_state', 'course_checkout', 'get_data_root', 'cfg_hash', 'n_params', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir', 'record', 'load_metrics',
+           'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast', 'to_numpy_image',
+           'show_images', 'save_images', 'write_mp4']
 
 # %% ../nbs/00_core.ipynb #cell-7
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
@@ -39,6 +40,23 @@ def get_device(device: str | torch.device = 'auto') -> torch.device:
     if kind not in available_devices():
         raise ValueError(f"Device {device!r} is not available on this machine; available: {', '.join(available_devices())}.")
     return torch.device(name)
+
+# %% ../nbs/00_core.ipynb #d454371f
+def keep_freed_memory(limit: int = 2**30) -> bool:
+    """Serve blocks up to `limit` bytes from glibc malloc's heap and keep up to `limit` freed bytes for reuse
+    (`M_MMAP_THRESHOLD`, `M_TRIM_THRESHOLD`), so a training loop does not pay page faults for the same buffers
+    every step. True when applied; False where the C library is not glibc."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 2**20 <= limit <= 2**40:
+        raise ValueError(f"keep_freed_memory: limit must be an integer number of bytes from 1 MiB to 1 TiB, got {limit!r}")
+    if not sys.platform.startswith('linux'): return False
+    import ctypes, ctypes.util
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    if not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'): return False   # musl and others
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
+
+MALLOC_TUNED = os.environ.get('DFC_MALLOC', '').strip().lower() != 'system' and keep_freed_memory()
 
 # %% ../nbs/00_core.ipynb #cell-10
 def seed_everything(seed: int, deterministic: bool = False) -> int:
