@@ -13,10 +13,10 @@ import torch
 
 # %% auto #0
 __all__ = ['DEVICES', 'MALLOC_TUNED', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything', 'rng_state',
-           'set_rng_state', 'course_checkout', 'get_data_root', 'cfg_hash', 'n_params', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir', 'record', 'load_metrics',
-           'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast', 'to_numpy_image',
-           'show_images', 'save_images', 'write_mp4']
+           'set_rng_state', 'writable_dir', 'course_checkout', 'get_data_root', 'cfg_hash', 'n_params',
+           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir', 'record',
+           'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast',
+           'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
 
 # %% ../nbs/00_core.ipynb #cell-7
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
@@ -87,15 +87,19 @@ def set_rng_state(st: dict) -> None:
 # %% ../nbs/00_core.ipynb #cell-13
 _WRITABLE: set[Path] = set()   # folders already probed in this process: a data root is checked once, not in every builder
 
-def _check_writable(p: Path, what: str) -> Path:
+def writable_dir(path: str | os.PathLike, what: str = 'Folder', hint: str = 'Pass another folder.') -> Path:
+    """`path` resolved and created (with its parents), after a probe file was written and removed in it; a
+    `NotADirectoryError` when it is a file, a `PermissionError` naming `what` and the folder when it cannot be
+    written (then `hint`). A folder is probed once per process."""
+    p = Path(path).expanduser().resolve()
     if p in _WRITABLE and p.is_dir(): return p
+    if p.exists() and not p.is_dir(): raise NotADirectoryError(f"{what} {str(p)!r} exists and is not a folder. {hint}".rstrip())
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f'.write-test-{uuid.uuid4().hex}'
         probe.write_bytes(b''); probe.unlink()
     except OSError as e:
-        raise PermissionError(f"{what} {str(p)!r} is not writable ({e.strerror or e}). "
-                              f"Pass another folder, or set the environment variable DFC_DATA.") from None
+        raise PermissionError(f"{what} {str(p)!r} is not writable ({e.strerror or e}). {hint}".rstrip()) from None
     _WRITABLE.add(p)
     return p
 
@@ -121,7 +125,7 @@ def get_data_root(data_root: str | os.PathLike | None = None, create: bool = Tru
         p = top / 'data' if top is not None else Path('data')
     p = p.expanduser().resolve()
     if p.exists() and not p.is_dir(): raise NotADirectoryError(f"Data root {str(p)!r} exists and is not a folder.")
-    return _check_writable(p, 'Data root') if create else p
+    return writable_dir(p, 'Data root', 'Pass another folder, or set the environment variable DFC_DATA.') if create else p
 
 def cfg_hash(cfg: dict, n: int = 10) -> str:
     "A short stable hash of a JSON-able configuration (key order does not matter)."
@@ -183,7 +187,7 @@ _OUT_DIR: Path | None = None
 def set_out_dir(out_dir: str | os.PathLike) -> Path:
     "Set the folder where `record` writes `metrics.json`."
     global _OUT_DIR
-    _OUT_DIR = _check_writable(Path(out_dir).expanduser().resolve(), 'Output folder')
+    _OUT_DIR = writable_dir(out_dir, 'Output folder')
     return _OUT_DIR
 
 def _plain(value):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .core import atomic_write_text
+from .core import atomic_write_text, writable_dir
 from .labs import notebook_path, smoke_parameters
 
 # %% auto #0
@@ -183,14 +183,6 @@ def is_export_cell(cell) -> bool:
     "True for a lecture's closing `import nbdev; nbdev.nbdev_export()` cell (a student's run must not rewrite the library)."
     return cell.get('cell_type') == 'code' and bool(_EXPORT_CELL.fullmatch(''.join(cell.get('source', ''))))
 
-def _writable_dir(d, what: str) -> Path:
-    d = Path(d).expanduser()
-    try: d.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise PermissionError(f"{what} {d}: cannot create it ({e.strerror})") from e
-    if not d.is_dir(): raise NotADirectoryError(f"{what} {d} is not a folder")
-    if not os.access(d, os.W_OK): raise PermissionError(f"{what} {d} is not writable")
-    return d
-
 def handout(nb, out_dir, params: dict | None = None, quick: bool = False, course=None) -> Path:
     """Write the student version of lecture `nb` to `<out_dir>/<lecture>.ipynb` and return its path: solutions replaced
     by stubs, tests locked, `params` (after the smoke sizes when `quick`) baked in. `course`: keep an nbgrader course
@@ -201,7 +193,7 @@ def handout(nb, out_dir, params: dict | None = None, quick: bool = False, course
     d = nbformat.read(str(path), as_version=4)
     ex = find_exercises(d)
     if not len(ex): raise ExerciseError(f"{path.name} has no exercises (no cell marked as an nbgrader solution): there is nothing to hand out")
-    out = _writable_dir(out_dir, 'handout folder')
+    out = writable_dir(out_dir, 'Handout folder')
     d.cells = [c for c in d.cells if not is_export_cell(c)]
     p = {**(smoke_parameters(path) if quick else {}), **(params or {})}
     if p:   # papermill's own injection (it expects every cell to have a tags list)
@@ -213,7 +205,7 @@ def handout(nb, out_dir, params: dict | None = None, quick: bool = False, course
     name = path.stem
     tmp = None
     if course is None: tmp = tempfile.mkdtemp(prefix='dfc-handout-'); root = Path(tmp)
-    else: root = _writable_dir(course, 'course folder')
+    else: root = writable_dir(course, 'Course folder')
     try:
         (root/'source'/name).mkdir(parents=True, exist_ok=True)
         nbformat.write(d, str(root/'source'/name/f'{name}.ipynb'))

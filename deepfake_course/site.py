@@ -8,7 +8,7 @@ import hashlib, html, importlib, inspect, json, os, pkgutil, re, shutil, subproc
 from pathlib import Path
 from typing import Sequence
 
-from .core import course_checkout, cfg_hash, load_metrics, progress, atomic_write_text
+from .core import course_checkout, cfg_hash, load_metrics, progress, atomic_write_text, writable_dir
 
 # %% auto #0
 __all__ = ['SITE_THEME', 'LEADERBOARD_LECTURE', 'QUICK_RUN', 'site_notebooks', 'lecture_summary', 'execute_lecture',
@@ -279,15 +279,6 @@ def _leaderboard_tables(folder):
     return pd.read_csv(f / 'generalisation.csv'), (pd.read_csv(f / 'rows.csv') if (f / 'rows.csv').exists() else None)
 
 # %% ../nbs/62_site.ipynb #532404c3
-def _writable(out: Path) -> Path:
-    "`out`, created; an error naming it when it cannot be written."
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / '.write-test'; probe.write_text('ok'); probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"site: cannot write the site to {out} ({type(e).__name__}: {e.strerror or e})") from None
-    return out
-
 def build_site(out, quick: bool = False, only: Sequence | None = None, data_root=None, timeout: int | None = None,
                verbose: bool | None = None, leaderboard=None) -> dict:
     """Execute the lectures (all of `site_notebooks()`, or `only`: names or paths), write the MkDocs sources in
@@ -304,7 +295,7 @@ def build_site(out, quick: bool = False, only: Sequence | None = None, data_root
     t0 = time.perf_counter()
     if leaderboard is not None and _leaderboard_tables(leaderboard) is None:
         raise FileNotFoundError(f"site: no generalisation.csv in {leaderboard} (the leaderboard folder is a run of lecture 60c)")
-    out = _writable(Path(out).expanduser().resolve())
+    out = writable_dir(out, 'site: the site folder', 'Pass another --out.')
     nbs = [notebook_path(n) for n in only] if only else site_notebooks()
     root = data_root if data_root is not None else (out / 'data' if quick else None)
     entries = []

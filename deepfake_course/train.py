@@ -104,11 +104,15 @@ def to_device(x, device: torch.device, channels_last: bool = False):
 def _amp(device: torch.device, amp: bool):
     return autocast(device) if amp else contextlib.nullcontext()
 
+def _channels_last(device: torch.device) -> bool:
+    "Whether `fit` and `evaluate` keep images channels-last on `device` (CUDA and CPU; not MPS)."
+    return device.type in ('cuda', 'cpu')
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dl: Iterable, device='auto', loss_fn: Callable | None = None, amp: bool = True):
     "Mean loss (nan without `loss_fn`), scores and labels of `model` over `dl`, in eval mode."
     dev = get_device(device); net = unwrap(model); was_training = net.training; net.eval()
-    cl = dev.type == 'cuda'
+    cl = _channels_last(dev)
     scores, labels, tot, n = [], [], 0.0, 0
     try:
         for batch in dl:
@@ -626,7 +630,7 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
             for fn in ('last.pt', 'prev.pt', 'best.pt'): (ck_dir / fn).unlink(missing_ok=True)
 
     # model, loader, optimiser, schedule, scaler
-    cl = dev.type == 'cuda'
+    cl = _channels_last(dev)
     model = unwrap(model).to(dev)
     if cl: model = model.to(memory_format=torch.channels_last)
     net, undo_bn = model, None
@@ -662,7 +666,7 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
     try:
         if info.world > 1:  # BatchNorm with the statistics of the global batch, as in one process (undone at the end)
             undo_bn = sync_batchnorm(model, dev)
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cl else None)
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
         _barrier(info)
         _call(callbacks, 'on_fit_start', state)
         bar = _progress(range(state.epoch, epochs), verbose=verbose, desc='fit', initial=state.epoch, total=epochs, unit='epoch')
