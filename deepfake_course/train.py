@@ -748,6 +748,7 @@ def fit(model: nn.Module, train_dl, val_dl=None, *, loss_fn: Callable | None = N
         try: writer.wait()  # an interrupted run still leaves its last checkpoint complete
         finally:
             if undo_bn is not None: undo_bn()  # the model's own BatchNorm layers come back
+            if cl: model.to(memory_format=torch.contiguous_format)  # the layout is fit's own: the model comes back as built and as loaded
             if info.owns_group:
                 import torch.distributed as dist
                 dist.destroy_process_group()
