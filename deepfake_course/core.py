@@ -53,8 +53,10 @@ def keep_freed_memory(limit: int = 2**30) -> bool:
     try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     except OSError: return False
     if not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'): return False   # musl and others
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    if not libc.mallopt(M_TRIM_THRESHOLD, limit): return False
+    # some glibc versions cap the threshold at 32 MiB (HEAP_MAX_SIZE / 2) and refuse more: then no block is served by mmap at all
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) or bool(libc.mallopt(M_MMAP_MAX, 0))
 
 MALLOC_TUNED = os.environ.get('DFC_MALLOC', '').strip().lower() != 'system' and keep_freed_memory()
 
