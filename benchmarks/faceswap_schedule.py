@@ -1,7 +1,7 @@
 """Random warp all the way, or warp then sharpen? The face-swap training schedule, measured.
 
 Trains the notebook's DF model (64 px, 3.2 M parameters, batch 8, lr 5e-4) on SynthFaces identities 0 (src) and
-1 (dst) once per `--warp-fractions` value, for `--steps` steps each, with the same data and seed. With a fraction
+1 (dst) once per `--warp-fractions` value, for `--steps` steps each, with the same data and seed (`--lr`: the rate while warping). With a fraction
 below 1 the rest of the steps run without random warp while the learning rate falls by a cosine to `--lr-final`
 (the notebook's default recipe: 0.5 and 5e-5). Every `--eval-every` steps it reports, on 48 held-out faces per
 identity: masked reconstruction SSIM, identity transfer (the notebook's inner-face judge) and landmark NME.
@@ -20,6 +20,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--steps', type=int, default=4000)
     ap.add_argument('--warp-fractions', type=float, nargs='+', default=[1.0, 0.5])
+    ap.add_argument('--lr', type=float, default=5e-4)
     ap.add_argument('--lr-final', type=float, default=5e-5)
     ap.add_argument('--eval-every', type=int, default=1000)
     ap.add_argument('--n-train', type=int, default=512)
@@ -54,7 +55,7 @@ def main():
                 curve.append(dict(step=step, seconds=round(row['seconds']), **{k: round(e[k], 3) for k in ('recon_ssim', 'identity_transfer', 'landmark_nme')}))
                 print(f'warp_fraction {wf}: {curve[-1]}', flush=True)
         t = time.time()
-        fs.train_faceswap(model, src, dst, steps=a.steps, batch_size=8, lr=5e-4, warp_fraction=wf,
+        fs.train_faceswap(model, src, dst, steps=a.steps, batch_size=8, lr=a.lr, warp_fraction=wf,
                           lr_final=a.lr_final if wf < 1 else None, preview_every=0, ckpt_every=0, seed=a.seed, on_step=on_step)
         final[wf] = dict(curve[-1], wall_seconds=round(time.time() - t))
     base = final.get(1.0)

@@ -15,8 +15,8 @@ import torch
 __all__ = ['DEVICES', 'MALLOC_TUNED', 'available_devices', 'get_device', 'keep_freed_memory', 'seed_everything', 'rng_state',
            'set_rng_state', 'writable_dir', 'course_checkout', 'get_data_root', 'cfg_hash', 'n_params',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_dir', 'set_out_dir', 'record',
-           'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'autocast',
-           'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
+           'load_metrics', 'NotebookSetup', 'setup_notebook', 'Timer', 'is_quiet', 'progress', 'cpu_bf16_native',
+           'autocast', 'to_numpy_image', 'show_images', 'save_images', 'write_mp4']
 
 # %% ../nbs/00_core.ipynb #cell-7
 DEVICES = ('auto', 'cpu', 'cuda', 'mps')
@@ -265,10 +265,17 @@ def progress(iterable: Iterable | None = None, verbose: bool | None = None, **kw
     disable = (not verbose) if verbose is not None else is_quiet()
     return tqdm(iterable, disable=disable, **kwargs)
 
-def autocast(device: torch.device | str):
-    "bf16 autocast on CUDA; a no-op context on CPU and MPS."
+def cpu_bf16_native() -> bool:
+    "Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions beat float32; `DFC_CPU_BF16=0` says no."
+    if os.environ.get('DFC_CPU_BF16', '1') in ('0', 'false', 'False', ''): return False
+    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError): return False
+
+def autocast(device: torch.device | str, cpu_bf16: bool = False):
+    "bf16 autocast on CUDA; on a CPU only with `cpu_bf16` and `cpu_bf16_native()`; a no-op context otherwise (and on MPS)."
     device = torch.device(device) if not isinstance(device, torch.device) else device
     if device.type == 'cuda': return torch.autocast('cuda', dtype=torch.bfloat16)
+    if device.type == 'cpu' and cpu_bf16 and cpu_bf16_native(): return torch.autocast('cpu', dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 # %% ../nbs/00_core.ipynb #cell-26

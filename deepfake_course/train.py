@@ -769,7 +769,7 @@ class StepLoop:
     `every` steps (atomic, in the course's one format) and exact resume. Iterate over it to get the step indices."""
     def __init__(self, models, optimizers=None, *, steps: int, ckpt_path=None, every: int = 100, name: str | None = None,
                  config: dict | None = None, schedulers=None, scaler=None, generators: Sequence = (), resume: bool = True,
-                 device='auto', amp: bool = True, progress: bool | None = None, desc: str | None = None):
+                 device='auto', amp: bool = True, cpu_bf16: bool = False, progress: bool | None = None, desc: str | None = None):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0: raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1: raise ValueError(f"every must be an integer >= 1, got {every!r}")
         mods = list(models.values()) if isinstance(models, dict) else [models]
@@ -777,7 +777,7 @@ class StepLoop:
             raise TypeError("StepLoop: models must be an nn.Module or a non-empty dict name -> nn.Module")
         for g in generators: _gen_state(g)
         self.models, self.optimizers, self.schedulers, self.scaler = models, optimizers, schedulers, scaler
-        self.steps, self.every, self.name, self.config, self.amp = steps, every, name, config, amp
+        self.steps, self.every, self.name, self.config, self.amp, self.cpu_bf16 = steps, every, name, config, amp, cpu_bf16
         self.generators, self.verbose, self.desc = list(generators), progress, desc or name or 'train'
         self.ckpt_path = Path(ckpt_path).expanduser() if ckpt_path not in (None, '') else None
         self.device = get_device(device)
@@ -788,8 +788,8 @@ class StepLoop:
             else: self.ckpt_path.unlink()  # a fresh run: the old one must never be resumed into it
 
     def autocast(self):
-        "bf16 autocast on CUDA (a no-op elsewhere, or with `amp=False`)."
-        return autocast(self.device) if self.amp else contextlib.nullcontext()
+        "bf16 autocast on CUDA, and on a CPU with bf16 hardware when `cpu_bf16` (`core.autocast`); a no-op otherwise, or with `amp=False`."
+        return autocast(self.device, self.cpu_bf16) if self.amp else contextlib.nullcontext()
 
     def to_device(self, x):
         "A tensor (or a dict/list/tuple of them) on the loop's device."

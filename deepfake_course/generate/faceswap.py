@@ -454,12 +454,15 @@ def preview_grid(model, src, dst, n=4):
 
 def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0.5, 0.999), random_warp=True,
                    warp_fraction=1.0, lr_final=None, random_flip=True, ct_mode=None, eyes_mouth_prio=True, masked=True, preview_every=100, preview_n=4,
-                   ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, on_step=None,
+                   ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', cpu_bf16=True, verbose=None, on_step=None,
                    min_images=16) -> SwapTrainResult:
     """Train DF/LIAE on src and dst SwapFaceSets with DFL's recipe, on `train.StepLoop`: device, autocast, progress, a
     checkpoint every `ckpt_every` steps (and at the end) and exact resume. The first `warp_fraction` of the steps use
     random warp, the rest sharpen without it; with `lr_final` the learning rate falls from `lr` to `lr_final` by a
-    cosine over those sharpening steps. `on_step(step, row)` runs after each step, before its checkpoint."""
+    cosine over those sharpening steps. `on_step(step, row)` runs after each step, before its checkpoint.
+    The autoencoder runs in bf16 autocast on CUDA, and on a CPU that computes bf16 in hardware unless `cpu_bf16=False`
+    (`core.cpu_bf16_native`; 1.3-1.6x faster steps there), with the losses in float32; convolutions use the
+    channels-last layout on CUDA and CPU, and the model comes back in the default layout."""
     from deepfake_course.train import StepLoop, CheckpointError
     for fs, name in ((src, 'src'), (dst, 'dst')):
         if not isinstance(fs, SwapFaceSet): raise TypeError(f"{name} must be a SwapFaceSet (see make_swap_faceset), got {type(fs).__name__}")
@@ -478,7 +481,7 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=1e-7)
     rng = np.random.default_rng(seed)
     loop = StepLoop(model, opt, steps=steps, ckpt_path=ckpt_path, every=ckpt_every or max(1, steps), name=model.checkpoint_name,
-                    config=model.checkpoint_config, generators=[rng], resume=resume, device=device, progress=verbose,
+                    config=model.checkpoint_config, generators=[rng], resume=resume, device=device, cpu_bf16=cpu_bf16, progress=verbose,
                     desc=f'{model.archi} training')
     st = loop.state
     sched = dict(batch_size=batch_size, lr=lr, lr_final=lr_final, betas=list(betas), random_warp=random_warp, warp_fraction=warp_fraction,
@@ -491,6 +494,8 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     st['schedule'] = sched
     st.setdefault('previews', []); st.setdefault('timelapse', []); st.setdefault('seconds', 0.0)
     dev = loop.device; model.train()
+    cl = dev.type in ('cuda', 'cpu')   # oneDNN's and cuDNN's convolutions run fastest channels-last
+    if cl: model.to(memory_format=torch.channels_last)
     ct = None
     if ct_mode:
         def ct(img): return color_transfer(ct_mode, img, dst.images[rng.integers(0, len(dst), len(img))].to(img.device))
@@ -498,27 +503,31 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
         g = preview_grid(model, src, dst, preview_n)
         st['previews'].append((step, g)); st['timelapse'].append((step, g[4 * min(preview_n, len(dst))]))
     if loop.step == 0 and preview_every: snap(0)
-    for step_i in loop:
-        t0 = time.perf_counter()
-        bs, bd = rng.integers(0, len(src), batch_size), rng.integers(0, len(dst), batch_size)
-        warp = step_i < warp_until   # DFL: random warp while the faces are learnt, then off to sharpen them
-        for g in opt.param_groups: g['lr'] = lr_at(step_i)
-        ws, ts, tms, tems = _augment(src, bs, rng, warp, random_flip, dev, ct)
-        wd, td, tmd, temd = _augment(dst, bd, rng, warp, random_flip, dev)
-        with loop.autocast():
-            ps, pms = model.autoencode(ws, 'src'); pd_, pmd = model.autoencode(wd, 'dst')
-        ls = swap_loss(ps.float(), pms.float(), ts, tms, tems if eyes_mouth_prio else None, masked)
-        ld = swap_loss(pd_.float(), pmd.float(), td, tmd, temd if eyes_mouth_prio else None, masked)
-        loss = ls['total'] + ld['total']
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        step = step_i + 1; st['seconds'] += time.perf_counter() - t0
-        row = loop.log(loss=loss.item(), src_loss=ls['total'].item(), dst_loss=ld['total'].item(),
-                       dssim=(ls['dssim'] + ld['dssim']).item() / 2, mse=(ls['mse'] + ld['mse']).item() / 2,
-                       mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, warp=warp, lr=lr_at(step_i),
-                       seconds=st['seconds'])
-        if preview_every and (step % preview_every == 0 or step == steps): snap(step)
-        if on_step is not None: on_step(step, row)
-    if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
+    try:
+        for step_i in loop:
+            t0 = time.perf_counter()
+            bs, bd = rng.integers(0, len(src), batch_size), rng.integers(0, len(dst), batch_size)
+            warp = step_i < warp_until   # DFL: random warp while the faces are learnt, then off to sharpen them
+            for g in opt.param_groups: g['lr'] = lr_at(step_i)
+            ws, ts, tms, tems = _augment(src, bs, rng, warp, random_flip, dev, ct)
+            wd, td, tmd, temd = _augment(dst, bd, rng, warp, random_flip, dev)
+            if cl: ws, wd = ws.contiguous(memory_format=torch.channels_last), wd.contiguous(memory_format=torch.channels_last)
+            with loop.autocast():
+                ps, pms = model.autoencode(ws, 'src'); pd_, pmd = model.autoencode(wd, 'dst')
+            ls = swap_loss(ps.float(), pms.float(), ts, tms, tems if eyes_mouth_prio else None, masked)
+            ld = swap_loss(pd_.float(), pmd.float(), td, tmd, temd if eyes_mouth_prio else None, masked)
+            loss = ls['total'] + ld['total']
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            step = step_i + 1; st['seconds'] += time.perf_counter() - t0
+            row = loop.log(loss=loss.item(), src_loss=ls['total'].item(), dst_loss=ld['total'].item(),
+                           dssim=(ls['dssim'] + ld['dssim']).item() / 2, mse=(ls['mse'] + ld['mse']).item() / 2,
+                           mask=(ls['mask'] + ld['mask']).item() / 2, em=(ls['em'] + ld['em']).item() / 2, warp=warp, lr=lr_at(step_i),
+                           seconds=st['seconds'])
+            if preview_every and (step % preview_every == 0 or step == steps): snap(step)
+            if on_step is not None: on_step(step, row)
+        if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
+    finally:   # the caller's model comes back in the default layout, also after an interruption
+        if cl: model.to(memory_format=torch.contiguous_format)
     model.eval()
     return SwapTrainResult(model, pd.DataFrame(loop.history), list(st['previews']), list(st['timelapse']), st['seconds'],
                            loop.step, loop.resumed_from)

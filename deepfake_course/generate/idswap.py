@@ -466,14 +466,16 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
                  batch_size: int = 8, lr: float = 4e-4, betas=(0.0, 0.99), w_adv: float = 1.0, w_id: float = 30.0,
                  w_fm: float = 10.0, w_rec: float = 10.0, w_mask: float = 1.0, w_cf: float = 0.0, preview: tuple | None = None,
                  preview_every: int = 250, ckpt_path=None, ckpt_every: int = 250, resume: bool = True, seed: int = 0,
-                 device='auto', verbose=None, on_step=None, min_faces: int = 2) -> IdSwapTrainResult:
+                 device='auto', cpu_bf16: bool = True, verbose=None, on_step=None, min_faces: int = 2) -> IdSwapTrainResult:
     """SimSwap's training loop at CPU size, on `train.StepLoop` (one checkpoint format, exact resume). Each step draws
     `batch_size` people and two faces of each: the target (attribute) face and the identity face, whose vector the
     frozen `idenc` gives. Even steps keep each target's own identity and add the reconstruction loss; odd steps roll the
     identities within the batch (a different person). The swap is composited into the target with the target's
     (feathered) face mask; the generator's mask channel learns that mask. One hinge-loss D step, then one G step:
     `w_adv * (-D(fake)) + w_id * (1 - cos(idenc(fake), id)) + w_fm * |D_4(fake) - D_4(target)| + [even] w_rec * |fake - target|
-    + w_mask * BCE(mask)`. `preview=(targets, source vectors)`: swap grids every `preview_every` steps."""
+    + w_mask * BCE(mask)`. `preview=(targets, source vectors)`: swap grids every `preview_every` steps. The generator runs
+    in bf16 autocast on CUDA and on a CPU with bf16 hardware (`cpu_bf16=False` keeps float32 there; D, the identity
+    encoder and the losses stay float32), every network channels-last; they come back in the default layout."""
     from deepfake_course.train import StepLoop
     if not isinstance(faces, AlignedFaces): raise TypeError(f"faces must be AlignedFaces (see render_aligned), got {type(faces).__name__}")
     if faces.size != G.resolution: raise ValueError(f"the faces are {faces.size} px but the generator is {G.resolution} px")
@@ -494,7 +496,7 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
     rng = np.random.default_rng(seed)
     loop = StepLoop({'G': G, 'D': D}, {'opt_g': opt_g, 'opt_d': opt_d}, steps=steps, ckpt_path=ckpt_path, every=ckpt_every or max(1, steps),
                     name=SIMSWAP, config=_idswap_config(G, D, idenc, faces, **hyper), generators=[rng], resume=resume, device=device,
-                    progress=verbose, desc='simswap-mini')
+                    cpu_bf16=cpu_bf16, progress=verbose, desc='simswap-mini')
     dev = loop.device; st = loop.state
     st.setdefault('previews', []); st.setdefault('seconds', 0.0)
     idenc = idenc.to(dev).eval()
@@ -504,47 +506,55 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
     def snap(step):
         if preview is not None: st['previews'].append((step, preview_swaps(G, preview[0], preview[1])))
     G.train(); D.train()
+    cl = dev.type in ('cuda', 'cpu')   # oneDNN's and cuDNN's convolutions run fastest channels-last
+    if cl:
+        for m_ in (G, D, idenc): m_.to(memory_format=torch.channels_last)
     if loop.step == 0 and preview_every: snap(0)
-    for step_i in loop:
-        t0 = time.perf_counter()
-        people = rng.choice(len(groups_ok), batch_size, replace=len(groups_ok) < batch_size)
-        pairs = np.stack([rng.choice(groups_ok[p], 2, replace=False) for p in people])
-        same = step_i % 2 == 0
-        use_cf = bool(w_cf) and not same
-        if same: src = pairs[:, 1]
-        elif use_cf: src = np.array([rng.choice(groups[int(b)]) for b in faces.cf_identity[pairs[:, 0]]])   # the partner's own face
-        else: src = np.roll(pairs[:, 1], int(rng.integers(1, batch_size)))
-        x = faces.images[pairs[:, 0]].to(dev); m = faces.masks[pairs[:, 0]].to(dev); v = vecs[src].to(dev)
-        mb = _soft_mask(m, G.resolution)
-        with loop.autocast():
-            img, pm = G(x, v)
-        img, pm = img.float(), pm.float()
-        fake = img * mb + x * (1 - mb)
-        # discriminator: hinge loss, real = the target faces
-        d_real, _ = D(x); d_fake, _ = D(fake.detach())
-        loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        opt_d.zero_grad(set_to_none=True); loss_d.backward(); opt_d.step()
-        # generator
-        d_fake, f_fake = D(fake)
-        with torch.no_grad(): f_real = D(x)[1]
-        adv = -d_fake.mean()
-        cos = (idenc(fake) * v).sum(1)
-        l_id = (1 - cos).mean()
-        fm = F.l1_loss(f_fake[-1], f_real[-1])
-        rec = F.l1_loss(fake, x) if same else torch.zeros((), device=dev)
-        l_mask = F.binary_cross_entropy(pm.clamp(1e-6, 1 - 1e-6), m)
-        if use_cf:   # the renderer's answer: this picture of the partner, compared where both faces are
-            wcf = mb * _soft_mask(faces.cf_masks[pairs[:, 0]].to(dev), G.resolution)
-            cf = ((fake - faces.cf_images[pairs[:, 0]].to(dev)).abs() * wcf).sum() / (3 * wcf.sum()).clamp_min(1)
-        else: cf = torch.zeros((), device=dev)
-        loss_g = w_adv * adv + w_id * l_id + w_fm * fm + w_rec * rec + w_mask * l_mask + w_cf * cf
-        opt_g.zero_grad(set_to_none=True); loss_g.backward(); opt_g.step()
-        step = step_i + 1; st['seconds'] += time.perf_counter() - t0
-        row = loop.log(loss_d=loss_d.item(), loss_g=loss_g.item(), adv=adv.item(), id_same=l_id.item() if same else float('nan'),
-                       id_swap=float('nan') if same else l_id.item(), fm=fm.item(), rec=rec.item() if same else float('nan'),
-                       mask=l_mask.item(), cf=cf.item() if use_cf else float('nan'), same=same, seconds=st['seconds'])
-        if preview_every and (step % preview_every == 0 or step == steps): snap(step)
-        if on_step is not None: on_step(step, row)
+    try:
+        for step_i in loop:
+            t0 = time.perf_counter()
+            people = rng.choice(len(groups_ok), batch_size, replace=len(groups_ok) < batch_size)
+            pairs = np.stack([rng.choice(groups_ok[p], 2, replace=False) for p in people])
+            same = step_i % 2 == 0
+            use_cf = bool(w_cf) and not same
+            if same: src = pairs[:, 1]
+            elif use_cf: src = np.array([rng.choice(groups[int(b)]) for b in faces.cf_identity[pairs[:, 0]]])   # the partner's own face
+            else: src = np.roll(pairs[:, 1], int(rng.integers(1, batch_size)))
+            x = faces.images[pairs[:, 0]].to(dev); m = faces.masks[pairs[:, 0]].to(dev); v = vecs[src].to(dev)
+            if cl: x = x.contiguous(memory_format=torch.channels_last)
+            mb = _soft_mask(m, G.resolution)
+            with loop.autocast():
+                img, pm = G(x, v)
+            img, pm = img.float(), pm.float()
+            fake = img * mb + x * (1 - mb)
+            # discriminator: hinge loss, real = the target faces
+            d_real, _ = D(x); d_fake, _ = D(fake.detach())
+            loss_d = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+            opt_d.zero_grad(set_to_none=True); loss_d.backward(); opt_d.step()
+            # generator
+            d_fake, f_fake = D(fake)
+            with torch.no_grad(): f_real = D(x)[1]
+            adv = -d_fake.mean()
+            cos = (idenc(fake) * v).sum(1)
+            l_id = (1 - cos).mean()
+            fm = F.l1_loss(f_fake[-1], f_real[-1])
+            rec = F.l1_loss(fake, x) if same else torch.zeros((), device=dev)
+            l_mask = F.binary_cross_entropy(pm.clamp(1e-6, 1 - 1e-6), m)
+            if use_cf:   # the renderer's answer: this picture of the partner, compared where both faces are
+                wcf = mb * _soft_mask(faces.cf_masks[pairs[:, 0]].to(dev), G.resolution)
+                cf = ((fake - faces.cf_images[pairs[:, 0]].to(dev)).abs() * wcf).sum() / (3 * wcf.sum()).clamp_min(1)
+            else: cf = torch.zeros((), device=dev)
+            loss_g = w_adv * adv + w_id * l_id + w_fm * fm + w_rec * rec + w_mask * l_mask + w_cf * cf
+            opt_g.zero_grad(set_to_none=True); loss_g.backward(); opt_g.step()
+            step = step_i + 1; st['seconds'] += time.perf_counter() - t0
+            row = loop.log(loss_d=loss_d.item(), loss_g=loss_g.item(), adv=adv.item(), id_same=l_id.item() if same else float('nan'),
+                           id_swap=float('nan') if same else l_id.item(), fm=fm.item(), rec=rec.item() if same else float('nan'),
+                           mask=l_mask.item(), cf=cf.item() if use_cf else float('nan'), same=same, seconds=st['seconds'])
+            if preview_every and (step % preview_every == 0 or step == steps): snap(step)
+            if on_step is not None: on_step(step, row)
+    finally:   # the caller's networks come back in the default layout, also after an interruption
+        if cl:
+            for m_ in (G, D, idenc): m_.to(memory_format=torch.contiguous_format)
     G.eval(); D.eval()
     return IdSwapTrainResult(G, D, pd.DataFrame(loop.history), list(st['previews']), st['seconds'], loop.step, loop.resumed_from)
 

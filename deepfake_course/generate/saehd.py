@@ -410,17 +410,18 @@ def saehd_step_losses(model, cfg: SAEHDConfig, s, d, disc) -> dict:
     o = saehd_forward(model, ws, wd, with_swap=bool(fsp or bgp))
     (ps, pms), (pd_, pmd) = o['src'], o['dst']
     ps, pms, pd_, pmd = ps.float(), pms.float(), pd_.float(), pmd.float()
-    ls = swap_loss(ps, pms, ts, tms, tems if cfg.eyes_mouth_prio else None, cfg.masked_training)
-    ld = swap_loss(pd_, pmd, td, tmd, temd if cfg.eyes_mouth_prio else None, cfg.masked_training)
-    out = dict(src=ls['total'], dst=ld['total'], dssim=(ls['dssim'] + ld['dssim']) / 2)
-    mbs = blurred_mask(tms, res)
-    if fsp:
-        psdm = o['swap'][1].float()
-        out['face_style'] = style_loss(o['swap_nograd'].float() * psdm.detach(), (pd_ * pmd).detach(), res // 8, 10000 * fsp).mean()
-    if bgp:   # DFL's code weighs the background by the *src* target mask here (its style mask line is overwritten): kept as in the code
-        psd = o['swap'][0].float(); anti = 1 - mbs.clamp(0, 1)
-        a, b = psd * anti, td * anti
-        out['bg_style'] = 10 * bgp * (ssim_loss(a, b, ssim_window(res), reduction='none', padding='valid').mean() + ((a - b) ** 2).mean())
+    with torch.autocast(ps.device.type, enabled=False):   # the reconstruction and style losses in float32 under any autocast
+        ls = swap_loss(ps, pms, ts, tms, tems if cfg.eyes_mouth_prio else None, cfg.masked_training)
+        ld = swap_loss(pd_, pmd, td, tmd, temd if cfg.eyes_mouth_prio else None, cfg.masked_training)
+        out = dict(src=ls['total'], dst=ld['total'], dssim=(ls['dssim'] + ld['dssim']) / 2)
+        mbs = blurred_mask(tms, res)
+        if fsp:
+            psdm = o['swap'][1].float()
+            out['face_style'] = style_loss(o['swap_nograd'].float() * psdm.detach(), (pd_ * pmd).detach(), res // 8, 10000 * fsp).mean()
+        if bgp:   # DFL's code weighs the background by the *src* target mask here (its style mask line is overwritten): kept as in the code
+            psd = o['swap'][0].float(); anti = 1 - mbs.clamp(0, 1)
+            a, b = psd * anti, td * anti
+            out['bg_style'] = 10 * bgp * (ssim_loss(a, b, ssim_window(res), reduction='none', padding='valid').mean() + ((a - b) ** 2).mean())
     if cfg.true_face_power:
         out['true_face'] = cfg.true_face_power * _bce(disc['code'](o['code_src'].float()), 1.0).mean()
     if cfg.gan_power:
@@ -444,14 +445,16 @@ def _check_sets(src, dst, model, min_images):
         if fs.size != model.resolution: raise ValueError(f"{name} faces are {fs.size} px but the model is {model.resolution} px")
 
 def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_fraction=0.5, lr_final=5e-5, preview_every=100,
-                preview_n=4, ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', verbose=None, min_images=16,
+                preview_n=4, ckpt_path=None, ckpt_every=200, resume=True, seed=0, device='auto', cpu_bf16=True, verbose=None, min_images=16,
                 disc_ch=64, on_step=None) -> SwapTrainResult:
     """Train a DF or LIAE model (`cfg.build()`) with SAEHD's options, on `train.StepLoop` (a checkpoint every `ckpt_every`
     steps holding the model, the discriminators and every optimizer; exact resume). The schedule is a DFL user's: the
     first `warp_fraction` of the steps run with random warp and without lr_dropout, GAN or style losses, the rest with
     `cfg` as given, the learning rate falling by a cosine to `lr_final` (DFL: a constant 5e-5, which CPU runs cannot
     afford; at 5e-4 AdaBelief made liae-udt collapse in 2 of 3 seeds). With `cfg.pretrain`, DFL's pretraining overrides apply throughout (`SAEHDConfig.effective`). `disc_ch`: the
-    code discriminator's width (DFL 256). `on_step(step, row)` runs after each step, before its checkpoint."""
+    code discriminator's width (DFL 256). `on_step(step, row)` runs after each step, before its checkpoint. Precision and
+    layout as `train_faceswap`: bf16 autocast on CUDA and on a CPU with bf16 hardware (`cpu_bf16=False` keeps float32
+    there), the reconstruction and style losses in float32, channels-last convolutions."""
     from deepfake_course.train import StepLoop
     if not isinstance(cfg, SAEHDConfig): raise TypeError(f"cfg must be an SAEHDConfig, got {type(cfg).__name__}")
     if model.archi != cfg.archi.lower() or model.resolution != cfg.resolution:
@@ -471,7 +474,7 @@ def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_f
     sched = dict(steps=steps, lr=lr, warp_fraction=warp_fraction, lr_final=lr_final, seed=seed, disc_ch=disc_ch)
     loop = StepLoop(models, opts, steps=steps, ckpt_path=ckpt_path, every=ckpt_every or max(1, steps), name=model.checkpoint_name,
                     config=model.checkpoint_config | dict(saehd=asdict(cfg), schedule=sched), generators=[rng], resume=resume,
-                    device=dev, progress=verbose, desc=f'SAEHD {model.archi}')
+                    device=dev, cpu_bf16=cpu_bf16, progress=verbose, desc=f'SAEHD {model.archi}')
     st = loop.state; dev = loop.device
     st.setdefault('previews', []); st.setdefault('timelapse', []); st.setdefault('seconds', 0.0)
     samplers = {n: (YawSampler(fs) if eff.uniform_yaw else (lambda r, k, n_=len(fs): r.integers(0, n_, k))) for n, fs in (('src', src), ('dst', dst))}
@@ -485,39 +488,47 @@ def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_f
         g = preview_grid(model, src, dst, preview_n)
         st['previews'].append((step, g)); st['timelapse'].append((step, g[4 * min(preview_n, len(dst))]))
     if loop.step == 0 and preview_every: snap(0)
-    for m in models.values(): m.train()
-    for i in loop:
-        t0 = time.perf_counter()
-        c = _phase_cfg(eff, i < warm_until)
-        drop = c.lr_dropout in ('y', 'cpu')
-        for o in opts.values():
-            for g in o.param_groups: g.update(lr=lr_at(i), lr_dropout=0.3 if drop else 1.0, lr_cos=500 if drop else 0)
-        s = _batch(src, samplers['src'](rng, c.batch_size), rng, c.random_warp, c.random_src_flip, dev, ct, c.random_hsv_power)
-        d = _batch(dst, samplers['dst'](rng, c.batch_size), rng, c.random_warp, c.random_dst_flip, dev)
-        with loop.autocast(): L = saehd_step_losses(model, c, s, d, disc)
-        opts['swap'].zero_grad(set_to_none=True); L['G'].backward()
-        if isinstance(model, LIAE) and not c.random_warp:   # DFL trains encoder, inter_B and decoder only once warp is off
-            for p in model.inter_AB.parameters(): p.grad = None
-        opts['swap'].step()
-        row = dict(loss=L['G'].item(), src_loss=L['src'].item(), dst_loss=L['dst'].item(), dssim=L['dssim'].item(), warp=c.random_warp, lr=lr_at(i))
-        if 'code' in disc:
-            cs, cd = (x.detach().float() for x in L['_codes'])
-            dl = ((_bce(disc['code'](cd), 1.0) + _bce(disc['code'](cs), 0.0)) * 0.5).mean()
-            opts['code'].zero_grad(set_to_none=True); dl.backward(); opts['code'].step()
-            row.update(true_face=L['true_face'].item(), d_code=dl.item())
-        if c.gan_power:
-            t_, p_ = L['_gan_inputs']
-            (a1, a2), (b1, b2) = disc['gan'](t_), disc['gan'](p_.detach())
-            dl = ((_bce(a1, 1.0) + _bce(b1, 0.0)) * 0.5 + (_bce(a2, 1.0) + _bce(b2, 0.0)) * 0.5).mean()
-            opts['gan'].zero_grad(set_to_none=True); dl.backward(); opts['gan'].step()
-            row.update(gan=L['gan'].item(), d_gan=dl.item())
-        for k in ('face_style', 'bg_style'):
-            if k in L: row[k] = L[k].item()
-        st['seconds'] += time.perf_counter() - t0
-        row['seconds'] = st['seconds']; row = loop.log(**row)
-        if preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps): snap(i + 1)
-        if on_step is not None: on_step(i + 1, row)
-    if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
+    cl = dev.type in ('cuda', 'cpu')
+    for m in models.values():
+        m.train()
+        if cl: m.to(memory_format=torch.channels_last)   # oneDNN's and cuDNN's convolutions run fastest channels-last
+    try:
+        for i in loop:
+            t0 = time.perf_counter()
+            c = _phase_cfg(eff, i < warm_until)
+            drop = c.lr_dropout in ('y', 'cpu')
+            for o in opts.values():
+                for g in o.param_groups: g.update(lr=lr_at(i), lr_dropout=0.3 if drop else 1.0, lr_cos=500 if drop else 0)
+            s = _batch(src, samplers['src'](rng, c.batch_size), rng, c.random_warp, c.random_src_flip, dev, ct, c.random_hsv_power)
+            d = _batch(dst, samplers['dst'](rng, c.batch_size), rng, c.random_warp, c.random_dst_flip, dev)
+            if cl: s, d = ((b[0].contiguous(memory_format=torch.channels_last),) + tuple(b[1:]) for b in (s, d))
+            with loop.autocast(): L = saehd_step_losses(model, c, s, d, disc)
+            opts['swap'].zero_grad(set_to_none=True); L['G'].backward()
+            if isinstance(model, LIAE) and not c.random_warp:   # DFL trains encoder, inter_B and decoder only once warp is off
+                for p in model.inter_AB.parameters(): p.grad = None
+            opts['swap'].step()
+            row = dict(loss=L['G'].item(), src_loss=L['src'].item(), dst_loss=L['dst'].item(), dssim=L['dssim'].item(), warp=c.random_warp, lr=lr_at(i))
+            if 'code' in disc:
+                cs, cd = (x.detach().float() for x in L['_codes'])
+                dl = ((_bce(disc['code'](cd), 1.0) + _bce(disc['code'](cs), 0.0)) * 0.5).mean()
+                opts['code'].zero_grad(set_to_none=True); dl.backward(); opts['code'].step()
+                row.update(true_face=L['true_face'].item(), d_code=dl.item())
+            if c.gan_power:
+                t_, p_ = L['_gan_inputs']
+                (a1, a2), (b1, b2) = disc['gan'](t_), disc['gan'](p_.detach())
+                dl = ((_bce(a1, 1.0) + _bce(b1, 0.0)) * 0.5 + (_bce(a2, 1.0) + _bce(b2, 0.0)) * 0.5).mean()
+                opts['gan'].zero_grad(set_to_none=True); dl.backward(); opts['gan'].step()
+                row.update(gan=L['gan'].item(), d_gan=dl.item())
+            for k in ('face_style', 'bg_style'):
+                if k in L: row[k] = L[k].item()
+            st['seconds'] += time.perf_counter() - t0
+            row['seconds'] = st['seconds']; row = loop.log(**row)
+            if preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps): snap(i + 1)
+            if on_step is not None: on_step(i + 1, row)
+        if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
+    finally:   # the caller's model comes back in the default layout, also after an interruption
+        if cl:
+            for m in models.values(): m.to(memory_format=torch.contiguous_format)
     model.eval()
     return SwapTrainResult(model, pd.DataFrame(loop.history), list(st['previews']), list(st['timelapse']), st['seconds'], loop.step, loop.resumed_from)
 
