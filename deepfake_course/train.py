@@ -22,11 +22,11 @@ from .core import (atomic_write_bytes, autocast, get_device, progress as _progre
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'CKPT_FORMAT', 'CALLBACK_EVENTS', 'make_toy_images', 'tiny_cnn', 'ResBlock', 'unpack_batch',
-           'default_loss', 'scores_from_outputs', 'unwrap', 'to_device', 'evaluate', 'predict', 'make_optimizer',
-           'make_scheduler', 'CheckpointError', 'checkpoint_bytes', 'save_checkpoint', 'read_checkpoint',
-           'load_model_state', 'load_checkpoint', 'model_info', 'DistInfo', 'dist_info_from_env', 'setup_distributed',
-           'distributed_loader', 'seed_loader', 'AllReduceBatchNorm', 'sync_batchnorm', 'Callback', 'InterruptAfter',
-           'FitState', 'FitResult', 'BackgroundWriter', 'fit', 'StepLoop']
+           'default_loss', 'scores_from_outputs', 'unwrap', 'to_device', 'channels_last_layout', 'evaluate', 'predict',
+           'make_optimizer', 'make_scheduler', 'CheckpointError', 'checkpoint_bytes', 'save_checkpoint',
+           'read_checkpoint', 'load_model_state', 'load_checkpoint', 'model_info', 'DistInfo', 'dist_info_from_env',
+           'setup_distributed', 'distributed_loader', 'seed_loader', 'AllReduceBatchNorm', 'sync_batchnorm', 'Callback',
+           'InterruptAfter', 'FitState', 'FitResult', 'BackgroundWriter', 'fit', 'StepLoop']
 
 # %% ../nbs/01_train.ipynb #cell-8
 def make_toy_images(n: int, size: int = 32, strength: float = 0.03, noise: float = 0.04, seed: int = 0):
@@ -107,6 +107,19 @@ def _amp(device: torch.device, amp: bool):
 def _channels_last(device: torch.device) -> bool:
     "Whether `fit` and `evaluate` keep images channels-last on `device` (CUDA and CPU; not MPS)."
     return device.type in ('cuda', 'cpu')
+
+@contextlib.contextmanager
+def channels_last_layout(device, *modules: nn.Module):
+    """Hand-written loops' layout: `modules` channels-last inside the block where `fit` would use it (CUDA, CPU), back in
+    the default layout on leaving it, an exception included (the caller's networks are not left changed). Yields
+    whether it applies, so that the loop puts its input batches in the same layout."""
+    on = _channels_last(get_device(device))
+    if on:
+        for m in modules: m.to(memory_format=torch.channels_last)
+    try: yield on
+    finally:
+        if on:
+            for m in modules: m.to(memory_format=torch.contiguous_format)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dl: Iterable, device='auto', loss_fn: Callable | None = None, amp: bool = True):

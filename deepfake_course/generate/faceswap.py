@@ -463,7 +463,7 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     The autoencoder runs in bf16 autocast on CUDA, and on a CPU that computes bf16 in hardware unless `cpu_bf16=False`
     (`core.cpu_bf16_native`; 1.3-1.6x faster steps there), with the losses in float32; convolutions use the
     channels-last layout on CUDA and CPU, and the model comes back in the default layout."""
-    from deepfake_course.train import StepLoop, CheckpointError
+    from deepfake_course.train import StepLoop, CheckpointError, channels_last_layout
     for fs, name in ((src, 'src'), (dst, 'dst')):
         if not isinstance(fs, SwapFaceSet): raise TypeError(f"{name} must be a SwapFaceSet (see make_swap_faceset), got {type(fs).__name__}")
         if len(fs) < max(min_images, 2):
@@ -494,8 +494,6 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
     st['schedule'] = sched
     st.setdefault('previews', []); st.setdefault('timelapse', []); st.setdefault('seconds', 0.0)
     dev = loop.device; model.train()
-    cl = dev.type in ('cuda', 'cpu')   # oneDNN's and cuDNN's convolutions run fastest channels-last
-    if cl: model.to(memory_format=torch.channels_last)
     ct = None
     if ct_mode:
         def ct(img): return color_transfer(ct_mode, img, dst.images[rng.integers(0, len(dst), len(img))].to(img.device))
@@ -503,7 +501,7 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
         g = preview_grid(model, src, dst, preview_n)
         st['previews'].append((step, g)); st['timelapse'].append((step, g[4 * min(preview_n, len(dst))]))
     if loop.step == 0 and preview_every: snap(0)
-    try:
+    with channels_last_layout(dev, model) as cl:   # oneDNN's and cuDNN's convolutions run fastest channels-last
         for step_i in loop:
             t0 = time.perf_counter()
             bs, bd = rng.integers(0, len(src), batch_size), rng.integers(0, len(dst), batch_size)
@@ -526,8 +524,6 @@ def train_faceswap(model, src, dst, steps=1000, batch_size=16, lr=5e-4, betas=(0
             if preview_every and (step % preview_every == 0 or step == steps): snap(step)
             if on_step is not None: on_step(step, row)
         if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
-    finally:   # the caller's model comes back in the default layout, also after an interruption
-        if cl: model.to(memory_format=torch.contiguous_format)
     model.eval()
     return SwapTrainResult(model, pd.DataFrame(loop.history), list(st['previews']), list(st['timelapse']), st['seconds'],
                            loop.step, loop.resumed_from)

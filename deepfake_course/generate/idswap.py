@@ -479,7 +479,7 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
     channels-last took the lecture's generator from 3.5 to 5.1 steps a second; bf16 added only 15% more (5.9), and its
     one run landed lower in identity transfer (0.41 against 0.47 on unseen pairs, inside this GAN's run-to-run spread
     of 0.41-0.60), so float32 stays the CPU default."""
-    from deepfake_course.train import StepLoop
+    from deepfake_course.train import StepLoop, channels_last_layout
     if not isinstance(faces, AlignedFaces): raise TypeError(f"faces must be AlignedFaces (see render_aligned), got {type(faces).__name__}")
     if faces.size != G.resolution: raise ValueError(f"the faces are {faces.size} px but the generator is {G.resolution} px")
     if idenc.dim != G.id_dim: raise ValueError(f"the identity encoder gives vectors of size {idenc.dim}; the generator takes {G.id_dim}")
@@ -509,11 +509,8 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
     def snap(step):
         if preview is not None: st['previews'].append((step, preview_swaps(G, preview[0], preview[1])))
     G.train(); D.train()
-    cl = dev.type in ('cuda', 'cpu')   # oneDNN's and cuDNN's convolutions run fastest channels-last
-    if cl:
-        for m_ in (G, D, idenc): m_.to(memory_format=torch.channels_last)
     if loop.step == 0 and preview_every: snap(0)
-    try:
+    with channels_last_layout(dev, G, D, idenc) as cl:   # oneDNN's and cuDNN's convolutions run fastest channels-last
         for step_i in loop:
             t0 = time.perf_counter()
             people = rng.choice(len(groups_ok), batch_size, replace=len(groups_ok) < batch_size)
@@ -555,9 +552,6 @@ def train_idswap(G: SimSwapGenerator, D: PatchDiscriminator, idenc: IdentityEnco
                            mask=l_mask.item(), cf=cf.item() if use_cf else float('nan'), same=same, seconds=st['seconds'])
             if preview_every and (step % preview_every == 0 or step == steps): snap(step)
             if on_step is not None: on_step(step, row)
-    finally:   # the caller's networks come back in the default layout, also after an interruption
-        if cl:
-            for m_ in (G, D, idenc): m_.to(memory_format=torch.contiguous_format)
     G.eval(); D.eval()
     return IdSwapTrainResult(G, D, pd.DataFrame(loop.history), list(st['previews']), st['seconds'], loop.step, loop.resumed_from)
 

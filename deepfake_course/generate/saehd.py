@@ -455,7 +455,7 @@ def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_f
     code discriminator's width (DFL 256). `on_step(step, row)` runs after each step, before its checkpoint. Precision and
     layout as `train_faceswap`: bf16 autocast on CUDA and on a CPU with bf16 hardware (`cpu_bf16=False` keeps float32
     there), the reconstruction and style losses in float32, channels-last convolutions."""
-    from deepfake_course.train import StepLoop
+    from deepfake_course.train import StepLoop, channels_last_layout
     if not isinstance(cfg, SAEHDConfig): raise TypeError(f"cfg must be an SAEHDConfig, got {type(cfg).__name__}")
     if model.archi != cfg.archi.lower() or model.resolution != cfg.resolution:
         raise ValueError(f"the model is {model.archi} at {model.resolution} px but cfg says {cfg.archi} at {cfg.resolution} px (build it with cfg.build())")
@@ -488,11 +488,8 @@ def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_f
         g = preview_grid(model, src, dst, preview_n)
         st['previews'].append((step, g)); st['timelapse'].append((step, g[4 * min(preview_n, len(dst))]))
     if loop.step == 0 and preview_every: snap(0)
-    cl = dev.type in ('cuda', 'cpu')
-    for m in models.values():
-        m.train()
-        if cl: m.to(memory_format=torch.channels_last)   # oneDNN's and cuDNN's convolutions run fastest channels-last
-    try:
+    for m in models.values(): m.train()
+    with channels_last_layout(dev, *models.values()) as cl:   # oneDNN's and cuDNN's convolutions run fastest channels-last
         for i in loop:
             t0 = time.perf_counter()
             c = _phase_cfg(eff, i < warm_until)
@@ -526,9 +523,6 @@ def train_saehd(model, src, dst, cfg: SAEHDConfig, steps=1000, lr=1.5e-4, warp_f
             if preview_every and ((i + 1) % preview_every == 0 or i + 1 == steps): snap(i + 1)
             if on_step is not None: on_step(i + 1, row)
         if preview_every and (not st['previews'] or st['previews'][-1][0] != loop.step): snap(loop.step)
-    finally:   # the caller's model comes back in the default layout, also after an interruption
-        if cl:
-            for m in models.values(): m.to(memory_format=torch.contiguous_format)
     model.eval()
     return SwapTrainResult(model, pd.DataFrame(loop.history), list(st['previews']), list(st['timelapse']), st['seconds'], loop.step, loop.resumed_from)
 
