@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #cell-4
 from __future__ import annotations
-import contextlib, hashlib, json, math, os, random, re, shutil, sys, tempfile, time, uuid
+import contextlib, functools, hashlib, json, math, os, random, re, shutil, sys, tempfile, time, uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -265,11 +265,14 @@ def progress(iterable: Iterable | None = None, verbose: bool | None = None, **kw
     disable = (not verbose) if verbose is not None else is_quiet()
     return tqdm(iterable, disable=disable, **kwargs)
 
-def cpu_bf16_native() -> bool:
-    "Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions beat float32; `DFC_CPU_BF16=0` says no."
-    if os.environ.get('DFC_CPU_BF16', '1') in ('0', 'false', 'False', ''): return False
+@functools.cache
+def _cpu_has_bf16() -> bool:   # the hardware does not change while we run: probe once, not at every training step
     try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError): return False
+
+def cpu_bf16_native() -> bool:
+    "Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions beat float32; `DFC_CPU_BF16=0` says no."
+    return os.environ.get('DFC_CPU_BF16', '1') not in ('0', 'false', 'False', '') and _cpu_has_bf16()
 
 def autocast(device: torch.device | str, cpu_bf16: bool = False):
     "bf16 autocast on CUDA; on a CPU only with `cpu_bf16` and `cpu_bf16_native()`; a no-op context otherwise (and on MPS)."
