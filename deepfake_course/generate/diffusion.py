@@ -347,10 +347,7 @@ class DiffusionTrainer(GANTrainer):
         self.E.eval()
         if isinstance(cond, str) or (cond is not None and torch.as_tensor(cond).ndim == 1): cond = self.cond_of(cond, len(z))
         cond = None if cond is None else cond.to(self.device)
-        eps = guided_eps(self.E, cond, guidance)
-        def eps_fn(x, t):                                   # the network in the trainer's precision, the sampler's arithmetic in float32
-            with self.autocast(): return eps(x, t).float()
-        return sample_loop(eps_fn, z, self.alpha_bar, steps or self.cfg['sample_steps'], eta,
+        return sample_loop(guided_eps(self.E, cond, guidance), z, self.alpha_bar, steps or self.cfg['sample_steps'], eta,
                            known=known, mask=mask, resample=resample, chain_every=chain_every, clip=self.clip_x0,
                            spacing=spacing)
     def generate(self, z, known=None, mask=None, **kw):
@@ -387,7 +384,7 @@ def ddpm_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None
     caps = caption_faces(n_identities, per_identity, size=size, seed=seed)
     judge = diffusion_judge(caps, n_eval, feat_epochs, seed, device, data_root, verbose)
     tr = DiffusionTrainer(caps['images'], labels=caps['labels'], identities=caps['identity'], device=device, size=size,
-                          ch=ch, batch=batch_size, lr=lr, seed=seed, cpu_bf16=True)
+                          ch=ch, batch=batch_size, lr=lr, seed=seed)
     every = max(1, ddpm_steps // max(n_curve, 1))
     tr.fit(ddpm_steps, ckpt_dir=gan_model_dir(tr, data_root), eval_fn=judge_sampler(judge, eval_steps), eval_every=every,
            snapshot_every=every, verbose=verbose)
@@ -456,13 +453,12 @@ class LatentDiffusionTrainer(DiffusionTrainer):
         if not hasattr(self, '_data'): self._data = self.training_data()
         return float(self._data.abs().max())
     defaults = {**DiffusionTrainer.defaults, 'patch': 1, 'ch': 48, 'mult': [1, 2], 'attn_res': 4, 'mirror': False, 'ae_sha1': None}
-    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, cpu_bf16: bool = False,
-                 autoencoder: LatentAutoencoder | None = None, **cfg):
+    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, autoencoder: LatentAutoencoder | None = None, **cfg):
         if not isinstance(autoencoder, LatentAutoencoder): raise TypeError("LatentDiffusionTrainer needs autoencoder=<a trained LatentAutoencoder>")
         self.ae = autoencoder.eval()
         h = hashlib.sha1()
         for k, v in sorted(self.ae.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
-        super().__init__(images, labels, identities, device, amp, cpu_bf16, ae_sha1=h.hexdigest()[:16], **cfg)
+        super().__init__(images, labels, identities, device, amp, ae_sha1=h.hexdigest()[:16], **cfg)
     def _unet(self) -> UNet:
         c = self.cfg; zc, zs = self._zshape()
         return UNet(zc, zs, c['ch'], tuple(c['mult']), c['attn_res'], self.n_attrs)
@@ -496,7 +492,7 @@ def ldm_recipe(data_root, *, device='auto', seed: int = 0, verbose: bool | None 
     ae, _ = train_autoencoder(caps['images'], steps=ae_steps, seed=seed, device=device, verbose=verbose,
                               ckpt_dir=get_data_root(data_root) / 'models' / 'latent-ae' / key)
     tr = LatentDiffusionTrainer(caps['images'], labels=caps['labels'], identities=caps['identity'], device=device, autoencoder=ae,
-                                size=size, ch=ldm_ch, batch=batch_size, lr=lr, seed=seed, cpu_bf16=True)
+                                size=size, ch=ldm_ch, batch=batch_size, lr=lr, seed=seed)
     tr.fit(ldm_steps, ckpt_dir=gan_model_dir(tr, data_root), eval_fn=judge_sampler(judge, eval_steps), eval_every=ldm_steps,
            snapshot_every=max(1, ldm_steps // 2), verbose=verbose)
     return CourseGAN('ldm', '25_diffusion', tr, final_quality(tr, judge_sampler(judge, eval_steps)),

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/21_gans.ipynb #cell-5
 from __future__ import annotations
-import contextlib, hashlib, math, time
+import hashlib, math, time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import autocast, cfg_hash, get_data_root, get_device
+from ..core import cfg_hash, get_data_root, get_device
 from ..media import resize
 from ..train import CheckpointError, StepLoop  # the course's one checkpoint format and step loop (notebook 01)
 from ..fidelity import ALIGNED_RANGES, check_images, crop_faces  # the judges' reference data (notebook 19b)
@@ -219,7 +219,7 @@ class GANTrainer:
     "Base class: data checks, minibatches, the training loop (on `train.StepLoop`), sampling, checkpoints and exact resume."
     name: str = 'gan'
     defaults: dict = {}
-    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, cpu_bf16: bool = False, **cfg):
+    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, **cfg):
         unknown = set(cfg) - set(self.defaults)
         if unknown: raise ValueError(f"{type(self).__name__}: unknown setting(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
         self.cfg = {**self.defaults, **cfg}
@@ -236,7 +236,6 @@ class GANTrainer:
         if self.identities is not None and len(self.identities) != len(self.images):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.identities)} identities")
         self.device, self.amp = get_device(device), bool(amp)  # amp: bf16 autocast on CUDA (train's), off by default
-        self.cpu_bf16 = bool(cpu_bf16)  # bf16 autocast on a CPU that computes bf16 in hardware (`core.cpu_bf16_native`)
         self.data_sha1 = _tensor_sha1(self.images)
         self.step, self.history, self.evals, self.snapshots, self.train_seconds, self.cpu_seconds = 0, [], [], [], 0.0, 0.0
         self.build()
@@ -276,14 +275,10 @@ class GANTrainer:
     def checkpoint_config(self) -> dict:
         "What a checkpoint must match to be resumed: every setting and a fingerprint of the training images."
         return {**self.cfg, 'data_sha1': self.data_sha1}
-    def _bf16(self) -> bool: return self.amp if self.device.type == 'cuda' else self.cpu_bf16
-    def autocast(self):
-        "bf16 autocast where this trainer asked for it: on CUDA with `amp`, on a CPU with bf16 hardware with `cpu_bf16`."
-        return autocast(self.device, self.cpu_bf16) if self._bf16() else contextlib.nullcontext()
     def _loop(self, steps: int = 0, ckpt_path=None, every: int = 250, resume: bool = True, verbose=None) -> StepLoop:
         return StepLoop(self.modules(), self.optimizers(), steps=steps, ckpt_path=ckpt_path, every=every, name=self.name,
-                        config=self.checkpoint_config(), resume=resume, device=self.device, amp=self._bf16(),
-                        cpu_bf16=self.cpu_bf16, progress=verbose, desc=self.name)
+                        config=self.checkpoint_config(), resume=resume, device=self.device, amp=self.amp, progress=verbose,
+                        desc=self.name)
     def _state(self) -> dict:
         return {'evals': self.evals, 'snapshots': self.snapshots, 'train_seconds': self.train_seconds,
                 'cpu_seconds': self.cpu_seconds, 'extra': self.extra_state()}

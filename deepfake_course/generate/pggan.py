@@ -134,7 +134,7 @@ class PGGANTrainer(GANTrainer):
     name = 'pggan'
     defaults = dict(size=32, start_res=8, latent=128, fmap_base=256, fmap_max=64, batch=32, stab=400, fade=300, final=1500,
                     lr=3e-3, betas=(0.0, 0.99), gp=10.0, drift=1e-3, ema=0.99, mbstd_group=4, wscale=True, torgb_zero=False, mirror=True, seed=0)
-    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, cpu_bf16: bool = False, **cfg):
+    def __init__(self, images, labels=None, identities=None, device='auto', amp: bool = False, **cfg):
         size, start = cfg.get('size', self.defaults['size']), cfg.get('start_res', self.defaults['start_res'])
         shape = getattr(images, 'shape', None)
         if size is None and shape is not None and len(shape) == 4: size = shape[-1]  # the size of the data
@@ -144,7 +144,7 @@ class PGGANTrainer(GANTrainer):
                 raise ValueError(f"pggan: the training images are {shape[-2]}×{shape[-1]}: growing to {size} px would learn "
                                  f"upscaled images; pass a size the images have, one of {pg_resolutions(start if is_pow2(start) else 4, min(shape[-2:]))}")
         check_pg_resolution(start, 'start_res')
-        super().__init__(images, labels, identities, device, amp, cpu_bf16, **cfg)
+        super().__init__(images, labels, identities, device, amp, **cfg)
     def build(self):
         c = self.cfg
         if c['start_res'] > c['size']: raise ValueError(f"pggan: start_res {c['start_res']} is larger than size {c['size']}")
