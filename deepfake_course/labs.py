@@ -125,7 +125,7 @@ def run_lab(nb, out_dir: str | os.PathLike, parameters: dict | None = None, data
         with Timer() as t:
             pm.execute_notebook(str(nb), str(out/nb.name), parameters=parameters, kernel_name=kernel_name,
                                 cwd=str(nb.parent), progress_bar=False, log_output=log_output,
-                                execution_timeout=timeout)
+                                execution_timeout=timeout, shutdown_kernel='immediate')  # stopped once done: no 1-2 s wait for its exit
     except (pm.PapermillExecutionError, CellTimeoutError) as e:
         raise _lab_error(e, nb, out/nb.name, timeout) from None
     finally:

@@ -97,6 +97,9 @@ def test_notebook(nb, tmp_path, session_data_root):
     params.setdefault('data_root', str(session_data_root))
     params.setdefault('out_dir', str(tmp_path / 'out'))
     params.setdefault('device', 'cpu')
+    # The executed notebook is written once at the end (and where a cell failed, with its error), not after every cell,
+    # and the kernel is stopped at once instead of asked to exit: about 2.5 s less per notebook, a minute of the suite
     pm.execute_notebook(str(without_export(nb, tmp_path)), str(tmp_path / nb.name), parameters=params, kernel_name='python3',
-                        cwd=str(nb.parent), progress_bar=False, execution_timeout=1200, kernel_manager_class=ipc_kernel_manager(tmp_path))
+                        cwd=str(nb.parent), progress_bar=False, execution_timeout=1200, kernel_manager_class=ipc_kernel_manager(tmp_path),
+                        request_save_on_cell_execute=False, shutdown_kernel='immediate')
     assert (tmp_path / 'out' / 'metrics.json').exists(), f'{nb.name} recorded no figure with record(...)'
