@@ -16,8 +16,9 @@ from .detect.core import (DetectionData, FaceTensorSet, PERTURBATIONS, build_det
 
 # %% auto #0
 __all__ = ['FAMILIES', 'REAL_ONLY_ROWS', 'FEATURE_ROWS', 'MSE_ROWS', 'NOT_ROWS', 'BACKBONE', 'family_of', 'source_families',
-           'SourceBuild', 'how_trained', 'check_rows', 'real_training_faces', 'train_row', 'test_sets', 'score_rows',
-           'generalisation_table', 'wide', 'plot_generalisation', 'pool_sources', 'choose_rows']
+           'expand_sources', 'SourceBuild', 'how_trained', 'all_rows', 'check_rows', 'real_training_faces', 'train_row',
+           'test_sets', 'score_rows', 'generalisation_table', 'wide', 'plot_generalisation', 'pool_sources',
+           'choose_rows']
 
 # %% ../nbs/60c_generalisation.ipynb #cell-8
 FAMILIES = {'autoencoder-swap': ('faceswap-df', 'faceswap-hq'), 'blend-swap': ('blend-swap',),
@@ -39,6 +40,12 @@ def source_families(sources, families: dict = FAMILIES) -> dict:
     return {f: out[f] for f in families if f in out}
 
 # %% ../nbs/60c_generalisation.ipynb #cell-11
+def expand_sources(names) -> list:
+    "The fake sources `names`, or with ['all'] every source the course makes (`bench.FAKE_SOURCES`) and 'self-blend'."
+    from deepfake_course import bench
+    names = [names] if isinstance(names, str) else list(names)
+    return [*bench.FAKE_SOURCES, 'self-blend'] if names == ['all'] else names
+
 class SourceBuild:
     """Build or find the fake sets `names` for the SynthFaces faces of `job` (`bench.course_sources`; 'self-blend':
     `detect.attribution.self_blend_set` of the job's real faces). With `parallel`, 'faceswap-df' is built in a second
@@ -50,7 +57,7 @@ class SourceBuild:
         from deepfake_course import bench
         from deepfake_course.core import get_data_root
         from deepfake_course.detect.attribution import Background, self_blend_set
-        self.names, self.job, self.root = list(names), job, get_data_root(data_root)
+        self.names, self.job, self.root = expand_sources(names), job, get_data_root(data_root)
         if bad := [n for n in self.names if n != 'self-blend' and n not in bench.FAKE_SOURCES]:
             raise ValueError(f"SourceBuild: unknown source(s) {bad}; known: {', '.join([*bench.FAKE_SOURCES, 'self-blend'])}")
         self.real = bench.build_real(job, self.root)
@@ -85,7 +92,8 @@ REAL_ONLY_ROWS = {'xray': 'bi', 'sbi': 'sbi'}              # trained on real fac
 FEATURE_ROWS = ('spectrum', 'fakespotter')                 # fixed features + logistic regression
 MSE_ROWS = ('meso4', 'mesoinception4')                     # the MesoNet authors' code trains with mean squared error
 NOT_ROWS = ('attribution', 'lfcc_gmm', 'cqcc_gmm', 'lcnn', 'faketalker_alexnet', 'faketalker_siamese', 'ocfakedect1',
-            'ocfakedect2', 'tgd_efficientnet_b0', 'tgd_resnet_gnws', 'shallownet_ensemble', 'forensictransfer', 'mfcnn')
+            'ocfakedect2', 'tgd_efficientnet_b0', 'tgd_resnet_gnws', 'shallownet_ensemble', 'forensictransfer', 'mfcnn',
+            'eyes', 'headpose', 'lrcn', 'pulse', 'temporal', 'temporal_av')   # the last six read eye pairs or clips (41b, 41, 36)
 BACKBONE = 'shallownet_v3'                                 # FDFtNet's frozen backbone (the lab's choice)
 
 def how_trained(name: str) -> str:
@@ -95,15 +103,23 @@ def how_trained(name: str) -> str:
     if name == 'fdftnet': return f'FTT + MBblockV3 on the trained, frozen {BACKBONE}'
     return 'supervised from scratch' + (', MSE loss as its authors' if name in MSE_ROWS else '')
 
+def all_rows() -> list:
+    "Every registered detector `train_row` can train (the two-class image detectors), FDFtNet's backbone first."
+    names = [n for n in list_detectors()['name'] if n not in NOT_ROWS]
+    return [BACKBONE, *[n for n in names if n != BACKBONE]] if BACKBONE in names else names
+
 def check_rows(rows, need_backbone: bool = True) -> list:
-    """The rows, checked: names in `DETECTORS` that are two-class image detectors `train_row` can train (audio, one-class,
-    few-shot, transfer and attribution detectors have their own lectures); with `need_backbone`, FDFtNet needs its
-    backbone row before it (a caller that trains the backbone itself passes False)."""
-    rows = list(rows)
+    """The rows, checked: names in `DETECTORS` that are two-class image detectors `train_row` can train (audio, video,
+    cue, one-class, few-shot, transfer and attribution detectors have their own lectures), or ['all'] for every one of
+    them (`all_rows`); with `need_backbone`, FDFtNet needs its backbone row before it (a caller that trains the backbone
+    itself passes False)."""
+    rows = [rows] if isinstance(rows, str) else list(rows)
+    if rows == ['all']: rows = all_rows()
     known = set(list_detectors()['name'])
     if bad := [r for r in rows if r not in known]: raise ValueError(f"rows: unknown detector(s) {bad}; see list_detectors()")
     if bad := [r for r in rows if r in NOT_ROWS]:
-        raise ValueError(f"rows: {bad} are not two-class image detectors trained here (audio, one-class, few-shot, transfer or attribution)")
+        raise ValueError(f"rows: {bad} are not two-class image detectors trained here (audio, video, cue, one-class, few-shot, "
+                         "transfer or attribution: each has its own lecture)")
     if len(set(rows)) != len(rows): raise ValueError(f"rows: a detector is named twice in {rows}")
     if need_backbone and 'fdftnet' in rows and (BACKBONE not in rows or rows.index(BACKBONE) > rows.index('fdftnet')):
         raise ValueError(f"rows: fdftnet is trained on the trained {BACKBONE} row; put {BACKBONE!r} before 'fdftnet'")
