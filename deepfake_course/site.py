@@ -172,7 +172,8 @@ def write_site_sources(entries: Sequence[dict], src_dir, quick: bool = False, le
     atomic_write_text(docs / 'index.md', index_markdown(entries, quick, leaderboard=leaderboard is not None))
     if leaderboard is not None: atomic_write_text(docs / 'leaderboard.md', leaderboard)
     cfg = dict(site_name='deepfake-course', docs_dir='docs', use_directory_urls=False, theme=SITE_THEME,
-               plugins=['search', {'mkdocs-jupyter': {'include_source': True, 'execute': False, 'ignore_h1_titles': True}}],
+               plugins=['search', {'mkdocs-jupyter': {'include_source': True, 'execute': False, 'ignore_h1_titles': True,
+                                                       'ignore': ['*.md']}}],   # pages are notebooks; else it parses every .md with jupytext (3 s a build)
                markdown_extensions=['tables', 'admonition', {'pymdownx.arithmatex': {'generic': True}}],
                nav=[{'Home': 'index.md'}, *([{'Leaderboard': 'leaderboard.md'}] if leaderboard is not None else []), {'Lectures': [{f"{e['name'].split('_')[0]} {e['title'].replace('`', '')}": e['page']} for e in entries]},
                     {'API': ['api/index.md'] + [{m.removeprefix('deepfake_course.') or m: f'api/{m}.md'} for m in mods]}])

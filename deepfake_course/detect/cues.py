@@ -91,9 +91,10 @@ def swap_clip_sets(real: pd.DataFrame, data_root=None, steps: int = 440, train_f
             model = res.model.cpu().eval()
             for r in rows.itertuples():
                 c = clips[r.path]
-                for m in todo:
-                    out = fsw.swap_frames(model, torch.from_numpy(c['frames']).permute(0, 3, 1, 2).float() / 255,
-                                          list(c['landmarks5'].astype(np.float64)), **merges[m])
+                fr = torch.from_numpy(c['frames']).permute(0, 3, 1, 2).float() / 255
+                sw = fsw.swap_frames(model, fr, list(c['landmarks5'].astype(np.float64)), **merges[todo[0]])
+                for m in todo:                                # the model runs once per clip; each merge reuses its faces
+                    out = sw if m == todo[0] else fsw.remerge(fr, sw, **merges[m])
                     u8 = (out['frames'].permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
                     swapped[m].append((s, src, int(r.identity), Path(r.path).stem, u8, c))
         for m in todo:

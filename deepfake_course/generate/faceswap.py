@@ -30,7 +30,7 @@ __all__ = ['ARCHI_TYPES', 'ARCHI_OPTS', 'ARCHIS', 'FAITHFUL_DIMS', 'Downscale', 
            'blurred_mask', 'ssim_window', 'swap_loss', 'warp_grid', 'gen_warp_params', 'apply_warp', 'load_swap_model',
            'SwapTrainResult', 'preview_grid', 'train_faceswap', 'timelapse_strip', 'reconstruct', 'recon_ssim',
            'swap_crops', 'evaluate_swap', 'swap_judges', 'refine_mask', 'seamless_clone', 'merge_face', 'swap_frames',
-           'detect_landmarks5', 'swap_clip', 'make_faceswap_set']
+           'remerge', 'detect_landmarks5', 'swap_clip', 'make_faceswap_set']
 
 # %% ../../nbs/20_faceswap.ipynb #cell-8
 def _act(x, a=0.1, cos=False): return x * torch.cos(x) if cos else F.leaky_relu(x, a)   # DFL '-c': x*cos(x)
@@ -640,14 +640,16 @@ def merge_face(frame, face, mask, M_inv, mode='alpha', erode=0, blur=0, color=No
 
 @torch.no_grad()
 def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode=0, blur=0, color=None, batch_size=32):
-    "Swap the face of every frame (align, model.swap, merge back; `alphas`: each frame's merge alpha); frames whose landmarks are None/NaN pass through, counted."
+    """Swap the face of every frame (align, model.swap, merge back; `alphas`: each frame's merge alpha); frames whose
+    landmarks are None/NaN pass through, counted. The aligned crops, the model's faces and masks and the inverse
+    alignments are returned too, so `remerge` can merge the same swap again with other settings."""
     dev = next(model.parameters()).device; S_ = model.resolution
     frames = torch.as_tensor(frames).float()
     if len(landmarks5) != len(frames): raise ValueError(f"{len(landmarks5)} landmark sets for {len(frames)} frames")
     ok = np.array([lm is not None and np.isfinite(np.asarray(lm, float)).all() for lm in landmarks5], bool)
     out = frames.clone(); faces_out = torch.zeros(len(frames), 3, S_, S_); masks_out = torch.zeros(len(frames), 1, S_, S_)
     alphas = torch.zeros(len(frames), 1, *frames.shape[-2:])
-    crops_out = torch.zeros(len(frames), 3, S_, S_)
+    crops_out, minv_out = torch.zeros(len(frames), 3, S_, S_), torch.zeros(len(frames), 2, 3)
     idx = np.flatnonzero(ok)
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
@@ -656,9 +658,19 @@ def swap_frames(model, frames, landmarks5, face_type='full', mode='alpha', erode
         faces, masks = faces.cpu(), masks.cpu()
         for j, i in enumerate(b):
             out[i], alphas[i] = merge_face(frames[i], faces[j], masks[j], M_inv[j], mode, erode, blur, color, crops[j])
-        faces_out[b], masks_out[b], crops_out[b] = faces, masks, crops
+        faces_out[b], masks_out[b], crops_out[b], minv_out[b] = faces, masks, crops, torch.as_tensor(M_inv).float()
     return dict(frames=out, swapped=torch.as_tensor(ok), faces=faces_out, masks=masks_out, crops=crops_out, alphas=alphas,
-                n_swapped=int(ok.sum()), n_passed=int((~ok).sum()))
+                M_inv=minv_out, n_swapped=int(ok.sum()), n_passed=int((~ok).sum()))
+
+def remerge(frames, swap: dict, mode='alpha', erode=0, blur=0, color=None) -> dict:
+    "The frames of a `swap_frames` result (`swap`) merged again with other merge settings, without running the model again."
+    frames = torch.as_tensor(frames).float()
+    if len(frames) != len(swap['frames']): raise ValueError(f"remerge: {len(frames)} frames for a swap of {len(swap['frames'])}")
+    out, alphas = frames.clone(), torch.zeros_like(swap['alphas'])
+    for i in np.flatnonzero(swap['swapped'].numpy()):
+        out[i], alphas[i] = merge_face(frames[i], swap['faces'][i], swap['masks'][i], swap['M_inv'][i], mode, erode, blur, color,
+                                       swap['crops'][i])
+    return {**swap, 'frames': out, 'alphas': alphas}
 
 # %% ../../nbs/20_faceswap.ipynb #cell-60
 def detect_landmarks5(frames, device='cpu', min_prob=0.9):
